@@ -1,0 +1,247 @@
+"""The Wan 2.1 diffusion transformer (DiT).
+
+Parameter names are the official checkpoint keys, so `diffusion_pytorch_model*.safetensors` loads
+unchanged. Shapes below use B batch, C_in/C_out latent channels, F/H/W latent frames/rows/columns,
+L = F*H*W/4 tokens, C model width, N heads, D head width, Lc context tokens.
+
+Numerics follow the official code: the time embedding, the modulation and the residual stream are
+float32; the linear layers and attention run in the weights' dtype (bf16 on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from wan.attention import AttentionOp, attention
+from wan.configs import DiTConfig
+from wan.rope import apply_rope, rope_angles
+
+__all__ = ["WanModel", "sinusoidal_embedding"]
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Timestep embedding, cos half first, computed in float64. t: [B] -> [B, dim] float32."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension (computed in float32), then a learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype; the output keeps the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with q/k RMSNorm over the full width and 3-D RoPE on q and k."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.attn_op: AttentionOp = attention
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, L, C]; rope: cos, sin [L, D/2] -> [B, L, C]."""
+        heads = (self.num_heads, -1)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope)
+        v = self.v(x).unflatten(-1, heads)
+        return self.o(self.attn_op(q, k, v).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention from the video tokens to the text context (no mask, no RoPE).
+
+    With `image_dim` set (image-to-video), the context starts with image tokens that get their own
+    keys and values (`k_img`, `v_img`, `norm_k_img`); both attention outputs are summed before `o`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float, text_len: int, with_image: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.text_len = text_len
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        if with_image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, C]; context: [B, Lc, C] (image tokens first, then text_len text tokens) -> [B, L, C]."""
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        text = context[:, -self.text_len :] if hasattr(self, "k_img") else context
+        k = self.norm_k(self.k(text)).unflatten(-1, heads)
+        out = attention(q, k, self.v(text).unflatten(-1, heads))
+        if hasattr(self, "k_img"):
+            image = context[:, : -self.text_len]
+            k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads)
+            out = out + attention(q, k_img, self.v_img(image).unflatten(-1, heads))
+        return self.o(out.flatten(2))
+
+
+class AttentionBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention, modulated feed-forward.
+
+    `norm3` (affine) is the cross-attention pre-norm and `norm2` (no parameters) the FFN pre-norm,
+    as in the official checkpoints. `modulation` [1, 6, C] is this block's learned bias on top of the
+    shared time projection: shift/scale/gate for self-attention, then for the FFN.
+    """
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, cfg.text_len, cfg.image_dim is not None)
+        self.norm2 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / math.sqrt(dim))
+
+    def forward(
+        self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32; context: [B, Lc, C] -> [B, L, C]."""
+        dtype = self.ffn[0].weight.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
+        y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dtype), rope)
+        x = x + y.float() * gate1
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()
+        y = self.ffn((self.norm2(x) * (1 + scale2) + shift2).to(dtype))
+        return x + y.float() * gate2
+
+
+class Head(nn.Module):
+    """Output head: LayerNorm, time modulation with its own [1, 2, C] table, linear to patch values."""
+
+    def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float) -> None:
+        super().__init__()
+        self.norm = LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / math.sqrt(dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, C] float32; e: [B, C] float32 (time embedding, not its projection) -> [B, L, P]."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        y = self.norm(x) * (1 + scale) + shift
+        return self.head(y.to(self.head.weight.dtype))
+
+
+class ImageEmbedding(nn.Module):
+    """Projects CLIP image features into the context width: LN, Linear, GELU, Linear, LN."""
+
+    def __init__(self, image_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(image_dim),
+            nn.Linear(image_dim, image_dim),
+            nn.GELU(),
+            nn.Linear(image_dim, dim),
+            nn.LayerNorm(dim),
+        )
+
+    def forward(self, clip_features: torch.Tensor) -> torch.Tensor:
+        """clip_features: [B, Li, image_dim] -> [B, Li, C]."""
+        return self.proj(clip_features)
+
+
+class WanModel(nn.Module):
+    """The DiT: patchify, text and time conditioning, `num_layers` blocks, head, unpatchify."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(AttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
+        if cfg.image_dim is not None:
+            self.img_emb = ImageEmbedding(cfg.image_dim, dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def embed_context(self, text: torch.Tensor, clip_features: torch.Tensor | None = None) -> torch.Tensor:
+        """text: [B, text_len, text_dim] (zero-padded T5 output); clip_features: [B, Li, image_dim] or None.
+
+        Returns the cross-attention context [B, (Li +) text_len, C].
+        """
+        context = self.text_embedding(text.to(self.dtype))
+        if clip_features is not None:
+            if not hasattr(self, "img_emb"):
+                raise ValueError("this model is text-to-video: it takes no image features")
+            context = torch.cat([self.img_emb(clip_features.to(self.dtype)), context], dim=1)
+        return context
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        clip_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x: [B, C_in, F, H, W] latents (image-to-video: noise, mask and condition latents concatenated);
+        t: [B] timesteps (sigma * 1000); context: [B, text_len, text_dim] zero-padded text features;
+        clip_features: [B, Li, image_dim] or None. Returns [B, C_out, F, H, W] in float32.
+        """
+        if x.ndim != 5 or x.shape[1] != self.cfg.in_dim:
+            raise ValueError(f"latents must be [B, {self.cfg.in_dim}, F, H, W], got {tuple(x.shape)}")
+        pt, ph, pw = self.cfg.patch_size
+        if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch {self.cfg.patch_size}")
+        tokens = self.patch_embedding(x.to(self.dtype))  # [B, C, f, h, w]
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens.flatten(2).transpose(1, 2).float()  # [B, L, C]
+        rope = rope_angles(grid, self.cfg.head_dim, device=x.device)
+
+        e = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
+        e = e.float()
+        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, -1))
+        ctx = self.embed_context(context, clip_features)
+
+        for block in self.blocks:
+            tokens = block(tokens, e0, ctx, rope)
+        out = self.head(tokens, e)
+        return self.unpatchify(out.float(), grid)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """x: [B, L, prod(patch) * C_out] -> [B, C_out, F, H, W]; head values are ordered (pt, ph, pw, c)."""
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, self.cfg.out_dim)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], self.cfg.out_dim, f * pt, h * ph, w * pw)
