@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -24,10 +25,8 @@ def _rss_peak_bytes() -> int:
 
 def _reset_rss_peak() -> None:
     """Linux resets VmHWM to the current RSS when "5" is written to clear_refs."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[object, int]:
@@ -54,7 +53,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds of each function, run alternately so drift in machine load hits all alike."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):

@@ -36,22 +36,37 @@ def main() -> None:
     from diffusers import WanTransformer3DModel
 
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
     torch.manual_seed(0)
     cfg = dataclasses.replace(get_preset(args.preset).dit, num_layers=args.layers)
     ours = WanModel(cfg).eval().requires_grad_(False)
-    ref = WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, eps=cfg.eps,
-    ).eval().requires_grad_(False)
+    ref = (
+        WanTransformer3DModel(
+            patch_size=cfg.patch_size,
+            num_attention_heads=cfg.num_heads,
+            attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim,
+            out_channels=cfg.out_dim,
+            text_dim=cfg.text_dim,
+            freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim,
+            num_layers=cfg.num_layers,
+            eps=cfg.eps,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     ref.load_state_dict(dit_state_dict_to_diffusers(ours.state_dict()))
     ours.to(device, dtype)
     ref.to(device, dtype)
     gc.collect()
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, cfg.in_dim, args.frames, args.height, args.width, generator=g).to(device, dtype)
+    x = torch.randn(args.batch, cfg.in_dim, args.frames, args.height, args.width, generator=g).to(
+        device, dtype
+    )
     ctx = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=g).to(device, dtype)
     t = torch.full((args.batch,), 937, device=device)
 
@@ -69,15 +84,25 @@ def main() -> None:
     times = interleaved_times({"ours": run_ours, "diffusers": run_ref}, args.repeats, device)
     tokens = args.frames * args.height * args.width // 4
     result = {
-        "benchmark": "dit_forward", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "preset": args.preset, "layers": args.layers, "tokens": tokens, "batch": args.batch,
-        "seconds_ours": round(times["ours"], 4), "seconds_diffusers": round(times["diffusers"], 4),
+        "benchmark": "dit_forward",
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "preset": args.preset,
+        "layers": args.layers,
+        "tokens": tokens,
+        "batch": args.batch,
+        "seconds_ours": round(times["ours"], 4),
+        "seconds_diffusers": round(times["diffusers"], 4),
         "time_ratio": round(times["ours"] / times["diffusers"], 3),
-        "peak_bytes_ours": peak_ours, "peak_bytes_diffusers": peak_ref,
-        "max_abs_diff": diff, "torch": torch.__version__,
+        "peak_bytes_ours": peak_ours,
+        "peak_bytes_diffusers": peak_ref,
+        "max_abs_diff": diff,
+        "torch": torch.__version__,
     }
-    print(f"DiT forward, {tokens} tokens x {args.layers} blocks on {device} ({result['dtype']}): "
-          f"ours {times['ours']:.3f}s, diffusers {times['diffusers']:.3f}s, ratio {result['time_ratio']}")
+    print(
+        f"DiT forward, {tokens} tokens x {args.layers} blocks on {device} ({result['dtype']}): "
+        f"ours {times['ours']:.3f}s, diffusers {times['diffusers']:.3f}s, ratio {result['time_ratio']}"
+    )
     emit(result)
 
 

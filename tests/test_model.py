@@ -92,10 +92,20 @@ def test_key_conversion_round_trip():
 def test_official_key_names():
     keys = WanModel(TINY).state_dict().keys()
     for key in [
-        "patch_embedding.weight", "text_embedding.0.weight", "text_embedding.2.bias", "time_embedding.0.weight",
-        "time_embedding.2.weight", "time_projection.1.weight", "head.modulation", "head.head.weight",
-        "blocks.0.modulation", "blocks.1.self_attn.norm_q.weight", "blocks.0.norm3.weight",
-        "blocks.0.cross_attn.norm_k.weight", "blocks.0.ffn.0.weight", "blocks.0.ffn.2.bias",
+        "patch_embedding.weight",
+        "text_embedding.0.weight",
+        "text_embedding.2.bias",
+        "time_embedding.0.weight",
+        "time_embedding.2.weight",
+        "time_projection.1.weight",
+        "head.modulation",
+        "head.head.weight",
+        "blocks.0.modulation",
+        "blocks.1.self_attn.norm_q.weight",
+        "blocks.0.norm3.weight",
+        "blocks.0.cross_attn.norm_k.weight",
+        "blocks.0.ffn.0.weight",
+        "blocks.0.ffn.2.bias",
     ]:
         assert key in keys
     assert len([k for k in keys if k.startswith("blocks.0.")]) == 27

@@ -121,11 +121,17 @@ class AttentionBlock(nn.Module):
         self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, cfg.text_len, cfg.image_dim is not None)
         self.norm2 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / math.sqrt(dim))
 
     def forward(
-        self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32; context: [B, Lc, C] -> [B, L, C]."""
         dtype = self.ffn[0].weight.dtype
@@ -222,13 +228,17 @@ class WanModel(nn.Module):
             raise ValueError(f"latents must be [B, {self.cfg.in_dim}, F, H, W], got {tuple(x.shape)}")
         pt, ph, pw = self.cfg.patch_size
         if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
-            raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch {self.cfg.patch_size}")
+            raise ValueError(
+                f"latent size {tuple(x.shape[2:])} is not divisible by the patch {self.cfg.patch_size}"
+            )
         tokens = self.patch_embedding(x.to(self.dtype))  # [B, C, f, h, w]
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2).float()  # [B, L, C]
         rope = rope_angles(grid, self.cfg.head_dim, device=x.device)
 
-        e = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
+        e = self.time_embedding(
+            sinusoidal_embedding(t, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype)
+        )
         e = e.float()
         e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, -1))
         ctx = self.embed_context(context, clip_features)

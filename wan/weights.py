@@ -43,7 +43,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except CheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001 - report any reader failure with the file name
+    except Exception as exc:
         raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]

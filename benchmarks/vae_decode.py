@@ -1,0 +1,141 @@
+"""VAE decode: our streaming `decode_stream` against diffusers' `AutoencoderKLWan.decode`, one process.
+
+    python benchmarks/vae_decode.py                         # CPU: 3 latent frames of 64x96 pixels
+    python benchmarks/vae_decode.py --device cuda --latent-frames 21 --height 480 --width 832
+
+Both models are the full-size architecture with the same random weights and decode the same latents.
+Our chunks are consumed and dropped as they come (what the pipeline does with them), diffusers
+returns the whole video. Memory: the peak growth of our decode above what was held before it, for
+the video and for one 4x longer; streaming should keep the two equal.
+
+Prints a summary, then one JSON object: seconds each, ratio ours/diffusers, peak bytes short/long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import emit, interleaved_times, peak_memory
+
+from wan.vae import WanVAE, vae_state_dict_to_diffusers
+
+
+def _allocator_returns_memory() -> None:
+    """Make freed tensors leave the RSS (glibc): a fixed mmap threshold turns off glibc's adaptive one,
+    which otherwise lets big blocks land on the heap, where they stay after `free`, so a second run
+    would reuse the first run's pages and look smaller than it is."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MiB and up get their own mapping
+    libc.malloc_trim(0)
+
+
+def _rss_now() -> int:
+    """Current resident set size (second field of /proc/self/statm, in pages)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_growth(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes `fn` needed above what was held before it.
+
+    CPU: the kernel's own RSS high-water mark (VmHWM, reset through /proc/self/clear_refs by
+    `common.peak_memory`) minus the RSS just before, so no short-lived peak is missed the way a
+    sampling thread could miss it; tracemalloc would not see torch's allocations at all.
+    CUDA: the caching allocator's peak minus what was allocated before.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        _allocator_returns_memory()
+        before = _rss_now()
+    _, peak = peak_memory(fn, device)
+    return peak - before
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latent-frames", type=int, default=3, help="latent frames of the short video")
+    p.add_argument("--height", type=int, default=64, help="pixel rows (multiple of 8)")
+    p.add_argument("--width", type=int, default=96, help="pixel columns (multiple of 8)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    from diffusers import AutoencoderKLWan
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    ours = WanVAE().eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial gammas and attention output projection (zero-initialised)
+        for name, param in ours.named_parameters():
+            if name.endswith("gamma"):
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=g))
+            elif name.endswith("proj.weight"):
+                param.copy_(0.05 * torch.randn(param.shape, generator=g))
+    ref = AutoencoderKLWan().eval().requires_grad_(False)
+    ref.load_state_dict(vae_state_dict_to_diffusers(ours.state_dict()), strict=True)
+    ours.to(device)
+    ref.to(device)
+
+    h, w = args.height // 8, args.width // 8
+    short = torch.randn(1, 16, args.latent_frames, h, w, generator=g).to(device)
+    long = torch.randn(1, 16, 4 * args.latent_frames, h, w, generator=g).to(device)
+    mean = torch.tensor(ref.config.latents_mean, device=device).view(1, 16, 1, 1, 1)
+    std = torch.tensor(ref.config.latents_std, device=device).view(1, 16, 1, 1, 1)
+
+    def run_ours(z: torch.Tensor = short) -> None:
+        with torch.no_grad():
+            for chunk in ours.decode_stream(z):
+                del chunk
+
+    def run_ref() -> None:
+        with torch.no_grad():
+            ref.decode(short * std + mean)
+
+    with torch.no_grad():  # warm-up (kernel selection, first-touch allocations) and a parity check
+        warm = short[:, :, :2]
+        diff = (ours.decode(warm) - ref.decode(warm * std + mean).sample).abs().max().item()
+    times = interleaved_times({"ours": run_ours, "diffusers": run_ref}, args.repeats, device)
+    peak_short = peak_growth(run_ours, device)
+    peak_long = peak_growth(lambda: run_ours(long), device)
+
+    frames = 1 + 4 * (args.latent_frames - 1)
+    result = {
+        "benchmark": "vae_decode",
+        "device": str(device),
+        "ours": "wan.vae.WanVAE.decode_stream",
+        "reference": "diffusers.AutoencoderKLWan.decode",
+        "latents_short": [16, args.latent_frames, h, w],
+        "latents_long": [16, 4 * args.latent_frames, h, w],
+        "seconds_ours": round(times["ours"], 4),
+        "seconds_diffusers": round(times["diffusers"], 4),
+        "time_ratio": round(times["ours"] / times["diffusers"], 3),
+        "peak_bytes_short": peak_short,
+        "peak_bytes_long": peak_long,
+        "peak_ratio": round(peak_long / peak_short, 3),
+        "max_abs_diff": diff,
+        "torch": torch.__version__,
+    }
+    print(
+        f"VAE decode of {frames} frames at {args.width}x{args.height} on {device} (median of {args.repeats}): "
+        f"ours {times['ours']:.2f}s, diffusers {times['diffusers']:.2f}s, ratio {result['time_ratio']}\n"
+        f"peak growth of ours: {peak_short / 2**20:.1f} MiB for {args.latent_frames} latent frames, "
+        f"{peak_long / 2**20:.1f} MiB for {4 * args.latent_frames} (ratio {result['peak_ratio']}); "
+        f"max |ours - diffusers| on the warm-up {diff:.2e}"
+    )
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

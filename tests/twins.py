@@ -1,0 +1,139 @@
+"""Test helpers: diffusers twins of our tiny pipelines, and tiny checkpoints in the published layouts.
+
+`diffusers_twin(pipe)` builds diffusers' `WanPipeline` from the same weights (converted to diffusers
+keys). `write_official(pipe, root)` writes the official `Wan-AI/Wan2.1-*` layout (single file or
+shards with an index); `write_diffusers(pipe, root)` lets diffusers itself write the `-Diffusers` layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from wan.checkpoints import DIT_WEIGHTS, T5_FILE, T5_TOKENIZER, VAE_FILE
+from wan.dit_keys import dit_state_dict_to_diffusers
+from wan.pipeline import WanPipeline
+from wan.sampling import unipc_sigmas
+from wan.text_encoder import t5_state_dict_to_official
+from wan.vae import vae_state_dict_to_diffusers
+
+
+def diffusers_transformer(pipe: WanPipeline):
+    from diffusers import WanTransformer3DModel
+
+    cfg = pipe.dit.cfg
+    model = WanTransformer3DModel(
+        patch_size=cfg.patch_size,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        eps=cfg.eps,
+    )
+    model.load_state_dict(dit_state_dict_to_diffusers(pipe.dit.state_dict()), strict=True)
+    return model.eval()
+
+
+def diffusers_vae(pipe: WanPipeline):
+    from diffusers import AutoencoderKLWan
+
+    v = pipe.preset.vae
+    vae = AutoencoderKLWan(
+        base_dim=v.dim,
+        z_dim=v.z_dim,
+        dim_mult=list(v.dim_mult),
+        num_res_blocks=v.num_res_blocks,
+        temperal_downsample=list(v.temporal_downsample),
+    )
+    vae.load_state_dict(vae_state_dict_to_diffusers(pipe.vae.state_dict()), strict=True)
+    return vae.eval()
+
+
+def official_grid_scheduler(steps: int, shift: float):
+    """diffusers' UniPC on the official sigma grid (timesteps truncated to integers, as officially)."""
+    from diffusers import UniPCMultistepScheduler
+
+    class OfficialGridUniPC(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            super().set_timesteps(sigmas=unipc_sigmas(steps, shift).copy(), device=device)
+
+    return OfficialGridUniPC(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0, num_train_timesteps=1000
+    )
+
+
+def diffusers_twin(pipe: WanPipeline, steps: int = 4, shift: float = 5.0):
+    from diffusers import WanPipeline as DiffusersWanPipeline
+
+    return DiffusersWanPipeline(
+        tokenizer=pipe.text_encoder.tokenizer,
+        text_encoder=pipe.text_encoder.model,
+        transformer=diffusers_transformer(pipe),
+        vae=diffusers_vae(pipe),
+        scheduler=official_grid_scheduler(steps, shift),
+    )
+
+
+def write_official(pipe: WanPipeline, root: Path, shards: int = 1) -> Path:
+    """The official layout. The T5 file is bf16, as published."""
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = pipe.dit.cfg
+    config = {
+        "_class_name": "WanModel",
+        "_diffusers_version": "0.30.0",
+        "model_type": cfg.model_type,
+        "dim": cfg.dim,
+        "ffn_dim": cfg.ffn_dim,
+        "freq_dim": cfg.freq_dim,
+        "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers,
+        "in_dim": cfg.in_dim,
+        "out_dim": cfg.out_dim,
+        "text_len": cfg.text_len,
+        "eps": cfg.eps,
+    }
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    sd = {k: v.float().contiguous() for k, v in pipe.dit.state_dict().items()}
+    if shards == 1:
+        save_file(sd, str(root / DIT_WEIGHTS))
+    else:
+        keys = list(sd)
+        per = math.ceil(len(keys) / shards)
+        weight_map = {}
+        for i in range(shards):
+            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: sd[k] for k in keys[i * per : (i + 1) * per]}
+            save_file(part, str(root / name))
+            weight_map.update(dict.fromkeys(part, name))
+        index = {
+            "metadata": {"total_size": sum(v.numel() * 4 for v in sd.values())},
+            "weight_map": weight_map,
+        }
+        (root / f"{DIT_WEIGHTS}.index.json").write_text(json.dumps(index, indent=2))
+    torch.save(pipe.vae.state_dict(), root / VAE_FILE)
+    t5 = t5_state_dict_to_official(pipe.text_encoder.model.state_dict())
+    torch.save({k: v.to(torch.bfloat16) for k, v in t5.items()}, root / T5_FILE)
+    pipe.text_encoder.tokenizer.save_pretrained(str(root / T5_TOKENIZER))
+    return root
+
+
+def write_diffusers(pipe: WanPipeline, root: Path) -> Path:
+    """The `-Diffusers` layout, written by diffusers' own save_pretrained."""
+    diffusers_twin(pipe).save_pretrained(str(root))
+    return root
+
+
+def round_text_encoder_to_bf16(pipe: WanPipeline) -> WanPipeline:
+    """Make the T5 weights exactly representable in bf16, so a bf16 official file loses nothing."""
+    with torch.no_grad():
+        for p in pipe.text_encoder.model.parameters():
+            p.copy_(p.bfloat16().float())
+    return pipe

@@ -1,0 +1,305 @@
+"""WanPipeline: load the model once, then generate many videos from prompts.
+
+    pipe = WanPipeline.from_pretrained("Wan2.1-T2V-1.3B")          # or .from_config("tiny-t2v", seed=0)
+    video = pipe.generate("a fox in the snow", size=(832, 480), seed=7)  # [3, F, H, W] in [-1, 1]
+    for chunk in pipe.generate_stream("a fox in the snow", seed=7):     # uint8 [n, H, W, 3] as decoded
+        ...
+
+Several prompts of one size are sampled together in one batched DiT forward (`generate_batch`), and
+the conditional and unconditional passes share one forward unless `batch_cfg=False`; both give the
+same videos as generating one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from wan.configs import Preset, get_preset, parse_size, validate_request
+from wan.model import WanModel
+from wan.sampling import SOLVERS, FlowSampler, guide, initial_noise, latent_shape
+from wan.text_encoder import WanTextEncoder
+from wan.vae import WanVAE
+
+__all__ = ["GenerationSettings", "WanPipeline", "default_device", "default_dtype", "to_uint8_frames"]
+
+log = logging.getLogger(__name__)
+
+# Parameters that stay float32 when the DiT runs in bf16: the time path and the modulation tables.
+_FP32_MODULES = ("time_embedding", "time_projection")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on a GPU, fp32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """[3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3] on the CPU."""
+    pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).contiguous().cpu()
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Resolved sampling settings for one request (every default filled in from the preset)."""
+
+    size: tuple[int, int]
+    frame_num: int
+    steps: int
+    shift: float
+    guide_scale: float
+    solver: str
+    negative_prompt: str
+
+
+class WanPipeline:
+    """Text encoder + DiT + VAE on one device, with the preset's defaults."""
+
+    def __init__(
+        self,
+        preset: Preset,
+        dit: WanModel,
+        vae: WanVAE,
+        text_encoder: WanTextEncoder,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        source: str = "",
+    ) -> None:
+        self.preset = preset
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.source = source or preset.name
+        self.dit = _cast_dit(dit, self.dtype).to(self.device).eval().requires_grad_(False)
+        self.vae = vae.float().to(self.device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.device)
+
+    # ----------------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_pretrained(
+        cls,
+        ckpt_dir: str | Path,
+        *,
+        task: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> WanPipeline:
+        """Load an official `Wan-AI/Wan2.1-*` or `*-Diffusers` checkpoint directory."""
+        from wan.checkpoints import load_checkpoint
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        parts = load_checkpoint(ckpt_dir, task=task, text_dtype=dtype)
+        return cls(
+            parts.preset,
+            parts.dit,
+            parts.vae,
+            parts.text_encoder,
+            device=device,
+            dtype=dtype,
+            source=str(ckpt_dir),
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        name: str,
+        *,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> WanPipeline:
+        """Random weights for a preset (tiny presets: tests and the demo; full ones: benchmarks)."""
+        from wan.text_encoder import build_tiny_tokenizer, tiny_t5_config
+
+        preset = get_preset(name)
+        torch.manual_seed(seed)
+        dit = WanModel(preset.dit)
+        vae = WanVAE(
+            dim=preset.vae.dim,
+            z_dim=preset.vae.z_dim,
+            dim_mult=preset.vae.dim_mult,
+            num_res_blocks=preset.vae.num_res_blocks,
+            temporal_downsample=preset.vae.temporal_downsample,
+        )
+        t5 = preset.text_encoder
+        tokenizer = build_tiny_tokenizer(t5.vocab_size)
+        text_config = tiny_t5_config(
+            vocab_size=t5.vocab_size,
+            d_model=t5.d_model,
+            num_layers=t5.num_layers,
+            num_heads=t5.num_heads,
+            d_ff=t5.d_ff,
+        )
+        text_encoder = WanTextEncoder.from_config(text_config, tokenizer, seed=seed)
+        return cls(
+            preset, dit, vae, text_encoder, device=device, dtype=dtype, source=f"{name} (random weights)"
+        )
+
+    # -------------------------------------------------------------------------------------- settings
+    def settings(
+        self,
+        *,
+        negative_prompt: str | None = None,
+        size: tuple[int, int] | str | None = None,
+        frame_num: int | None = None,
+        sampling_steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | None = None,
+        sample_solver: str | None = None,
+    ) -> GenerationSettings:
+        """Fill unset values from the preset's defaults and validate them."""
+        d = self.preset.sampling
+        out = GenerationSettings(
+            size=parse_size(size) if size is not None else d.size,
+            frame_num=d.frame_num if frame_num is None else frame_num,
+            steps=d.steps if sampling_steps is None else sampling_steps,
+            shift=d.shift if shift is None else shift,
+            guide_scale=d.guide_scale if guide_scale is None else guide_scale,
+            solver=sample_solver or d.solver,
+            # As in the official code, an empty negative prompt means the default one.
+            negative_prompt=negative_prompt or d.negative_prompt,
+        )
+        validate_request(self.preset, out.size, out.frame_num, out.steps)
+        if out.solver not in SOLVERS:
+            raise ValueError(f"sample_solver {out.solver!r}: expected one of {', '.join(SOLVERS)}")
+        return out
+
+    # ------------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        settings: GenerationSettings,
+        *,
+        batch_cfg: bool = True,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Denoise one latent video per (prompt, seed). Returns [B, z, T, H/8, W/8] float32."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        width, height = settings.size
+        shape = latent_shape(settings.frame_num, width, height, self.vae.z_dim, self.vae.stride)
+        x = torch.stack([initial_noise(s, shape, device=self.device) for s in seeds])
+
+        context = self.text_encoder.encode_padded(list(prompts)).to(self.device)
+        use_cfg = settings.guide_scale != 1.0
+        if use_cfg:
+            uncond = self.text_encoder.encode_padded([settings.negative_prompt] * len(prompts)).to(
+                self.device
+            )
+        sampler = FlowSampler(settings.solver, settings.steps, settings.shift)
+        steps = tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False)
+        for i, t in enumerate(steps):
+            tb = t.to(self.device).expand(x.shape[0])
+            if use_cfg and batch_cfg:
+                v_cond, v_uncond = self.dit(
+                    torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([context, uncond])
+                ).chunk(2)
+                v = guide(v_cond, v_uncond, settings.guide_scale)
+            elif use_cfg:
+                v = guide(self.dit(x, tb, context), self.dit(x, tb, uncond), settings.guide_scale)
+            else:
+                v = self.dit(x, tb, context)
+            x = sampler.step(v, i, x)
+        return x
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        batch_cfg: bool = True,
+        progress: bool = True,
+        **settings,
+    ) -> torch.Tensor:
+        """Sample several videos of one size together. Returns [B, 3, F, H, W] in [-1, 1] (float32)."""
+        s = self.settings(**settings)
+        latents = self.sample_latents(prompts, seeds, s, batch_cfg=batch_cfg, progress=progress)
+        with torch.no_grad():
+            return self.vae.decode(latents)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        size: tuple[int, int] | str | None = None,
+        frame_num: int | None = None,
+        sampling_steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | None = None,
+        sample_solver: str | None = None,
+        seed: int = 0,
+        *,
+        batch_cfg: bool = True,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """One video: [3, F, H, W] float32 in [-1, 1]; size is (width, height) as in '832*480'."""
+        return self.generate_batch(
+            [prompt],
+            [seed],
+            batch_cfg=batch_cfg,
+            progress=progress,
+            negative_prompt=negative_prompt,
+            size=size,
+            frame_num=frame_num,
+            sampling_steps=sampling_steps,
+            shift=shift,
+            guide_scale=guide_scale,
+            sample_solver=sample_solver,
+        )[0]
+
+    def generate_stream(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        size: tuple[int, int] | str | None = None,
+        frame_num: int | None = None,
+        sampling_steps: int | None = None,
+        shift: float | None = None,
+        guide_scale: float | None = None,
+        sample_solver: str | None = None,
+        seed: int = 0,
+        *,
+        batch_cfg: bool = True,
+        progress: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Like `generate`, but yields uint8 frame chunks [n, H, W, 3] as the VAE decodes them
+        (1 frame, then 4 per latent frame); no whole-video tensor is held."""
+        s = self.settings(
+            negative_prompt=negative_prompt,
+            size=size,
+            frame_num=frame_num,
+            sampling_steps=sampling_steps,
+            shift=shift,
+            guide_scale=guide_scale,
+            sample_solver=sample_solver,
+        )
+        latents = self.sample_latents([prompt], [seed], s, batch_cfg=batch_cfg, progress=progress)
+        with torch.no_grad():
+            for chunk in self.vae.decode_stream(latents):
+                yield to_uint8_frames(chunk[0])
+
+
+def _cast_dit(dit: WanModel, dtype: torch.dtype) -> WanModel:
+    """Cast the DiT to `dtype`, keeping the time path and modulation tables in float32."""
+    dit.to(dtype)
+    if dtype != torch.float32:
+        for name, module in dit.named_modules():
+            if name in _FP32_MODULES:
+                module.float()
+        for name, param in dit.named_parameters():
+            if name.endswith("modulation"):
+                param.data = param.data.float()
+    return dit
