@@ -128,7 +128,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(
-        f"VAE decode of {frames} frames at {args.width}x{args.height} on {device} (median of {args.repeats}): "
+        f"VAE decode, {frames} frames of {args.width}x{args.height} on {device}, median of {args.repeats}: "
         f"ours {times['ours']:.2f}s, diffusers {times['diffusers']:.2f}s, ratio {result['time_ratio']}\n"
         f"peak growth of ours: {peak_short / 2**20:.1f} MiB for {args.latent_frames} latent frames, "
         f"{peak_long / 2**20:.1f} MiB for {4 * args.latent_frames} (ratio {result['peak_ratio']}); "

@@ -17,7 +17,7 @@ from torch import nn
 
 from wan.attention import AttentionOp, attention
 from wan.configs import DiTConfig
-from wan.rope import apply_rope, rope_angles
+from wan.rope import apply_rope, rope_frequencies
 
 __all__ = ["WanModel", "sinusoidal_embedding"]
 
@@ -63,11 +63,11 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.attn_op: AttentionOp = attention
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [B, L, C]; rope: cos, sin [L, D/2] -> [B, L, C]."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, C]; rope: complex [L, D/2] rotations -> [B, L, C]."""
         heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
         v = self.v(x).unflatten(-1, heads)
         return self.o(self.attn_op(q, k, v).flatten(2))
 
@@ -131,7 +131,7 @@ class AttentionBlock(nn.Module):
         x: torch.Tensor,
         e0: torch.Tensor,
         context: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
     ) -> torch.Tensor:
         """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32; context: [B, Lc, C] -> [B, L, C]."""
         dtype = self.ffn[0].weight.dtype
@@ -199,6 +199,15 @@ class WanModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """RoPE rotations for a token grid, complex64 [f*h*w, D/2]; kept for the next call (every
+        sampling step uses the same grid), so they are computed and copied to the device once."""
+        key = (tuple(grid), device)
+        if getattr(self, "_rope_key", None) != key:
+            self._rope_key = key
+            self._rope = rope_frequencies(key[0], self.cfg.head_dim, device=device)
+        return self._rope
+
     def embed_context(self, text: torch.Tensor, clip_features: torch.Tensor | None = None) -> torch.Tensor:
         """text: [B, text_len, text_dim] (zero-padded T5 output); clip_features: [B, Li, image_dim] or None.
 
@@ -234,7 +243,7 @@ class WanModel(nn.Module):
         tokens = self.patch_embedding(x.to(self.dtype))  # [B, C, f, h, w]
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2).float()  # [B, L, C]
-        rope = rope_angles(grid, self.cfg.head_dim, device=x.device)
+        rope = self.rope(grid, x.device)
 
         e = self.time_embedding(
             sinusoidal_embedding(t, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype)

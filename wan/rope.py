@@ -2,14 +2,15 @@
 
 A head of width d is split into three parts, d - 4*(d//6) channels for time and 2*(d//6) each for
 height and width (44/42/42 for d = 128). Channels rotate in adjacent pairs (GPT-J style), with
-frequencies theta^(-2j/part) per part. Angles are computed in float64 and stored as float32 cos/sin.
+frequencies theta^(-2j/part) per part. Angles are computed in float64; the rotations are stored as
+complex64 unit numbers and applied as one complex multiplication per channel pair.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["apply_rope", "rope_angles", "rope_split"]
+__all__ = ["apply_rope", "rope_frequencies", "rope_split"]
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -24,12 +25,12 @@ def _axis_angles(positions: torch.Tensor, channels: int, theta: float) -> torch.
     return torch.outer(positions.to(torch.float64), inv_freq)
 
 
-def rope_angles(
+def rope_frequencies(
     grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for every token of an (f, h, w) grid in raster order.
+) -> torch.Tensor:
+    """Unit rotations for every token of an (f, h, w) grid in raster order.
 
-    Returns two float32 tensors [f*h*w, head_dim // 2], one row per token, one column per channel pair.
+    Returns complex64 [f*h*w, head_dim // 2]: one row per token, one column per channel pair.
     """
     f, h, w = grid
     ct, ch, cw = rope_split(head_dim)
@@ -37,13 +38,10 @@ def rope_angles(
     ah = _axis_angles(torch.arange(h), ch, theta)[None, :, None, :].expand(f, h, w, -1)
     aw = _axis_angles(torch.arange(w), cw, theta)[None, None, :, :].expand(f, h, w, -1)
     angles = torch.cat([at, ah, aw], dim=-1).reshape(f * h * w, head_dim // 2)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs. x: [B, L, N, D]; cos, sin: [L, D/2] -> [B, L, N, D] in x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs. x: [B, L, N, D]; freqs: complex [L, D/2] -> [B, L, N, D], x's dtype."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(-2).type_as(x)
