@@ -1,0 +1,1 @@
+"""flows: Prefect orchestration of batch generation (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""storage: streaming videos into object storage and the SQL catalog (see DESIGN.md)."""

@@ -212,7 +212,7 @@ def test_causal_prefixes():
 def test_tiny_matches_diffusers_batch_of_two():
     vae = _tiny()
     ref = _diffusers_twin(vae, base_dim=8)
-    video, z = _video(2, 9, 24, 40), _latents(2, 3, 3, 5)
+    video, z = _video(2, 13, 24, 40), _latents(2, 4, 3, 5)  # 4 chunks: first, second, steady state
     with torch.no_grad():
         assert (vae.encode(video) - _diffusers_encode(ref, video)).abs().max() < 1e-5
         assert (vae.decode(z) - _diffusers_decode(ref, z)).abs().max() < 1e-5
@@ -234,10 +234,25 @@ def test_bad_inputs():
     vae = _tiny()
     with pytest.raises(ValueError, match="multiples of 8"):
         vae.encode(_video(1, 1, 20, 24))
-    with pytest.raises(ValueError, match=r"\[B, 3, F, H, W\]"):
+    with pytest.raises(ValueError, match=r"\[B, 3, F>=1, H, W\]"):
         vae.encode(torch.zeros(1, 4, 1, 16, 16))
     with pytest.raises(ValueError, match="latents"):
         vae.decode(torch.zeros(1, 8, 1, 2, 2))
+    with pytest.raises(ValueError, match="latents"):
+        vae.decode_stream(torch.zeros(1, 16, 0, 2, 2))  # eagerly, not at the first next()
+
+
+def test_fp32_inside_autocast():
+    vae = _tiny()
+    video, z = _video(1, 5, 16, 16), _latents(1, 2, 2, 2)
+    with torch.no_grad():
+        expected = vae.encode(video), vae.decode(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = vae.encode(video.bfloat16()), vae.decode(z.bfloat16())
+    assert all(t.dtype == torch.float32 for t in got)
+    assert torch.allclose(got[0], vae.encode(video.bfloat16().float()), atol=1e-6)
+    assert torch.allclose(got[1], vae.decode(z.bfloat16().float()), atol=1e-6)
+    assert got[0].shape == expected[0].shape and got[1].shape == expected[1].shape
 
 
 # --- full-size parity with diffusers ----------------------------------------------------------------

@@ -187,6 +187,8 @@ class WanPipeline:
         progress: bool = True,
     ) -> torch.Tensor:
         """Denoise one latent video per (prompt, seed). Returns [B, z, T, H/8, W/8] float32."""
+        if self.preset.task != "t2v":
+            raise ValueError(f"{self.preset.name}: image-to-video generation is not available yet")
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         width, height = settings.size

@@ -329,10 +329,10 @@ class WanVAE(nn.Module):
         """`video: [B, 3, F, H, W]` in [-1, 1] -> normalised latents `[B, z, (F-1)//4 + 1, H/8, W/8]`.
 
         Frame 0 is encoded alone (like a still image), then 4 frames per latent frame; trailing frames
-        that do not fill a chunk are ignored, as in the official code.
+        that do not fill a chunk are ignored, as in the official code. Computes in fp32.
         """
-        if video.ndim != 5 or video.shape[1] != 3:
-            raise ValueError(f"expected a video [B, 3, F, H, W], got shape {tuple(video.shape)}")
+        if video.ndim != 5 or video.shape[1] != 3 or video.shape[2] < 1:
+            raise ValueError(f"expected a video [B, 3, F>=1, H, W], got shape {tuple(video.shape)}")
         st, sh, sw = self.stride
         if video.shape[3] % sh or video.shape[4] % sw:
             raise ValueError(f"height and width must be multiples of {sh}, got {tuple(video.shape[3:])}")
@@ -340,31 +340,43 @@ class WanVAE(nn.Module):
         cache = FeatureCache()
         chunks = [x[:, :, :1]] + [x[:, :, i : i + st] for i in range(1, x.shape[2] - st + 1, st)]
         mus = []
-        for chunk in chunks:
-            cache.rewind()
-            mus.append(self.conv1(self.encoder(chunk, cache))[:, : self.z_dim])
+        with _no_autocast(x):
+            for chunk in chunks:
+                cache.rewind()
+                mus.append(self.conv1(self.encoder(chunk, cache))[:, : self.z_dim])
         mean, std = self._stats(x)
         return (torch.cat(mus, 2) - mean) * std.reciprocal()  # the official arithmetic, bit for bit
 
     def decode_stream(self, latents: Tensor) -> Iterator[Tensor]:
-        """`latents: [B, z, T, h, w]` (normalised) -> yields `[B, 3, n, 8h, 8w]` in [-1, 1].
+        """`latents: [B, z, T, h, w]` (normalised) -> yields `[B, 3, n, 8h, 8w]` in [-1, 1], fp32.
 
         n = 1 for the first latent frame, 4 for each later one; only the causal cache is kept between
-        chunks, so memory does not grow with T.
+        chunks, so memory does not grow with T. Bad input raises here, not at the first `next()`.
         """
-        if latents.ndim != 5 or latents.shape[1] != self.z_dim:
-            raise ValueError(f"expected latents [B, {self.z_dim}, T, h, w], got shape {tuple(latents.shape)}")
+        if latents.ndim != 5 or latents.shape[1] != self.z_dim or latents.shape[2] < 1:
+            raise ValueError(f"expected latents [B, {self.z_dim}, T>=1, h, w], got {tuple(latents.shape)}")
         z = latents.float()
         mean, std = self._stats(z)
-        z = self.conv2(z / std.reciprocal() + mean)
+        with _no_autocast(z):
+            z = self.conv2(z / std.reciprocal() + mean)
+        return self._decode_chunks(z)
+
+    def _decode_chunks(self, z: Tensor) -> Iterator[Tensor]:
         cache = FeatureCache()
         for i in range(z.shape[2]):
             cache.rewind()
-            yield self.decoder(z[:, :, i : i + 1], cache).clamp_(-1.0, 1.0)
+            with _no_autocast(z):  # entered per chunk: the caller's code between chunks keeps its own
+                chunk = self.decoder(z[:, :, i : i + 1], cache).clamp_(-1.0, 1.0)
+            yield chunk
 
     def decode(self, latents: Tensor) -> Tensor:
         """`latents: [B, z, T, h, w]` (normalised) -> video `[B, 3, 1 + 4(T-1), 8h, 8w]` in [-1, 1]."""
         return torch.cat(list(self.decode_stream(latents)), 2)
+
+
+def _no_autocast(x: Tensor) -> torch.autocast:
+    """The VAE runs in fp32 even inside a caller's autocast region."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------------
