@@ -1,0 +1,54 @@
+"""Platform settings, from `WANFLOW_*` environment variables (or a `.env` file) with embedded defaults.
+
+| variable | default | meaning |
+|---|---|---|
+| `WANFLOW_CATALOG_URL` | `sqlite:///.wanflow/catalog.db` | the catalog (SQLite or PostgreSQL URL) |
+| `WANFLOW_STORAGE_ROOT` | `outputs` | where videos go: a directory or any fsspec URL (`s3://bucket/prefix`) |
+| `WANFLOW_STORAGE_OPTIONS` | `{}` | JSON fsspec options for that root |
+| `WANFLOW_S3_ENDPOINT_URL` | unset | S3-compatible endpoint (MinIO, a local test server) |
+
+S3 credentials come from the usual AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_PROFILE`, ...), read by the S3 client itself; they are never stored in the catalog or sidecars.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from storage.urls import protocol, redact, redact_options
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WANFLOW_", env_file=".env", extra="ignore")
+
+    catalog_url: str = "sqlite:///.wanflow/catalog.db"
+    storage_root: str = "outputs"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    s3_endpoint_url: str | None = None
+
+    def resolved_storage_options(self) -> dict[str, Any]:
+        """fsspec options for the storage root, with the S3 endpoint folded in when set."""
+        options = dict(self.storage_options)
+        if self.s3_endpoint_url and protocol(self.storage_root) == "s3":
+            client = dict(options.get("client_kwargs") or {})
+            client.setdefault("endpoint_url", self.s3_endpoint_url)
+            options["client_kwargs"] = client
+        return options
+
+    def describe(self) -> dict[str, Any]:
+        """The settings with every credential masked, for logs and `--json` output."""
+        return {
+            "catalog_url": redact(self.catalog_url),
+            "storage_root": redact(self.storage_root),
+            "storage_options": redact_options(self.resolved_storage_options()),
+        }
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with explicit overrides (for instance from command-line flags)."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
