@@ -16,7 +16,7 @@ import torch
 from common import emit, interleaved_times, peak_memory
 
 from wan.configs import get_preset
-from wan.dit_keys import dit_state_dict_to_diffusers
+from wan.dit_keys import diffusers_transformer_config, dit_state_dict_to_diffusers
 from wan.model import WanModel
 
 
@@ -42,22 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = dataclasses.replace(get_preset(args.preset).dit, num_layers=args.layers)
     ours = WanModel(cfg).eval().requires_grad_(False)
-    ref = (
-        WanTransformer3DModel(
-            patch_size=cfg.patch_size,
-            num_attention_heads=cfg.num_heads,
-            attention_head_dim=cfg.head_dim,
-            in_channels=cfg.in_dim,
-            out_channels=cfg.out_dim,
-            text_dim=cfg.text_dim,
-            freq_dim=cfg.freq_dim,
-            ffn_dim=cfg.ffn_dim,
-            num_layers=cfg.num_layers,
-            eps=cfg.eps,
-        )
-        .eval()
-        .requires_grad_(False)
-    )
+    ref = WanTransformer3DModel(**diffusers_transformer_config(cfg)).eval().requires_grad_(False)
     ref.load_state_dict(dit_state_dict_to_diffusers(ours.state_dict()))
     ours.to(device, dtype)
     ref.to(device, dtype)

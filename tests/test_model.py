@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from wan.configs import DiTConfig, get_preset
-from wan.dit_keys import dit_state_dict_from_diffusers, dit_state_dict_to_diffusers
+from wan.dit_keys import (
+    diffusers_transformer_config,
+    dit_state_dict_from_diffusers,
+    dit_state_dict_to_diffusers,
+)
 from wan.model import WanModel
 from wan.rope import rope_split
 
@@ -29,20 +33,7 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 def _diffusers_twin(cfg: DiTConfig, ours: WanModel):
     from diffusers import WanTransformer3DModel
 
-    ref = WanTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        eps=cfg.eps,
-        image_dim=cfg.image_dim,
-        added_kv_proj_dim=cfg.dim if cfg.image_dim else None,
-    )
+    ref = WanTransformer3DModel(**diffusers_transformer_config(cfg))
     ref.load_state_dict(dit_state_dict_to_diffusers(ours.state_dict()), strict=True)
     return ref.eval()
 

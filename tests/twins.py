@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from wan.checkpoints import DIT_WEIGHTS, T5_FILE, T5_TOKENIZER, VAE_FILE
-from wan.dit_keys import dit_state_dict_to_diffusers
+from wan.dit_keys import diffusers_transformer_config, dit_state_dict_to_diffusers
 from wan.pipeline import WanPipeline
 from wan.sampling import unipc_sigmas
 from wan.text_encoder import t5_state_dict_to_official
@@ -25,19 +25,7 @@ from wan.vae import vae_state_dict_to_diffusers
 def diffusers_transformer(pipe: WanPipeline):
     from diffusers import WanTransformer3DModel
 
-    cfg = pipe.dit.cfg
-    model = WanTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        eps=cfg.eps,
-    )
+    model = WanTransformer3DModel(**diffusers_transformer_config(pipe.dit.cfg))
     model.load_state_dict(dit_state_dict_to_diffusers(pipe.dit.state_dict()), strict=True)
     return model.eval()
 

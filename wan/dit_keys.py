@@ -11,7 +11,9 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["dit_state_dict_from_diffusers", "dit_state_dict_to_diffusers"]
+from wan.configs import DiTConfig
+
+__all__ = ["diffusers_transformer_config", "dit_state_dict_from_diffusers", "dit_state_dict_to_diffusers"]
 
 # (diffusers pattern, official pattern); `{b}` stands for the "blocks.<i>." prefix.
 _BLOCK_RULES: tuple[tuple[str, str], ...] = (
@@ -73,3 +75,21 @@ def dit_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, t
 def dit_state_dict_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official keys -> diffusers `WanTransformer3DModel` keys."""
     return {_rename(k, False): v for k, v in sd.items()}
+
+
+def diffusers_transformer_config(cfg: DiTConfig) -> dict:
+    """Keyword arguments for diffusers' `WanTransformer3DModel` with the same architecture as `cfg`."""
+    return dict(
+        patch_size=cfg.patch_size,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        eps=cfg.eps,
+        image_dim=cfg.image_dim,
+        added_kv_proj_dim=cfg.dim if cfg.image_dim else None,
+    )

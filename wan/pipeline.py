@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +27,14 @@ from wan.sampling import SOLVERS, FlowSampler, guide, initial_noise, latent_shap
 from wan.text_encoder import WanTextEncoder
 from wan.vae import WanVAE
 
-__all__ = ["GenerationSettings", "WanPipeline", "default_device", "default_dtype", "to_uint8_frames"]
+__all__ = [
+    "GenerationSettings",
+    "SettingsArgs",
+    "WanPipeline",
+    "default_device",
+    "default_dtype",
+    "to_uint8_frames",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,18 @@ def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     """[3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3] on the CPU."""
     pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(1, 2, 3, 0).contiguous().cpu()
+
+
+class SettingsArgs(TypedDict, total=False):
+    """Optional per-request settings; anything left out comes from the preset's defaults."""
+
+    negative_prompt: str | None
+    size: tuple[int, int] | str | None
+    frame_num: int | None
+    sampling_steps: int | None
+    shift: float | None
+    guide_scale: float | None
+    sample_solver: str | None
 
 
 @dataclass(frozen=True)
@@ -224,71 +244,41 @@ class WanPipeline:
         *,
         batch_cfg: bool = True,
         progress: bool = True,
-        **settings,
+        **settings: Unpack[SettingsArgs],
     ) -> torch.Tensor:
         """Sample several videos of one size together. Returns [B, 3, F, H, W] in [-1, 1] (float32)."""
-        s = self.settings(**settings)
-        latents = self.sample_latents(prompts, seeds, s, batch_cfg=batch_cfg, progress=progress)
+        latents = self.sample_latents(
+            prompts, seeds, self.settings(**settings), batch_cfg=batch_cfg, progress=progress
+        )
         with torch.no_grad():
             return self.vae.decode(latents)
 
     def generate(
         self,
         prompt: str,
-        negative_prompt: str | None = None,
-        size: tuple[int, int] | str | None = None,
-        frame_num: int | None = None,
-        sampling_steps: int | None = None,
-        shift: float | None = None,
-        guide_scale: float | None = None,
-        sample_solver: str | None = None,
-        seed: int = 0,
         *,
+        seed: int = 0,
         batch_cfg: bool = True,
         progress: bool = True,
+        **settings: Unpack[SettingsArgs],
     ) -> torch.Tensor:
-        """One video: [3, F, H, W] float32 in [-1, 1]; size is (width, height) as in '832*480'."""
-        return self.generate_batch(
-            [prompt],
-            [seed],
-            batch_cfg=batch_cfg,
-            progress=progress,
-            negative_prompt=negative_prompt,
-            size=size,
-            frame_num=frame_num,
-            sampling_steps=sampling_steps,
-            shift=shift,
-            guide_scale=guide_scale,
-            sample_solver=sample_solver,
-        )[0]
+        """One video: [3, F, H, W] float32 in [-1, 1]. Settings as in `settings()`; unset ones come from
+        the preset (size is (width, height), as in the official '832*480')."""
+        return self.generate_batch([prompt], [seed], batch_cfg=batch_cfg, progress=progress, **settings)[0]
 
     def generate_stream(
         self,
         prompt: str,
-        negative_prompt: str | None = None,
-        size: tuple[int, int] | str | None = None,
-        frame_num: int | None = None,
-        sampling_steps: int | None = None,
-        shift: float | None = None,
-        guide_scale: float | None = None,
-        sample_solver: str | None = None,
-        seed: int = 0,
         *,
+        seed: int = 0,
         batch_cfg: bool = True,
         progress: bool = True,
+        **settings: Unpack[SettingsArgs],
     ) -> Iterator[torch.Tensor]:
         """Like `generate`, but yields uint8 frame chunks [n, H, W, 3] as the VAE decodes them
         (1 frame, then 4 per latent frame); no whole-video tensor is held."""
-        s = self.settings(
-            negative_prompt=negative_prompt,
-            size=size,
-            frame_num=frame_num,
-            sampling_steps=sampling_steps,
-            shift=shift,
-            guide_scale=guide_scale,
-            sample_solver=sample_solver,
-        )
-        latents = self.sample_latents([prompt], [seed], s, batch_cfg=batch_cfg, progress=progress)
+        resolved = self.settings(**settings)
+        latents = self.sample_latents([prompt], [seed], resolved, batch_cfg=batch_cfg, progress=progress)
         with torch.no_grad():
             for chunk in self.vae.decode_stream(latents):
                 yield to_uint8_frames(chunk[0])
