@@ -14,7 +14,9 @@ from typing import Any
 __all__ = ["SECRET_OPTION_KEYS", "join_url", "protocol", "redact", "redact_options"]
 
 # Userinfo in a URL: scheme://user:password@host -> scheme://user:***@host
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+_USERINFO = re.compile(
+    r"(?<![a-zA-Z0-9+.\-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@"
+)
 # Query parameters that carry secrets (presigned URLs, DSNs).
 _SECRET_QUERY = re.compile(
     r"(?i)(?P<key>(?:password|secret|token|signature|x-amz-signature|x-amz-credential|x-amz-security-token"

@@ -24,3 +24,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Database fixtures (SQLite file and a throwaway PostgreSQL database) live in tests/databases.py.
+pytest_plugins = ["databases"]

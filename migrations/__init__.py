@@ -1,0 +1,1 @@
+"""Alembic migrations for the wanflow catalog (`storage.catalog`); `Catalog.upgrade()` runs them."""

@@ -1,0 +1,76 @@
+"""Dataset manifests: a run's videos as one table (Parquet or JSON Lines) at any fsspec URL.
+
+One row per video: where it is (uri, sha256, bytes), what it shows (prompt, negative prompt, item id,
+seed), what made it (model id and fingerprint, sampler settings) and its shape (width, height, frames,
+fps, codec). The request's remaining parameters travel as a JSON string in `params`. The file is
+written atomically, like every other object.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.catalog import Catalog
+from storage.video import write_bytes
+
+__all__ = ["EXPORT_FORMATS", "dataset_rows", "export_run"]
+
+EXPORT_FORMATS = ("parquet", "jsonl")
+
+# Request parameters promoted to their own columns when present (sampler settings and the prompt).
+_PROMOTED = ("prompt", "negative_prompt", "sampling_steps", "shift", "guide_scale", "sample_solver")
+
+_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
+        ("item_id", pa.string()), ("seed", pa.int64()), ("prompt", pa.string()),
+        ("negative_prompt", pa.string()), ("model_id", pa.string()), ("model_fingerprint", pa.string()),
+        ("sampling_steps", pa.int64()), ("shift", pa.float64()), ("guide_scale", pa.float64()),
+        ("sample_solver", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+        ("frames", pa.int64()), ("fps", pa.float64()), ("codec", pa.string()),
+        ("thumbnail_uri", pa.string()), ("sidecar_uri", pa.string()), ("job_id", pa.int64()),
+        ("params", pa.string()),
+    ]
+)  # fmt: skip
+
+
+def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
+    """The rows of the dataset manifest for a run (all runs when None), in job order."""
+    jobs = {job.id: job for job in catalog.jobs(run_id=run_id)}
+    rows = []
+    for output in catalog.outputs(run_id=run_id):
+        job = jobs.get(output.job_id) or catalog.get_job(output.job_id)
+        params = dict(job.params)
+        row = {name: params.get(name) for name in _PROMOTED}
+        row.update(
+            uri=output.uri, sha256=output.sha256, bytes=output.bytes, item_id=job.item_id, seed=job.seed,
+            model_id=job.model_id, model_fingerprint=job.model_fingerprint, width=output.width,
+            height=output.height, frames=output.frames, fps=output.fps, codec=output.codec,
+            thumbnail_uri=output.thumbnail_uri, sidecar_uri=output.sidecar_uri, job_id=job.id,
+            params=json.dumps(params, sort_keys=True, ensure_ascii=False),
+        )  # fmt: skip
+        rows.append(row)
+    rows.sort(key=lambda r: r["job_id"])
+    return rows
+
+
+def export_run(
+    catalog: Catalog, run_id: int | None, url: str, fmt: str, storage_options: dict | None = None
+) -> int:
+    """Write the run's dataset manifest to `url` as `fmt` ("parquet" or "jsonl"); returns the row count."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    rows = dataset_rows(catalog, run_id)
+    if fmt == "jsonl":
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    else:
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), buffer)
+        data = buffer.getvalue()
+    write_bytes(url, data, storage_options=storage_options)
+    return len(rows)

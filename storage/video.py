@@ -1,0 +1,617 @@
+"""Frames in, an mp4 out at any fsspec URL, published atomically, with its sha256 taken on the way.
+
+    with VideoWriter("s3://bucket/run/fox/fox-s0.mp4", width=832, height=480, fps=16) as w:
+        for chunk in chunks:              # uint8 [n, H, W, 3]: 1 frame, then 4 at a time from the VAE
+            w.write(chunk)
+    w.sha256, w.nbytes, w.frames, w.seconds
+
+Data path: `write` pipes raw rgb24 frames into ffmpeg (libx264, yuv420p, fragmented mp4 on stdout so
+the output never needs seeking); a reader thread hashes and counts what ffmpeg writes and hands it
+through a bounded queue to an upload thread, which feeds the sink; a third thread keeps the tail of
+ffmpeg's stderr for error messages. Memory stays flat whatever the length of the video: the queue
+holds at most `_QUEUE_BLOCKS` x `_READ_BLOCK` bytes, plus one multipart part on S3.
+
+Sinks publish nothing at the final URL before commit:
+- local paths and file:// URLs: a hidden `.{name}.{uuid}.partial` file in the same directory, fsynced,
+  then `os.replace`d onto the final name (atomic on POSIX); unlinked on abort;
+- S3: a multipart upload opened with `autocommit=False` (5 MiB parts), completed on commit and aborted
+  on failure, so no object, temporary or final, ever appears for a failed write;
+- any other fsspec filesystem: a hidden temporary key next to the final one, moved onto it on commit.
+  Not atomic on filesystems without rename (the move may be a copy and a delete there).
+
+Every URL in an error or a log line goes through `storage.urls.redact`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import logging
+import math
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ffmpeg
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+from storage.urls import redact
+
+__all__ = [
+    "PART_SIZE",
+    "StorageError",
+    "VideoWriteError",
+    "VideoWriter",
+    "contact_sheet",
+    "object_info",
+    "verify_object",
+    "write_bytes",
+    "write_image",
+]
+
+logger = logging.getLogger(__name__)
+
+PART_SIZE = 5 * 2**20  # S3 multipart part size (the smallest S3 allows)
+POSTER_WIDTH = 256  # kept frames are shrunk to at most this width
+_READ_BLOCK = 256 * 1024  # one read of ffmpeg's stdout
+_QUEUE_BLOCKS = 32  # encoded blocks waiting for the sink: at most 8 MiB
+_STDERR_KEEP = 64 * 1024  # tail of ffmpeg's stderr that is kept
+_STDERR_SHOWN = 4000  # tail of it quoted in an exception message
+
+
+class StorageError(OSError):
+    """The destination cannot be written or read (missing bucket, permission denied, failed upload)."""
+
+
+class VideoWriteError(RuntimeError):
+    """ffmpeg failed; the message carries its exit status and its own error text."""
+
+    def __init__(self, message: str, returncode: int | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+# ----------------------------------------------------------------------------------------------- sinks
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, redacted description of why a storage call failed."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return redact(f"{type(exc).__name__}: {text}")
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str, action: str) -> Iterator[None]:
+    """Turn any failure inside the block into a StorageError naming the redacted URL and the reason."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"cannot {action} {redact(url)}: {_reason(exc)}") from exc
+
+
+def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "s3" in protocols
+
+
+def _hidden_temp_name(name: str) -> str:
+    return f".{name}.{uuid.uuid4().hex}.partial"
+
+
+def _check_local_parent(path: str) -> None:
+    """Create the parent directories of `path`, with a clear reason when an ancestor is a file."""
+    parent = os.path.dirname(path) or "."
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(errno.ENOTDIR, "an ancestor is a file, not a directory", probe)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "the destination is a directory", path)
+    os.makedirs(parent, exist_ok=True)
+
+
+class _LocalSink:
+    """A hidden temporary file beside the destination, renamed onto it on commit."""
+
+    def __init__(self, path: str) -> None:
+        _check_local_parent(path)
+        self.path = path
+        self.temp = os.path.join(os.path.dirname(path), _hidden_temp_name(os.path.basename(path)))
+        self.file = open(self.temp, "xb")  # noqa: SIM115 - closed by commit or abort
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.temp, self.path)
+        directory = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def abort(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.temp)
+
+
+class _S3Sink:
+    """A multipart upload that becomes visible only when `commit` completes it."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        bucket, key, _ = fs.split_path(path)
+        if not key:
+            raise ValueError("the URL names a bucket, not an object key")
+        fs.call_s3("head_bucket", Bucket=bucket)  # missing bucket or no access: fail before any work
+        self.file = fs.open(path, "wb", autocommit=False, block_size=PART_SIZE)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+
+    def commit(self) -> None:
+        self.file.close()  # uploads the last, short part; committing first would drop it
+        self.file.commit()
+
+    def abort(self) -> None:
+        upload = (self.file.mpu or {}).get("UploadId")
+        try:
+            self.file.discard()
+        except Exception as exc:
+            raise OSError(f"could not abort multipart upload {upload}: {exc}") from exc
+        finally:
+            # discard() leaves the file open with no buffer; without this its __del__ tries to flush
+            # and prints an AttributeError traceback.
+            self.file.closed = True
+
+
+class _TempKeySink:
+    """Any other fsspec filesystem: a hidden temporary key moved onto the final one on commit."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        self.fs, self.path = fs, path
+        self.temp = f"{parent}/{_hidden_temp_name(name)}" if parent else _hidden_temp_name(name)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        self.file = fs.open(self.temp, "wb")
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+
+    def commit(self) -> None:
+        self.file.close()
+        self.fs.mv(self.temp, self.path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.temp)
+
+
+_Sink = _LocalSink | _S3Sink | _TempKeySink
+
+
+def _open_sink(url: str, storage_options: dict | None) -> _Sink:
+    """A sink for `url`, checked for writability now (StorageError naming the URL and the reason)."""
+    with _storage_errors(url, "write"):
+        fs, path = _filesystem(url, storage_options)
+        if isinstance(fs, LocalFileSystem):
+            return _LocalSink(path)
+        if _is_s3(fs):
+            return _S3Sink(fs, path)
+        return _TempKeySink(fs, path)
+
+
+def _abort_quietly(sink: _Sink, url: str) -> None:
+    """Abort a sink during error handling: a failure to clean up is logged, never raised over the cause."""
+    try:
+        sink.abort()
+    except Exception as exc:
+        logger.warning("could not clean up the partial write of %s: %s", redact(url), _reason(exc))
+
+
+# ---------------------------------------------------------------------------------------------- frames
+
+
+def as_frames(chunk: Any, height: int, width: int) -> np.ndarray:
+    """`chunk` as a C-contiguous uint8 array [n, height, width, 3] (a single [H, W, 3] frame becomes n=1).
+
+    Takes numpy arrays, torch tensors (on any device) and anything with `__array__`, without importing
+    torch. Raises ValueError naming the expected and the actual dtype and shape.
+    """
+    expected = f"uint8 frames [n, {height}, {width}, 3]"
+    got = f"{getattr(chunk, 'dtype', type(chunk).__name__)} {list(getattr(chunk, 'shape', []))}"
+    try:
+        if not isinstance(chunk, np.ndarray) and hasattr(chunk, "detach"):
+            chunk = chunk.detach().cpu()
+        if not isinstance(chunk, np.ndarray) and hasattr(chunk, "numpy"):
+            chunk = chunk.numpy()
+        array = np.asarray(chunk)
+    except (TypeError, RuntimeError) as exc:
+        raise ValueError(f"expected {expected}, got {got}") from exc
+    if array.ndim == 3:
+        array = array[None]
+    if array.dtype != np.uint8 or array.shape[1:] != (height, width, 3) or array.shape[0] == 0:
+        raise ValueError(f"expected {expected}, got {array.dtype} {list(array.shape)}")
+    return np.ascontiguousarray(array)
+
+
+def _as_image(image: Any) -> np.ndarray:
+    """`image` as a uint8 array [H, W, 3]; ValueError naming what it is otherwise."""
+    array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected a uint8 image [H, W, 3], got {array.dtype} {list(array.shape)}")
+    return array
+
+
+def _shrink(frame: np.ndarray, max_width: int) -> np.ndarray:
+    """A copy of frame [H, W, 3] at most `max_width` wide, aspect kept: [h, w <= max_width, 3]."""
+    height, width = frame.shape[:2]
+    if width <= max_width:
+        return frame.copy()
+    size = (max_width, max(1, round(height * max_width / width)))
+    return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BILINEAR))
+
+
+def contact_sheet(frames: Sequence[Any], columns: int = 4, tile_width: int = 256) -> np.ndarray:
+    """Frames [H, W, 3] uint8 resized to `tile_width` wide tiles (aspect of the first frame) laid out row by
+    row, at most `columns` per row, on black: [rows * tile_height, min(columns, n) * tile_width, 3] uint8."""
+    tiles = [_as_image(frame) for frame in frames]
+    if not tiles or columns < 1 or tile_width < 1:
+        raise ValueError("contact_sheet needs at least one frame, columns >= 1 and tile_width >= 1")
+    tile_height = max(1, round(tiles[0].shape[0] * tile_width / tiles[0].shape[1]))
+    cols = min(columns, len(tiles))
+    sheet = np.zeros((math.ceil(len(tiles) / cols) * tile_height, cols * tile_width, 3), np.uint8)
+    for i, tile in enumerate(tiles):
+        if tile.shape[:2] != (tile_height, tile_width):
+            tile = np.asarray(
+                Image.fromarray(tile).resize((tile_width, tile_height), Image.Resampling.BILINEAR)
+            )
+        row, col = divmod(i, cols)
+        sheet[row * tile_height : (row + 1) * tile_height, col * tile_width : (col + 1) * tile_width] = tile
+    return sheet
+
+
+# ---------------------------------------------------------------------------------------- small objects
+
+
+def write_bytes(url: str, data: bytes, *, storage_options: dict | None = None) -> tuple[str, int]:
+    """Write `data` to `url` atomically (nothing visible until complete); returns (sha256 hex, bytes)."""
+    sink = _open_sink(url, storage_options)
+    try:
+        with _storage_errors(url, "write"):
+            sink.write(data)
+            sink.commit()
+    except BaseException:
+        _abort_quietly(sink, url)
+        raise
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def write_image(
+    url: str,
+    image: Any,
+    *,
+    format: str = "png",
+    storage_options: dict | None = None,
+    max_width: int | None = None,
+) -> tuple[str, int]:
+    """Encode image [H, W, 3] uint8 as png or webp (shrunk to `max_width` if wider) and write it to `url`
+    atomically; returns (sha256 hex, bytes)."""
+    if format not in ("png", "webp"):
+        raise ValueError(f"image format {format!r}: expected 'png' or 'webp'")
+    array = _as_image(image)
+    if max_width is not None:
+        array = _shrink(array, max_width)
+    buffer = io.BytesIO()
+    options = {"quality": 90} if format == "webp" else {}
+    Image.fromarray(array).save(buffer, format=format.upper(), **options)
+    return write_bytes(url, buffer.getvalue(), storage_options=storage_options)
+
+
+def object_info(url: str, storage_options: dict | None = None) -> int | None:
+    """Size in bytes of the object at `url`, or None when there is none (other failures: StorageError)."""
+    with _storage_errors(url, "look up"):
+        fs, path = _filesystem(url, storage_options)
+        fs.invalidate_cache(path)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            return None
+    return int(info["size"]) if info.get("type", "file") == "file" else None
+
+
+def verify_object(url: str, sha256: str, nbytes: int, storage_options: dict | None = None) -> bool:
+    """Whether the object at `url` exists with exactly `nbytes` bytes hashing to `sha256` (streamed, not
+    loaded whole). False for a missing object or any mismatch."""
+    if object_info(url, storage_options) != nbytes:
+        return False
+    digest = hashlib.sha256()
+    with _storage_errors(url, "read"):
+        fs, path = _filesystem(url, storage_options)
+        try:
+            with fs.open(path, "rb") as file:
+                while block := file.read(2**20):
+                    digest.update(block)
+        except FileNotFoundError:
+            return False
+    return digest.hexdigest() == sha256.lower()
+
+
+# ---------------------------------------------------------------------------------------------- videos
+
+
+def _ffmpeg_binary(explicit: str | None) -> str:
+    """The ffmpeg to run: the argument, else $WANFLOW_FFMPEG, else the static build of imageio-ffmpeg."""
+    if explicit or os.environ.get("WANFLOW_FFMPEG"):
+        return explicit or os.environ["WANFLOW_FFMPEG"]
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"exit code {returncode} (killed by {signal.Signals(-returncode).name})"
+    return f"exit code {returncode}"
+
+
+class VideoWriter:
+    """Streams uint8 frames [n, H, W, 3] through ffmpeg (H.264 in a fragmented mp4) into `url`.
+
+    Opening checks the destination (StorageError naming the redacted URL at once, before any encoding)
+    and starts ffmpeg, like `open()` does: use it in a `with` block, or call `commit()` or `abort()`.
+    A clean exit of the block commits; an exception inside it kills ffmpeg, aborts the upload and
+    propagates unchanged. Either way nothing appears at `url` unless the whole video was stored.
+
+    After commit: `sha256` (hex) and `nbytes` of the stored object, `frames`, `seconds` (wall time since
+    opening). After abort, `sha256` and `nbytes` are None. `first_frame` is frame 0 at full size
+    [H, W, 3]; with `keep_frames=k`, `kept_frames` holds up to k evenly spaced frames (indices in
+    `kept_indices`), shrunk to at most 256 px wide, for a poster.
+    """
+
+    codec = "h264"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        width: int,
+        height: int,
+        fps: int = 16,
+        storage_options: dict | None = None,
+        ffmpeg_binary: str | None = None,
+        crf: int = 18,
+        preset: str = "medium",
+        keep_frames: int = 0,
+    ) -> None:
+        if width < 2 or height < 2 or width % 2 or height % 2:
+            raise ValueError(f"video size {width}x{height}: H.264 in yuv420p needs even width and height")
+        if fps < 1 or not 0 <= crf <= 51 or keep_frames < 0:
+            raise ValueError(
+                f"fps={fps}, crf={crf}, keep_frames={keep_frames}: need fps >= 1, 0 <= crf <= 51"
+            )
+        self.url, self.width, self.height, self.fps = url, width, height, fps
+        self.keep_frames = keep_frames
+        self.frames = 0
+        self.sha256: str | None = None
+        self.nbytes: int | None = None
+        self.seconds: float | None = None
+        self.first_frame: np.ndarray | None = None
+        self.kept_frames: list[np.ndarray] = []
+        self.kept_indices: list[int] = []
+        self._stride = 1  # kept frames are the multiples of this
+        self._digest, self._count, self._sent = hashlib.sha256(), 0, 0
+        self._stderr = bytearray()
+        self._upload_error: BaseException | None = None
+        self._state = "open"
+        self._started = time.perf_counter()
+        self._sink = _open_sink(url, storage_options)
+        try:
+            self.process = self._spawn(_ffmpeg_binary(ffmpeg_binary), crf, preset)
+        except BaseException:
+            _abort_quietly(self._sink, url)
+            raise
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUE_BLOCKS)
+        self._threads = [
+            threading.Thread(target=target, name=f"video-{name}", daemon=True)
+            for name, target in (("stdout", self._read_stdout), ("stderr", self._read_stderr),
+                                 ("upload", self._upload))
+        ]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
+
+    # -- the ffmpeg process and the threads around it
+
+    def _spawn(self, binary: str, crf: int, preset: str) -> subprocess.Popen:
+        size = f"{self.width}x{self.height}"
+        raw = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=size, framerate=self.fps)
+        # A fragment per keyframe alone would keep up to 250 frames (x264's default GOP), often the whole
+        # video, inside ffmpeg before any byte comes out; frag_duration also cuts one every second.
+        mp4 = {"format": "mp4", "movflags": "frag_keyframe+empty_moov", "frag_duration": 1_000_000}
+        h264 = {"vcodec": "libx264", "pix_fmt": "yuv420p", "crf": crf, "preset": preset}
+        stream = raw.output("pipe:", **h264, **mp4).global_args("-hide_banner", "-loglevel", "warning")
+        try:
+            return ffmpeg.run_async(stream, cmd=binary, pipe_stdin=True, pipe_stdout=True, pipe_stderr=True)
+        except OSError as exc:
+            raise VideoWriteError(f"cannot start ffmpeg {binary!r} for {redact(self.url)}: {exc}") from exc
+
+    def _read_stdout(self) -> None:
+        """Thread: hash and count ffmpeg's output and queue it for the upload (blocks when it lags)."""
+        try:
+            while block := self.process.stdout.read1(_READ_BLOCK):
+                self._digest.update(block)
+                self._count += len(block)
+                self._queue.put(block)
+        finally:
+            self._queue.put(None)
+
+    def _read_stderr(self) -> None:
+        """Thread: keep the last `_STDERR_KEEP` bytes of ffmpeg's messages."""
+        while block := self.process.stderr.read1(4096):
+            self._stderr += block
+            if len(self._stderr) > 2 * _STDERR_KEEP:
+                del self._stderr[:-_STDERR_KEEP]
+
+    def _upload(self) -> None:
+        """Thread: feed queued blocks to the sink; on failure stop ffmpeg but keep draining the queue."""
+        while (block := self._queue.get()) is not None:
+            if self._upload_error is not None:
+                continue
+            try:
+                self._sink.write(block)
+                self._sent += len(block)
+            except Exception as exc:
+                self._upload_error = exc
+                self._kill()
+
+    def _kill(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.process.poll() is None:
+                self.process.kill()
+
+    def _join(self) -> None:
+        self.process.wait()
+        for thread in self._threads:
+            thread.join()
+        for pipe in (self.process.stdout, self.process.stderr):
+            pipe.close()
+
+    @property
+    def stderr(self) -> str:
+        """The last 64 KiB of ffmpeg's messages."""
+        return self._stderr[-_STDERR_KEEP:].decode(errors="replace")
+
+    @property
+    def bytes_sent(self) -> int:
+        """Encoded bytes handed to the destination so far (a live count, for progress and tests)."""
+        return self._sent
+
+    def _failure(self, doing: str) -> Exception:
+        """The error to raise once ffmpeg or the upload has failed (waits for the threads to finish)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        self._kill()
+        self._join()
+        if self._upload_error is not None:
+            error = self._upload_error
+            return StorageError(f"cannot write {redact(self.url)}: upload failed: {_reason(error)}")
+        rc, text = self.process.returncode, self.stderr.strip()
+        detail = redact(text[-_STDERR_SHOWN:]) if text else "(ffmpeg printed no error message)"
+        message = f"ffmpeg failed while {doing} for {redact(self.url)}: {_describe_exit(rc)}\n{detail}"
+        return VideoWriteError(message, rc, text)
+
+    # -- frames in
+
+    def write(self, chunk: Any) -> None:
+        """Encode uint8 frames `chunk` [n, H, W, 3] (numpy, torch, or anything with `__array__`)."""
+        if self._state != "open":
+            raise RuntimeError(f"VideoWriter for {redact(self.url)} is already {self._state}")
+        frames = as_frames(chunk, self.height, self.width)
+        try:
+            self.process.stdin.write(memoryview(frames).cast("B"))
+        except OSError as exc:
+            raise self._failure("receiving frames") from exc
+        self._keep(frames)
+        self.frames += len(frames)
+
+    def _keep(self, frames: np.ndarray) -> None:
+        """Remember frame 0 and every `_stride`-th frame; double the stride when more than k are kept."""
+        if self.first_frame is None:
+            self.first_frame = frames[0].copy()
+        if not self.keep_frames:
+            return
+        for index in range(self.frames, self.frames + len(frames)):
+            if index % self._stride:
+                continue
+            self.kept_indices.append(index)
+            self.kept_frames.append(_shrink(frames[index - self.frames], POSTER_WIDTH))
+            if len(self.kept_indices) > self.keep_frames:
+                self._stride *= 2
+                keep = [i for i, kept in enumerate(self.kept_indices) if kept % self._stride == 0]
+                self.kept_indices = [self.kept_indices[i] for i in keep]
+                self.kept_frames = [self.kept_frames[i] for i in keep]
+
+    # -- the end: commit or abort
+
+    def commit(self) -> None:
+        """Finish encoding, complete the upload and publish the video at `url` (abort on any failure)."""
+        if self._state != "open":
+            raise RuntimeError(f"VideoWriter for {redact(self.url)} is already {self._state}")
+        try:
+            self._finish_encoding()
+            with _storage_errors(self.url, "write"):
+                self._sink.commit()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        self.sha256, self.nbytes = self._digest.hexdigest(), self._count
+        self.seconds = time.perf_counter() - self._started
+
+    def _finish_encoding(self) -> None:
+        if self.frames == 0:
+            raise VideoWriteError(f"no frames were written to {redact(self.url)}")
+        try:
+            self.process.stdin.close()
+        except OSError as exc:
+            raise self._failure("flushing the last frames") from exc
+        self.process.wait()
+        if self.process.returncode != 0 or self._upload_error is not None:
+            raise self._failure("finishing the video")
+        self._join()
+        if self._upload_error is not None:
+            raise self._failure("finishing the upload")
+
+    def abort(self) -> None:
+        """Stop ffmpeg and throw the partial upload away; nothing appears at `url`. Safe to call twice."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._kill()
+        with contextlib.suppress(OSError, ValueError):
+            self.process.stdin.close()
+        self._join()
+        _abort_quietly(self._sink, self.url)
+        self.sha256 = self.nbytes = None
+        self.seconds = time.perf_counter() - self._started
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
