@@ -54,6 +54,8 @@ __all__ = [
     "VideoWriteError",
     "VideoWriter",
     "contact_sheet",
+    "encoder_stream",
+    "ffmpeg_executable",
     "object_info",
     "verify_object",
     "write_bytes",
@@ -66,6 +68,7 @@ PART_SIZE = 5 * 2**20  # S3 multipart part size (the smallest S3 allows)
 POSTER_WIDTH = 256  # kept frames are shrunk to at most this width
 _READ_BLOCK = 256 * 1024  # one read of ffmpeg's stdout
 _QUEUE_BLOCKS = 32  # encoded blocks waiting for the sink: at most 8 MiB
+_VERIFY_BLOCK = 8 * 2**20  # one ranged read while verifying
 _STDERR_KEEP = 64 * 1024  # tail of ffmpeg's stderr that is kept
 _STDERR_SHOWN = 4000  # tail of it quoted in an exception message
 
@@ -124,9 +127,9 @@ def _check_local_parent(path: str) -> None:
     """Create the parent directories of `path`, with a clear reason when an ancestor is a file."""
     parent = os.path.dirname(path) or "."
     probe = parent
-    while not os.path.exists(probe):
+    while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
+    if probe and not os.path.isdir(probe):
         raise NotADirectoryError(errno.ENOTDIR, "an ancestor is a file, not a directory", probe)
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "the destination is a directory", path)
@@ -169,7 +172,10 @@ class _S3Sink:
         bucket, key, _ = fs.split_path(path)
         if not key:
             raise ValueError("the URL names a bucket, not an object key")
-        fs.call_s3("head_bucket", Bucket=bucket)  # missing bucket or no access: fail before any work
+        # A missing bucket fails now, before any encoding. Access denied does not: HeadBucket needs
+        # s3:ListBucket, which a write-only policy may not grant.
+        with contextlib.suppress(PermissionError):
+            fs.call_s3("head_bucket", Bucket=bucket)
         self.file = fs.open(path, "wb", autocommit=False, block_size=PART_SIZE)
 
     def write(self, data: bytes | memoryview) -> None:
@@ -358,8 +364,8 @@ def verify_object(url: str, sha256: str, nbytes: int, storage_options: dict | No
     with _storage_errors(url, "read"):
         fs, path = _filesystem(url, storage_options)
         try:
-            with fs.open(path, "rb") as file:
-                while block := file.read(2**20):
+            with fs.open(path, "rb", block_size=_VERIFY_BLOCK, cache_type="none") as file:
+                while block := file.read(_VERIFY_BLOCK):
                     digest.update(block)
         except FileNotFoundError:
             return False
@@ -369,7 +375,7 @@ def verify_object(url: str, sha256: str, nbytes: int, storage_options: dict | No
 # ---------------------------------------------------------------------------------------------- videos
 
 
-def _ffmpeg_binary(explicit: str | None) -> str:
+def ffmpeg_executable(explicit: str | None = None) -> str:
     """The ffmpeg to run: the argument, else $WANFLOW_FFMPEG, else the static build of imageio-ffmpeg."""
     if explicit or os.environ.get("WANFLOW_FFMPEG"):
         return explicit or os.environ["WANFLOW_FFMPEG"]
@@ -385,6 +391,19 @@ def _describe_exit(returncode: int | None) -> str:
         with contextlib.suppress(ValueError):
             return f"exit code {returncode} (killed by {signal.Signals(-returncode).name})"
     return f"exit code {returncode}"
+
+
+def encoder_stream(
+    width: int, height: int, fps: int, *, crf: int = 18, preset: str = "medium", output: str = "pipe:"
+) -> ffmpeg.nodes.OutputStream:
+    """The ffmpeg-python graph VideoWriter runs: rgb24 frames [H, W, 3] on stdin -> libx264 (yuv420p) ->
+    fragmented mp4 at `output` (stdout by default; benchmarks point it at /dev/null)."""
+    raw = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
+    # A fragment per keyframe alone would keep up to 250 frames (x264's default GOP), often the whole
+    # video, inside ffmpeg before any byte comes out; frag_duration also cuts one every second.
+    mp4 = {"format": "mp4", "movflags": "frag_keyframe+empty_moov", "frag_duration": 1_000_000}
+    h264 = {"vcodec": "libx264", "pix_fmt": "yuv420p", "crf": crf, "preset": preset}
+    return raw.output(output, **h264, **mp4).global_args("-hide_banner", "-loglevel", "warning")
 
 
 class VideoWriter:
@@ -439,7 +458,7 @@ class VideoWriter:
         self._started = time.perf_counter()
         self._sink = _open_sink(url, storage_options)
         try:
-            self.process = self._spawn(_ffmpeg_binary(ffmpeg_binary), crf, preset)
+            self.process = self._spawn(ffmpeg_executable(ffmpeg_binary), crf, preset)
         except BaseException:
             _abort_quietly(self._sink, url)
             raise
@@ -455,13 +474,7 @@ class VideoWriter:
     # -- the ffmpeg process and the threads around it
 
     def _spawn(self, binary: str, crf: int, preset: str) -> subprocess.Popen:
-        size = f"{self.width}x{self.height}"
-        raw = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=size, framerate=self.fps)
-        # A fragment per keyframe alone would keep up to 250 frames (x264's default GOP), often the whole
-        # video, inside ffmpeg before any byte comes out; frag_duration also cuts one every second.
-        mp4 = {"format": "mp4", "movflags": "frag_keyframe+empty_moov", "frag_duration": 1_000_000}
-        h264 = {"vcodec": "libx264", "pix_fmt": "yuv420p", "crf": crf, "preset": preset}
-        stream = raw.output("pipe:", **h264, **mp4).global_args("-hide_banner", "-loglevel", "warning")
+        stream = encoder_stream(self.width, self.height, self.fps, crf=crf, preset=preset)
         try:
             return ffmpeg.run_async(stream, cmd=binary, pipe_stdin=True, pipe_stdout=True, pipe_stderr=True)
         except OSError as exc:

@@ -26,5 +26,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# Database fixtures (SQLite file and a throwaway PostgreSQL database) live in tests/databases.py.
-pytest_plugins = ["databases"]
+# Fixtures: databases.py (SQLite file, throwaway PostgreSQL database), s3_server.py (moto S3 on 127.0.0.1).
+pytest_plugins = ["databases", "s3_server"]

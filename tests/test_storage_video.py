@@ -10,10 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -22,8 +19,8 @@ import numpy as np
 import pytest
 import s3fs
 import torch
-from moto.server import ThreadedMotoServer
 from PIL import Image
+from s3_server import BUCKET, SECRET, Target, s3_options, start_server, stop_server, target_objects
 
 from storage.video import (
     PART_SIZE,
@@ -42,111 +39,6 @@ pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableException
 
 W, H = 64, 48
 BIG_W, BIG_H = 832, 480  # random frames at this size encode to about 0.7 MB each (crf 0, ultrafast)
-BUCKET = "wanflow-test"
-SECRET = "testing-secret-xyz"
-
-
-# ------------------------------------------------------------------------------------------- S3 server
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_server() -> tuple[ThreadedMotoServer, int]:
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    return server, port
-
-
-def _stop_server(server: ThreadedMotoServer) -> None:
-    """Stop serving and close the listening socket (`stop()` alone leaves it open, so clients would hang
-    in the backlog instead of being refused)."""
-    server.stop()
-    server._server.server_close()
-
-
-def _s3_options(port: int, secret: str = SECRET) -> dict:
-    """s3fs options for moto: no region (moto rejects the location constraint) and one attempt per call,
-    so an outage fails in about a second. (`aws_env` clears s3fs's instance cache between tests.)"""
-    return {
-        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-        "key": "testing",
-        "secret": secret,
-        "config_kwargs": {"retries": {"max_attempts": 1}},
-    }
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture(scope="module")
-def moto_port() -> Iterator[int]:
-    server, port = _start_server()
-    yield port
-    _stop_server(server)
-
-
-@dataclass
-class Target:
-    """A storage root under test and the helpers to look at what is stored there."""
-
-    root: str
-    options: dict | None = None
-
-    def url(self, name: str) -> str:
-        return f"{self.root}/{name}"
-
-    @property
-    def fs(self) -> fsspec.AbstractFileSystem:
-        fs = fsspec.core.url_to_fs(self.root, **(self.options or {}))[0]
-        fs.invalidate_cache()
-        return fs
-
-    def _path(self, name: str) -> str:
-        return fsspec.core.url_to_fs(self.url(name), **(self.options or {}))[1]
-
-    def listing(self) -> list[str]:
-        """Every object under the root, hidden ones included, relative to it; plus open S3 uploads."""
-        fs, base = fsspec.core.url_to_fs(self.root, **(self.options or {}))
-        fs.invalidate_cache()
-        names = sorted(path[len(base) + 1 :] for path in fs.find(base)) if fs.exists(base) else []
-        if isinstance(fs, s3fs.S3FileSystem):
-            names += [f"upload:{u['Key']}" for u in fs.list_multipart_uploads(BUCKET)]
-        return names
-
-    def read(self, name: str) -> bytes:
-        return self.fs.cat_file(self._path(name))
-
-    def put(self, name: str, data: bytes) -> None:
-        self.fs.pipe_file(self._path(name), data)
-
-
-@pytest.fixture
-def s3_target(moto_port: int, aws_env: None) -> Target:
-    urllib.request.urlopen(
-        urllib.request.Request(f"http://127.0.0.1:{moto_port}/moto-api/reset", method="POST")
-    )
-    options = _s3_options(moto_port)
-    s3fs.S3FileSystem(**options).mkdir(BUCKET)
-    return Target(f"s3://{BUCKET}/videos", options)
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
-    if request.param == "s3":
-        return request.getfixturevalue("s3_target")
-    return Target(str(tmp_path / "videos"))
-
-
 # ---------------------------------------------------------------------------------------------- frames
 
 
@@ -271,8 +163,8 @@ def test_producer_error_propagates_unchanged(target: Target):
 
 @pytest.mark.integration
 def test_s3_outage_mid_upload_then_retry(aws_env: None):
-    server, port = _start_server()
-    options = _s3_options(port)
+    server, port = start_server()
+    options = s3_options(port)
     s3fs.S3FileSystem(**options).mkdir("outage")
     url = "s3://outage/run/fox.mp4"
     rng = np.random.default_rng(3)
@@ -280,15 +172,15 @@ def test_s3_outage_mid_upload_then_retry(aws_env: None):
     with pytest.raises(StorageError, match="upload failed") as err, VideoWriter(url, storage_options=options,
                                                                                 **big) as writer:  # fmt: skip
         _write_until_a_part_is_sent(writer, rng)
-        _stop_server(server)
+        stop_server(server)
         for _ in range(64):  # more than another part: the upload must notice the outage
             writer.write(_noise(rng))
     assert url in str(err.value) and SECRET not in str(err.value)
     assert writer.sha256 is None
 
-    server, port = _start_server()  # S3 is back (moto keeps its state in the process)
+    server, port = start_server()  # S3 is back (moto keeps its state in the process)
     try:
-        restarted = Target("s3://outage/run", _s3_options(port))
+        restarted = Target("s3://outage/run", s3_options(port))
         # The abort could not reach the server: the upload is orphaned, but no object is visible.
         assert target_objects(restarted) == []
         restarted.fs.clear_multipart_uploads("outage")
@@ -296,11 +188,7 @@ def test_s3_outage_mid_upload_then_retry(aws_env: None):
         assert verify_object(url, retry.sha256, retry.nbytes, restarted.options)
         assert target_objects(restarted) == ["fox.mp4"]
     finally:
-        _stop_server(server)
-
-
-def target_objects(target: Target) -> list[str]:
-    return [name for name in target.listing() if not name.startswith("upload:")]
+        stop_server(server)
 
 
 def test_ffmpeg_error_text_surfaces(tmp_path: Path):
@@ -311,6 +199,16 @@ def test_ffmpeg_error_text_surfaces(tmp_path: Path):
     assert "exit code" in str(err.value) and err.value.returncode not in (0, None)
     assert "nonsense" in err.value.stderr
     assert target.listing() == []
+
+
+def test_missing_ffmpeg_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    target = Target(str(tmp_path))
+    with pytest.raises(VideoWriteError, match="/no/such/ffmpeg"):
+        VideoWriter(target.url("x.mp4"), width=W, height=H, ffmpeg_binary="/no/such/ffmpeg")
+    monkeypatch.setenv("WANFLOW_FFMPEG", "/no/such/env-ffmpeg")
+    with pytest.raises(VideoWriteError, match="/no/such/env-ffmpeg"):
+        VideoWriter(target.url("x.mp4"), width=W, height=H)
+    assert target.listing() == []  # the temporary file opened first is gone again
 
 
 def test_bad_frames_raise_value_error(tmp_path: Path):
@@ -367,6 +265,8 @@ def test_local_root_under_a_regular_file(tmp_path: Path):
     assert str(blocker) in str(err.value)
     with pytest.raises(StorageError, match="not-a-dir"):
         write_bytes(str(blocker / "x.json"), b"{}")
+    with pytest.raises(StorageError, match="the destination is a directory"):
+        write_bytes(str(tmp_path), b"{}")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
