@@ -1,0 +1,107 @@
+"""One job's output, end to end: frames -> video, thumbnail, poster and sidecar -> catalog row.
+
+The catalog row is written last, in one transaction, and only after every object is committed, so a
+row never points at a missing object. If anything fails on the way, the objects this call already
+committed are removed again (best effort) and the error propagates: the caller decides whether the
+job is retried (`Catalog.mark_failed(..., retry=...)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import fsspec
+
+from storage.catalog import Catalog, JobRecord, OutputRecord
+from storage.layout import OutputLayout, sidecar_bytes
+from storage.urls import redact
+from storage.video import VideoWriter, contact_sheet, verify_object, write_bytes, write_image
+
+__all__ = ["store_job_output", "verifier"]
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_WIDTH = 512
+POSTER_FRAMES = 8
+
+
+def store_job_output(
+    catalog: Catalog,
+    job: JobRecord,
+    frames: Iterable[Any],
+    *,
+    layout: OutputLayout,
+    run_name: str,
+    width: int,
+    height: int,
+    fps: int = 16,
+    storage_options: dict | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> OutputRecord:
+    """Stream `frames` (uint8 chunks [n, H, W, 3]) into the job's objects and record the output.
+
+    `provenance` (request, model and fingerprint, sampler settings, noise device, timings, ...) goes into
+    the JSON sidecar next to the video. Returns the catalog's output record.
+    """
+    keys = layout.keys(run_name, job.item_id, job.seed)
+    written: list[str] = []
+    start = time.perf_counter()
+    try:
+        with VideoWriter(
+            keys.video, width=width, height=height, fps=fps, storage_options=storage_options,
+            keep_frames=POSTER_FRAMES,
+        ) as video:  # fmt: skip
+            for chunk in frames:
+                video.write(chunk)
+        written.append(keys.video)
+        if video.frames == 0:
+            raise ValueError(f"job {job.id} ({job.item_id} seed {job.seed}): no frames were produced")
+        write_image(keys.thumbnail, video.first_frame, format="webp", storage_options=storage_options,
+                    max_width=THUMBNAIL_WIDTH)  # fmt: skip
+        written.append(keys.thumbnail)
+        write_image(
+            keys.poster, contact_sheet(video.kept_frames), format="webp", storage_options=storage_options
+        )
+        written.append(keys.poster)
+        facts = dict(
+            uri=keys.video, sha256=video.sha256, bytes=video.nbytes, width=width, height=height,
+            frames=video.frames, fps=fps, codec=video.codec,
+        )  # fmt: skip
+        sidecar = {
+            **(provenance or {}),
+            "job": {
+                key: getattr(job, key)
+                for key in ("id", "key", "item_id", "seed", "model_id", "model_fingerprint", "params")
+            },
+            "output": {**facts, "thumbnail_uri": keys.thumbnail, "poster_uri": keys.poster},
+            "store_seconds": round(time.perf_counter() - start, 3),
+        }  # fmt: skip
+        write_bytes(keys.sidecar, sidecar_bytes(sidecar), storage_options=storage_options)
+        written.append(keys.sidecar)
+        return catalog.mark_succeeded(
+            job.id, OutputRecord(**facts, thumbnail_uri=keys.thumbnail, sidecar_uri=keys.sidecar)
+        )
+    except BaseException:
+        _remove(written, storage_options)
+        raise
+
+
+def _remove(urls: list[str], storage_options: dict | None) -> None:
+    for url in urls:
+        with contextlib.suppress(Exception):
+            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            fs.rm_file(path)
+            log.info("removed %s after a failed job", redact(url))
+
+
+def verifier(storage_options: dict | None = None):
+    """A `verify` callable for `Catalog.plan_jobs`: the object exists with the recorded size and sha256."""
+
+    def verify(output: OutputRecord) -> bool:
+        return verify_object(output.uri, output.sha256, output.bytes, storage_options)
+
+    return verify

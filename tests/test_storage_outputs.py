@@ -1,0 +1,89 @@
+"""A job's output end to end (storage + catalog): objects first, catalog row last; faults leave neither;
+re-planning skips verified outputs and redoes missing or corrupt ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from storage.catalog import Catalog, JobSpec, JobStatus
+from storage.layout import OutputLayout
+from storage.outputs import store_job_output, verifier
+from storage.video import verify_object
+
+W, H = 64, 48
+
+
+def _frames(n_chunks: int, fail_at: int | None = None):
+    """Chunks like the VAE yields: 1 frame, then 4 at a time (uint8 [n, H, W, 3])."""
+    for i in range(n_chunks):
+        if i == fail_at:
+            raise RuntimeError("decoder exploded")
+        n = 1 if i == 0 else 4
+        yield np.full((n, H, W, 3), 40 * i % 256, dtype=np.uint8)
+
+
+@pytest.fixture
+def setup(catalog_url, target):
+    catalog = Catalog(catalog_url)
+    catalog.upgrade()
+    run = catalog.create_run("nightly", "m.jsonl", "ab" * 32, {})
+    specs = [JobSpec("fox/../den", 7, "tiny-t2v", "fp0", {"prompt": "a fox", "frame_num": 9})]
+    catalog.plan_jobs(run.id, specs)
+    yield catalog, run, specs, OutputLayout(target.root), target
+    catalog.close()
+
+
+def _claim(catalog, run):
+    (job,) = catalog.claim(1, run_id=run.id, worker="test")
+    return job
+
+
+def test_output_objects_then_row(setup):
+    catalog, run, _, layout, target = setup
+    job = _claim(catalog, run)
+    out = store_job_output(catalog, job, _frames(3), layout=layout, run_name=run.name, width=W, height=H,
+                           storage_options=target.options, provenance={"noise_device": "cpu"})  # fmt: skip
+    assert out.frames == 9 and out.uri.startswith(target.root + "/nightly/fox%2F..%2Fden/")
+    assert verify_object(out.uri, out.sha256, out.bytes, target.options)
+    sidecar = json.loads(target.read(out.sidecar_uri[len(target.root) + 1 :]))
+    assert sidecar["output"]["sha256"] == out.sha256 and sidecar["noise_device"] == "cpu"
+    assert sidecar["job"]["seed"] == 7 and "python" in sidecar["software"]
+    assert catalog.get_job(job.id).status == JobStatus.succeeded
+    assert catalog.output_of(job.id).uri == out.uri
+
+
+def test_failure_leaves_no_object_and_no_row_then_retry_succeeds(setup):
+    catalog, run, _, layout, target = setup
+    job = _claim(catalog, run)
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        store_job_output(catalog, job, _frames(3, fail_at=2), layout=layout, run_name=run.name, width=W,
+                         height=H, storage_options=target.options)  # fmt: skip
+    assert [n for n in target.listing() if not n.startswith("upload:")] == []
+    assert catalog.output_of(job.id) is None
+    catalog.mark_failed(job.id, "decoder exploded", retry=True)
+    job = _claim(catalog, run)
+    out = store_job_output(catalog, job, _frames(3), layout=layout, run_name=run.name, width=W, height=H,
+                           storage_options=target.options)  # fmt: skip
+    assert verify_object(out.uri, out.sha256, out.bytes, target.options)
+    assert job.attempts == 2
+
+
+def test_replanning_skips_verified_and_redoes_missing_or_corrupt(setup):
+    catalog, run, specs, layout, target = setup
+    job = _claim(catalog, run)
+    out = store_job_output(catalog, job, _frames(2), layout=layout, run_name=run.name, width=W, height=H,
+                           storage_options=target.options)  # fmt: skip
+    verify = verifier(target.options)
+    again = catalog.create_run("again", "m.jsonl", "ab" * 32, {})
+    summary = catalog.plan_jobs(again.id, specs, verify=verify)
+    assert (summary.created, summary.already_done, summary.requeued) == (0, 1, 0)
+
+    relative = out.uri[len(target.root) + 1 :]
+    target.put(relative, b"corrupt" + target.read(relative)[7:])  # same size, different bytes
+    third = catalog.create_run("third", "m.jsonl", "ab" * 32, {})
+    summary = catalog.plan_jobs(third.id, specs, verify=verify)
+    assert (summary.created, summary.already_done, summary.requeued) == (0, 0, 1)
+    assert catalog.get_job(job.id).status == JobStatus.pending and catalog.output_of(job.id) is None
