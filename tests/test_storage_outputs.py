@@ -87,3 +87,43 @@ def test_replanning_skips_verified_and_redoes_missing_or_corrupt(setup):
     summary = catalog.plan_jobs(third.id, specs, verify=verify)
     assert (summary.created, summary.already_done, summary.requeued) == (0, 0, 1)
     assert catalog.get_job(job.id).status == JobStatus.pending and catalog.output_of(job.id) is None
+
+
+@pytest.mark.integration
+def test_s3_outage_mid_video_leaves_no_object_and_no_row(tmp_path, aws_env):
+    """The S3 server goes away while a job streams: no object, no output row; a retry then succeeds."""
+    import s3fs
+    from s3_server import BUCKET, s3_options, start_server, stop_server
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    catalog.upgrade()
+    run = catalog.create_run("outage", "m.jsonl", "ab" * 32, {})
+    catalog.plan_jobs(run.id, [JobSpec("fox", 1, "tiny-t2v", "fp0", {"prompt": "a fox"})])
+    server, port = start_server()
+    s3fs.S3FileSystem(**s3_options(port)).mkdir(BUCKET)
+    layout = OutputLayout(f"s3://{BUCKET}/videos")
+
+    def frames_then_outage():
+        yield from _frames(2)
+        stop_server(server)
+        yield from _frames(2)
+
+    job = _claim(catalog, run)
+    with pytest.raises(OSError, match=r"s3://wanflow-test/videos/outage/fox/fox-s1\.mp4"):
+        store_job_output(catalog, job, frames_then_outage(), layout=layout, run_name=run.name, width=W,
+                         height=H, storage_options=s3_options(port))  # fmt: skip
+    assert catalog.output_of(job.id) is None
+
+    server, port = start_server()  # moto keeps its state per process: the bucket is still there
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem(**s3_options(port))
+        assert fs.find(f"{BUCKET}/videos") == []
+        catalog.mark_failed(job.id, "S3 unreachable", retry=True)
+        job = _claim(catalog, run)
+        out = store_job_output(catalog, job, _frames(3), layout=layout, run_name=run.name, width=W, height=H,
+                               storage_options=s3_options(port))  # fmt: skip
+        assert verify_object(out.uri, out.sha256, out.bytes, s3_options(port))
+    finally:
+        stop_server(server)
+        catalog.close()
