@@ -47,7 +47,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
-from storage.urls import redact
+from storage.urls import redact, redact_options
 
 __all__ = [
     "Catalog", "CatalogError", "JobRecord", "JobSpec", "JobStatus", "OutputRecord", "PlanOutcome",
@@ -367,8 +367,8 @@ def _job_params(spec: JobSpec) -> dict[str, Any]:
 
 
 def _json_ready(value: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON round trip of free-form settings: anything not JSON (paths, enums) becomes its str()."""
-    return json.loads(json.dumps(dict(value), default=str))
+    """A JSON round trip of free-form settings (anything not JSON becomes its str()), credentials masked."""
+    return json.loads(json.dumps(redact_options(value), default=str))
 
 
 def _clean_error(text: str) -> str:
@@ -703,8 +703,9 @@ class Catalog:
                         to_verify.append((job_id, _record(OutputRecord, output)))
                 else:  # failed, skipped, or succeeded without an output row
                     requeue.append(job_id)
-            for job_id in self._requeue(session, requeue, from_status=None):
-                links[job_id] = PlanOutcome.requeued
+            requeued = self._requeue(session, requeue, from_status=None)
+            for job_id in requeue:  # one a concurrent planner requeued first is planned all the same
+                links[job_id] = PlanOutcome.requeued if job_id in requeued else PlanOutcome.already_planned
             self._link(session, run_id, links, counts)
         if not to_verify:
             return
@@ -784,15 +785,21 @@ class Catalog:
             jobs = session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)).all()
             return [_record(JobRecord, job) for job in jobs]
 
-    def _transition(self, session: Session, job_id: int, **values: Any) -> None:
-        """Update a running job; CatalogError if it does not exist or is not running."""
-        done = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(**values),
-            execution_options={"synchronize_session": False},
-        )
+    def _transition(self, session: Session, job_id: int, worker: str | None = None, **values: Any) -> None:
+        """Update a running job (held by `worker`, when given); CatalogError if it does not exist, is not
+        running, or was claimed again by someone else (for instance after its claim expired)."""
+        stmt = update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
+        if worker is not None:
+            stmt = stmt.where(Job.worker_id == worker)
+        done = session.execute(stmt.values(**values), execution_options={"synchronize_session": False})
         if done.rowcount != 1:  # type: ignore[attr-defined]
             job = session.get(Job, job_id)
-            state = "does not exist" if job is None else f"is {job.status.value}, not running"
+            if job is None:
+                state = "does not exist"
+            elif job.status != JobStatus.running:
+                state = f"is {job.status.value}, not running"
+            else:
+                state = f"is held by worker {job.worker_id!r}, not {worker!r}"
             raise CatalogError(f"job {job_id} {state}")
 
     def _elapsed(self, session: Session, job_id: int, now: datetime) -> float | None:
@@ -800,18 +807,19 @@ class Catalog:
         since = row and (row.started_at or row.claimed_at)
         return (now - since).total_seconds() if since else None
 
-    def mark_started(self, job_id: int) -> None:
+    def mark_started(self, job_id: int, *, worker: str | None = None) -> None:
         """Note that generation of a claimed job has begun (sets started_at)."""
         with self._session(write=True) as session:
-            self._transition(session, job_id, started_at=_now())
+            self._transition(session, job_id, worker, started_at=_now())
 
     def mark_succeeded(
-        self, job_id: int, output: OutputRecord, *, seconds: float | None = None
+        self, job_id: int, output: OutputRecord, *, seconds: float | None = None, worker: str | None = None
     ) -> OutputRecord:
         """Record the job's output and mark it succeeded, in one transaction.
 
         Call only after the object is committed to storage. `seconds` defaults to the time since
-        `mark_started` (or the claim). If anything fails, neither the output row nor the status is written.
+        `mark_started` (or the claim). With `worker`, only that worker's claim may succeed. If anything
+        fails, neither the output row nor the status is written.
         """
         if output.job_id not in (None, job_id):
             raise CatalogError(f"output for job {output.job_id} passed to mark_succeeded({job_id})")
@@ -824,6 +832,7 @@ class Catalog:
                 self._transition(
                     session,
                     job_id,
+                    worker,
                     status=JobStatus.succeeded,
                     finished_at=now,
                     seconds=elapsed,
@@ -838,12 +847,12 @@ class Catalog:
             reason = redact(str(getattr(error, "orig", None) or error).splitlines()[0])
             raise CatalogError(f"cannot record the output of job {job_id}: {reason}") from None
 
-    def mark_failed(self, job_id: int, error: str, *, retry: bool) -> None:
+    def mark_failed(self, job_id: int, error: str, *, retry: bool, worker: str | None = None) -> None:
         """Record a failed attempt: pending again when `retry`, else failed. The text is redacted and cut."""
         now = _now()
         with self._session(write=True) as session:
             self._transition(
-                session, job_id, status=JobStatus.pending if retry else JobStatus.failed,
+                session, job_id, worker, status=JobStatus.pending if retry else JobStatus.failed,
                 last_error=_clean_error(error), finished_at=now, seconds=self._elapsed(session, job_id, now),
             )  # fmt: skip
 
@@ -862,7 +871,10 @@ class Catalog:
             stmt = update(Job).where(Job.status == JobStatus.running, Job.claimed_at < cutoff)
             if run_id is not None:
                 stmt = stmt.where(Job.id.in_(select(RunJob.job_id).where(RunJob.run_id == run_id)))
-            stmt = stmt.values(status=JobStatus.pending, last_error=f"claim expired after {older_than}")
+            stmt = stmt.values(
+                status=JobStatus.pending, worker_id=None, claimed_at=None,
+                last_error=f"claim expired after {older_than}",
+            )  # fmt: skip
             return session.execute(stmt, execution_options={"synchronize_session": False}).rowcount  # type: ignore[attr-defined]
 
     # --- queries

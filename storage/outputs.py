@@ -8,7 +8,6 @@ job is retried (`Catalog.mark_failed(..., retry=...)`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -18,7 +17,7 @@ import fsspec
 
 from storage.catalog import Catalog, JobRecord, OutputRecord
 from storage.layout import OutputLayout, sidecar_bytes
-from storage.urls import redact
+from storage.urls import redact, redact_options
 from storage.video import VideoWriter, contact_sheet, verify_object, write_bytes, write_image
 
 __all__ = ["store_job_output", "verifier"]
@@ -41,11 +40,16 @@ def store_job_output(
     fps: int = 16,
     storage_options: dict | None = None,
     provenance: Mapping[str, Any] | None = None,
+    device: str | None = None,
+    peak_memory_bytes: int | None = None,
+    seconds: float | None = None,
 ) -> OutputRecord:
     """Stream `frames` (uint8 chunks [n, H, W, 3]) into the job's objects and record the output.
 
     `provenance` (request, model and fingerprint, sampler settings, noise device, timings, ...) goes into
-    the JSON sidecar next to the video. Returns the catalog's output record.
+    the JSON sidecar next to the video, credentials masked. `device`, `peak_memory_bytes` and `seconds`
+    (defaults to the time since the claim) go into the catalog. Only the worker holding the job's claim
+    (`job.worker_id`) can record it. Returns the catalog's output record.
     """
     keys = layout.keys(run_name, job.item_id, job.seed)
     written: list[str] = []
@@ -58,8 +62,6 @@ def store_job_output(
             for chunk in frames:
                 video.write(chunk)
         written.append(keys.video)
-        if video.frames == 0:
-            raise ValueError(f"job {job.id} ({job.item_id} seed {job.seed}): no frames were produced")
         write_image(keys.thumbnail, video.first_frame, format="webp", storage_options=storage_options,
                     max_width=THUMBNAIL_WIDTH)  # fmt: skip
         written.append(keys.thumbnail)
@@ -72,7 +74,7 @@ def store_job_output(
             frames=video.frames, fps=fps, codec=video.codec,
         )  # fmt: skip
         sidecar = {
-            **(provenance or {}),
+            **redact_options(provenance),
             "job": {
                 key: getattr(job, key)
                 for key in ("id", "key", "item_id", "seed", "model_id", "model_fingerprint", "params")
@@ -82,20 +84,27 @@ def store_job_output(
         }  # fmt: skip
         write_bytes(keys.sidecar, sidecar_bytes(sidecar), storage_options=storage_options)
         written.append(keys.sidecar)
-        return catalog.mark_succeeded(
-            job.id, OutputRecord(**facts, thumbnail_uri=keys.thumbnail, sidecar_uri=keys.sidecar)
-        )
     except BaseException:
         _remove(written, storage_options)
         raise
+    # Past this point the objects stay even if recording fails: the job may have been claimed again by
+    # another worker whose row points at these very keys. Unrecorded objects are simply overwritten
+    # when the job is redone.
+    record = OutputRecord(
+        **facts, thumbnail_uri=keys.thumbnail, sidecar_uri=keys.sidecar, device=device,
+        peak_memory_bytes=peak_memory_bytes,
+    )  # fmt: skip
+    return catalog.mark_succeeded(job.id, record, seconds=seconds, worker=job.worker_id)
 
 
 def _remove(urls: list[str], storage_options: dict | None) -> None:
+    """Best effort: remove objects a failed job committed (a failure here is logged, not raised)."""
     for url in urls:
-        with contextlib.suppress(Exception):
+        try:
             fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
             fs.rm_file(path)
-            log.info("removed %s after a failed job", redact(url))
+        except Exception as exc:  # the job's own error is the one to raise
+            log.warning("could not remove %s after a failed job: %s", redact(url), redact(str(exc)))
 
 
 def verifier(storage_options: dict | None = None):

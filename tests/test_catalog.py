@@ -243,6 +243,21 @@ def test_mark_failed_with_and_without_retry(catalog):
     assert catalog.get_job(job.id).status == JobStatus.pending
 
 
+def test_an_expired_claim_cannot_be_recorded_by_its_old_worker(catalog):
+    run = catalog.create_run("r", "m.jsonl", "ab", {})
+    catalog.plan_jobs(run.id, specs(1, seeds=(1,)))
+    (job,) = catalog.claim(1, run_id=run.id, worker="w1")
+    assert catalog.requeue_stale(timedelta(0)) == 1
+    (again,) = catalog.claim(1, run_id=run.id, worker="w2")
+    assert again.id == job.id and again.attempts == 2
+    with pytest.raises(CatalogError, match="is held by worker 'w2', not 'w1'"):
+        catalog.mark_succeeded(job.id, output(1), worker="w1")
+    with pytest.raises(CatalogError, match="held by worker 'w2'"):
+        catalog.mark_failed(job.id, "late", retry=True, worker="w1")
+    catalog.mark_succeeded(job.id, output(1), worker="w2")
+    assert catalog.output_of(job.id).uri == output(1).uri
+
+
 @pytest.mark.slow
 def test_claims_from_many_processes(catalog, catalog_url):
     """Many processes claim the same 200 pending jobs: each is claimed exactly once, none is left."""

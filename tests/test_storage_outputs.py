@@ -90,8 +90,10 @@ def test_replanning_skips_verified_and_redoes_missing_or_corrupt(setup):
 
 
 @pytest.mark.integration
-def test_s3_outage_mid_video_leaves_no_object_and_no_row(tmp_path, aws_env):
+def test_s3_outage_during_a_job_leaves_no_object_and_no_row(tmp_path, aws_env):
     """The S3 server goes away while a job streams: no object, no output row; a retry then succeeds."""
+    import urllib.request
+
     import s3fs
     from s3_server import BUCKET, s3_options, start_server, stop_server
 
@@ -100,21 +102,30 @@ def test_s3_outage_mid_video_leaves_no_object_and_no_row(tmp_path, aws_env):
     run = catalog.create_run("outage", "m.jsonl", "ab" * 32, {})
     catalog.plan_jobs(run.id, [JobSpec("fox", 1, "tiny-t2v", "fp0", {"prompt": "a fox"})])
     server, port = start_server()
-    s3fs.S3FileSystem(**s3_options(port)).mkdir(BUCKET)
-    layout = OutputLayout(f"s3://{BUCKET}/videos")
+    try:
+        # moto keeps its state per process (other tests' buckets too): start from a clean slate.
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST")
+        )
+        s3fs.S3FileSystem(**s3_options(port)).mkdir(BUCKET)
+        layout = OutputLayout(f"s3://{BUCKET}/videos")
 
-    def frames_then_outage():
-        yield from _frames(2)
+        def frames_then_outage():
+            yield from _frames(2)
+            stop_server(server)  # the upload of this small video fails at commit
+            yield from _frames(2)
+
+        job = _claim(catalog, run)
+        with pytest.raises(OSError, match=r"s3://wanflow-test/videos/outage/fox/fox-s1\.mp4"):
+            store_job_output(catalog, job, frames_then_outage(), layout=layout, run_name=run.name, width=W,
+                             height=H, storage_options=s3_options(port))  # fmt: skip
+        assert catalog.output_of(job.id) is None
+    except BaseException:
         stop_server(server)
-        yield from _frames(2)
+        catalog.close()
+        raise
 
-    job = _claim(catalog, run)
-    with pytest.raises(OSError, match=r"s3://wanflow-test/videos/outage/fox/fox-s1\.mp4"):
-        store_job_output(catalog, job, frames_then_outage(), layout=layout, run_name=run.name, width=W,
-                         height=H, storage_options=s3_options(port))  # fmt: skip
-    assert catalog.output_of(job.id) is None
-
-    server, port = start_server()  # moto keeps its state per process: the bucket is still there
+    server, port = start_server()  # same process, same moto state: the bucket is still there
     try:
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem(**s3_options(port))
