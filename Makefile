@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/dit_forward.py
 	$(PY) benchmarks/vae_decode.py
+	$(PY) benchmarks/storage_stream.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .wanflow .pytest_cache

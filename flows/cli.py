@@ -163,7 +163,7 @@ def export(
     settings = get_settings(catalog_url=catalog_url)
     catalog = _open(catalog_url)
     try:
-        count = export_run(catalog, _run_id(catalog, run), to, fmt, settings.resolved_storage_options())
+        count = export_run(catalog, _run_id(catalog, run), to, fmt, settings.storage_options_for(to))
     except (OSError, ValueError) as exc:
         raise _fail(f"export to {to}: {exc}") from exc
     _console.print(f"wrote {count} rows to {redact(to)}")

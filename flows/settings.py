@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from storage.urls import protocol, redact, redact_options
+from storage.urls import protocol
 
 __all__ = ["Settings", "get_settings"]
 
@@ -33,20 +33,18 @@ class Settings(BaseSettings):
 
     def resolved_storage_options(self) -> dict[str, Any]:
         """fsspec options for the storage root, with the S3 endpoint folded in when set."""
-        options = dict(self.storage_options)
-        if self.s3_endpoint_url and protocol(self.storage_root) == "s3":
+        return self.storage_options_for(self.storage_root)
+
+    def storage_options_for(self, url: str) -> dict[str, Any]:
+        """fsspec options for any URL: the root's options when it is on the same kind of storage as the
+        root, plus the S3 endpoint for s3:// URLs when one is set."""
+        same_kind = protocol(url) == protocol(self.storage_root)
+        options = dict(self.storage_options) if same_kind else {}
+        if self.s3_endpoint_url and protocol(url) == "s3":
             client = dict(options.get("client_kwargs") or {})
             client.setdefault("endpoint_url", self.s3_endpoint_url)
             options["client_kwargs"] = client
         return options
-
-    def describe(self) -> dict[str, Any]:
-        """The settings with every credential masked, for logs and `--json` output."""
-        return {
-            "catalog_url": redact(self.catalog_url),
-            "storage_root": redact(self.storage_root),
-            "storage_options": redact_options(self.resolved_storage_options()),
-        }
 
 
 def get_settings(**overrides: Any) -> Settings:

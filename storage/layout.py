@@ -27,6 +27,7 @@ from storage.urls import join_url
 __all__ = ["MAX_ID_LENGTH", "ObjectKeys", "OutputLayout", "safe_name", "sidecar_bytes", "software_versions"]
 
 MAX_ID_LENGTH = 128
+MAX_SEGMENT_BYTES = 200  # an encoded id must fit a file name (255 bytes) with its suffix
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -34,8 +35,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def safe_name(value: str, *, what: str = "item id") -> str:
     """A key segment for `value`: safe characters kept, the rest percent-encoded (UTF-8).
 
-    Raises ValueError naming the value when it is empty, longer than MAX_ID_LENGTH characters, or holds
-    control characters.
+    Raises ValueError naming the value when it is empty, longer than MAX_ID_LENGTH characters (or
+    MAX_SEGMENT_BYTES once encoded), or holds control characters.
     """
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} {value!r}: must be a non-empty string")
@@ -44,7 +45,13 @@ def safe_name(value: str, *, what: str = "item id") -> str:
     if _CONTROL.search(value):
         raise ValueError(f"{what} {value!r}: control characters are not allowed")
     out = "".join(ch if _SAFE.fullmatch(ch) else "".join(f"%{b:02X}" for b in ch.encode()) for ch in value)
-    return "%2E" + out[1:] if out.startswith(".") else out
+    out = "%2E" + out[1:] if out.startswith(".") else out
+    if len(out) > MAX_SEGMENT_BYTES:
+        raise ValueError(
+            f"{what} {value[:40]!r}...: {len(out)} characters once encoded for storage, more than "
+            f"{MAX_SEGMENT_BYTES} (ids with many non-ASCII characters grow 3 to 9 times)"
+        )
+    return out
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ def test_distinct_ids_get_distinct_keys():
         ("", "must be a non-empty string"),
         ("  ", "must be a non-empty string"),
         ("x" * 129, "longer than 128"),
+        ("狐" * 100, "900 characters once encoded"),
         ("a\nb", "control characters"),
     ],
 )

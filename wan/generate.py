@@ -15,12 +15,13 @@ import random
 import re
 import sys
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from wan.configs import PRESETS, get_preset, parse_size
+from wan.configs import PRESETS, get_preset, parse_size, validate_request
 from wan.pipeline import WanPipeline
 from wan.weights import CheckpointError
 
@@ -65,7 +66,7 @@ def write_mp4(frames: Iterable[torch.Tensor], path: Path, size: tuple[int, int],
 
     The file appears at `path` only when complete: it is written beside it and renamed at the end.
     """
-    partial = path.with_name(f".{path.name}.partial.mp4")
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial.mp4")
     try:
         count = _encode(frames, partial, size, fps)
         partial.replace(path)
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         if preset.task != "t2v":
             raise ValueError(f"{args.task}: image-to-video is not supported by this command yet")
         size = parse_size(args.size) if args.size else preset.sampling.size
+        # Refuse a bad size or frame count before loading (possibly 14B of) weights.
+        frame_num = preset.sampling.frame_num if args.frame_num is None else args.frame_num
+        steps = preset.sampling.steps if args.sample_steps is None else args.sample_steps
+        validate_request(preset, size, frame_num, steps)
         device = torch.device(args.device) if args.device else None
         dtype = _DTYPES[args.dtype] if args.dtype else None
         seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**63 - 1)

@@ -143,15 +143,16 @@ class WanPipeline:
         from wan.text_encoder import build_tiny_tokenizer, tiny_t5_config
 
         preset = get_preset(name)
-        torch.manual_seed(seed)
-        dit = WanModel(preset.dit)
-        vae = WanVAE(
-            dim=preset.vae.dim,
-            z_dim=preset.vae.z_dim,
-            dim_mult=preset.vae.dim_mult,
-            num_res_blocks=preset.vae.num_res_blocks,
-            temporal_downsample=preset.vae.temporal_downsample,
-        )
+        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
+            torch.manual_seed(seed)
+            dit = WanModel(preset.dit)
+            vae = WanVAE(
+                dim=preset.vae.dim,
+                z_dim=preset.vae.z_dim,
+                dim_mult=preset.vae.dim_mult,
+                num_res_blocks=preset.vae.num_res_blocks,
+                temporal_downsample=preset.vae.temporal_downsample,
+            )
         t5 = preset.text_encoder
         tokenizer = build_tiny_tokenizer(t5.vocab_size)
         text_config = tiny_t5_config(
@@ -266,6 +267,7 @@ class WanPipeline:
         the preset (size is (width, height), as in the official '832*480')."""
         return self.generate_batch([prompt], [seed], batch_cfg=batch_cfg, progress=progress, **settings)[0]
 
+    @torch.no_grad()  # applied per step of the generator: the caller's grad mode is untouched
     def generate_stream(
         self,
         prompt: str,
@@ -279,9 +281,8 @@ class WanPipeline:
         (1 frame, then 4 per latent frame); no whole-video tensor is held."""
         resolved = self.settings(**settings)
         latents = self.sample_latents([prompt], [seed], resolved, batch_cfg=batch_cfg, progress=progress)
-        with torch.no_grad():
-            for chunk in self.vae.decode_stream(latents):
-                yield to_uint8_frames(chunk[0])
+        for chunk in self.vae.decode_stream(latents):
+            yield to_uint8_frames(chunk[0])
 
 
 def _cast_dit(dit: WanModel, dtype: torch.dtype) -> WanModel:
