@@ -44,7 +44,7 @@ def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
     jobs = {job.id: job for job in catalog.jobs(run_id=run_id)}
     rows = []
     for output in catalog.outputs(run_id=run_id):
-        job = jobs.get(output.job_id) or catalog.get_job(output.job_id)
+        job = jobs[output.job_id]
         params = dict(job.params)
         row = {name: params.get(name) for name in _PROMOTED}
         row.update(

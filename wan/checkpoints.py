@@ -25,7 +25,7 @@ from wan.configs import PRESETS, DiTConfig, Preset, get_preset
 from wan.dit_keys import dit_state_dict_from_diffusers
 from wan.model import WanModel
 from wan.text_encoder import WanTextEncoder
-from wan.vae import WanVAE, vae_state_dict_from_diffusers
+from wan.vae import WanVAE
 from wan.weights import CheckpointError, load_strict, read_state_dict
 
 __all__ = ["CheckpointLayout", "LoadedCheckpoint", "detect_layout", "load_checkpoint", "load_dit", "load_vae"]
@@ -170,9 +170,7 @@ def load_dit(layout: CheckpointLayout) -> WanModel:
 
 
 def load_vae(layout: CheckpointLayout) -> WanVAE:
-    sd = read_state_dict(layout.vae)
-    if layout.kind == "diffusers":
-        sd = vae_state_dict_from_diffusers(sd)
+    sd = read_state_dict(layout.vae)  # from_state_dict recognises and converts the diffusers layout
     try:
         return WanVAE.from_state_dict({k: v.float() for k, v in sd.items()}, source=str(layout.vae))
     except KeyError as exc:

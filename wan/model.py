@@ -83,6 +83,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.text_len = text_len
+        self.with_image = with_image
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
@@ -95,10 +96,10 @@ class CrossAttention(nn.Module):
         """x: [B, L, C]; context: [B, Lc, C] (image tokens first, then text_len text tokens) -> [B, L, C]."""
         heads = (self.num_heads, -1)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        text = context[:, -self.text_len :] if hasattr(self, "k_img") else context
+        text = context[:, -self.text_len :] if self.with_image else context
         k = self.norm_k(self.k(text)).unflatten(-1, heads)
         out = attention(q, k, self.v(text).unflatten(-1, heads))
-        if hasattr(self, "k_img"):
+        if self.with_image:
             image = context[:, : -self.text_len]
             k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads)
             out = out + attention(q, k_img, self.v_img(image).unflatten(-1, heads))

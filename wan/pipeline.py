@@ -219,9 +219,8 @@ class WanPipeline:
         context = self.text_encoder.encode_padded(list(prompts)).to(self.device)
         use_cfg = settings.guide_scale != 1.0
         if use_cfg:
-            uncond = self.text_encoder.encode_padded([settings.negative_prompt] * len(prompts)).to(
-                self.device
-            )
+            uncond = self.text_encoder.encode_padded([settings.negative_prompt]).to(self.device)
+            uncond = uncond.expand(len(prompts), -1, -1)
         sampler = FlowSampler(settings.solver, settings.steps, settings.shift)
         steps = tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False)
         for i, t in enumerate(steps):

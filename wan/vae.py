@@ -316,8 +316,8 @@ class WanVAE(nn.Module):
         with torch.device("meta"):
             vae = cls(**vae_config_from_state_dict(state_dict))
         load_strict(vae, state_dict, source)
-        vae.latents_mean = torch.tensor(OFFICIAL_LATENTS_MEAN[: vae.z_dim])  # buffers were built on meta
-        vae.latents_std = torch.tensor(OFFICIAL_LATENTS_STD[: vae.z_dim])
+        vae.latents_mean = torch.tensor(OFFICIAL_LATENTS_MEAN)  # buffers were built on meta
+        vae.latents_std = torch.tensor(OFFICIAL_LATENTS_STD)
         return vae.eval()
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
