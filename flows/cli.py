@@ -1,5 +1,9 @@
 """The `wanflow` command.
 
+    wanflow generate MANIFEST [--model M] [--ckpt-dir D] [--out URL] [--catalog-url URL] [--seeds N]
+                     [--shard-size N] [--skip-invalid] [--dry-run]    generate a manifest's videos
+    wanflow validate MANIFEST                       check a manifest, listing every bad row
+    wanflow demo                                    the bundled example manifest on the embedded defaults
     wanflow catalog upgrade                         bring the catalog database to the current schema
     wanflow catalog runs                            recent runs
     wanflow catalog jobs --run R --status failed    jobs of a run (by id or name), optionally by status
@@ -15,8 +19,11 @@ Every listing prints a table, or JSON with `--json`. The catalog and storage loc
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Annotated, Any
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,6 +33,10 @@ from flows.settings import get_settings
 from storage.catalog import Catalog, CatalogError
 from storage.export import EXPORT_FORMATS, export_run
 from storage.urls import redact
+
+if TYPE_CHECKING:
+    from flows.batch import BatchPlan
+    from flows.manifest import RunDefaults
 
 app = typer.Typer(help="wanflow: bulk video generation with Wan 2.1.", no_args_is_help=True)
 catalog_app = typer.Typer(
@@ -167,6 +178,265 @@ def export(
     except (OSError, ValueError) as exc:
         raise _fail(f"export to {to}: {exc}") from exc
     _console.print(f"wrote {count} rows to {redact(to)}")
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+Model = Annotated[str, typer.Option("--model", help="preset name: tiny-t2v, t2v-1.3B, t2v-14B, ...")]
+CkptDir = Annotated[str | None, typer.Option("--ckpt-dir", help="checkpoint directory of --model")]
+Out = Annotated[str | None, typer.Option("--out", help="storage root (dir or URL); WANFLOW_STORAGE_ROOT")]
+Seeds = Annotated[int | None, typer.Option("--seeds", min=1, help="seeds per row (rows may set num_seeds)")]
+
+
+def _defaults(model: str, seeds: int | None, base_seed: int, **params: Any) -> RunDefaults:
+    from pydantic import ValidationError
+
+    from flows.manifest import RunDefaults
+
+    values = {k: v for k, v in params.items() if v is not None}
+    try:
+        return RunDefaults(
+            model=model, base_seed=base_seed, **({"num_seeds": seeds} if seeds else {}), **values
+        )
+    except ValidationError as exc:
+        raise _fail("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+
+
+def _load(
+    manifest: str, defaults: RunDefaults, *, skip_invalid: bool, catalog_url: str | None, out: str | None
+):
+    from flows.batch import model_sources, read_manifest
+    from flows.manifest import ManifestError
+
+    settings = get_settings(catalog_url=catalog_url, storage_root=out)
+    try:
+        loaded = read_manifest(manifest, defaults, settings, skip_invalid=skip_invalid)
+        sources = model_sources(loaded, settings, None, defaults.model)
+    except ManifestError as exc:
+        raise _fail(f"{exc}\n(fix the rows above, or pass --skip-invalid to leave them out)") from exc
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    return settings, loaded, sources
+
+
+def _print_plan(plan: BatchPlan, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(plan.to_dict(), indent=2, default=str) + "\n")
+        return
+    _console.print(
+        f"[bold]{plan.manifest}[/bold]: {plan.rows} rows ({plan.invalid} invalid), {plan.jobs} jobs: "
+        f"{plan.already_done} done already, {plan.to_generate} to generate in {len(plan.shards)} shards"
+    )
+    rows = [
+        {"shard": s.label, "model": s.model, "size": s.size, "frames": s.frame_num, "jobs": len(s.job_ids)}
+        for s in plan.shards
+    ]
+    if rows:
+        _emit(rows, False, ["shard", "model", "size", "frames", "jobs"], "shards")
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    """Keep Prefect's console chatter below the progress bar (the UI still gets every log line)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+
+def _run_batch(
+    manifest: str,
+    defaults: RunDefaults,
+    *,
+    ckpt_dir: str | None,
+    out: str | None,
+    catalog_url: str | None,
+    shard_size: int,
+    skip_invalid: bool,
+    verbose: bool,
+) -> dict[str, Any]:
+    """Run `generate_batch` in this process with a progress bar fed by the shards' job events."""
+    _quiet_prefect(verbose)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.batch import generate_batch
+    from flows.shard import add_progress_listener
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("starting Prefect and planning", total=None)
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "planned":
+                bar.update(task, total=event["total"], completed=0, description=event["run_name"])
+            elif event.get("status") in ("succeeded", "failed"):
+                bar.advance(task)
+                if event["status"] == "failed":
+                    bar.console.print(
+                        f"[red]failed[/red] {event['item_id']}-s{event['seed']}: {event['error']}"
+                    )
+
+        with add_progress_listener(on_event):
+            return generate_batch(
+                manifest, model=defaults.model, ckpt_dir=ckpt_dir, out=out, catalog_url=catalog_url,
+                seeds=defaults.num_seeds, base_seed=defaults.base_seed, shard_size=shard_size,
+                skip_invalid=skip_invalid,
+                defaults=defaults.model_dump(exclude={"model", "num_seeds", "base_seed"}, exclude_none=True),
+            )  # fmt: skip
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+        return
+    by = summary["by_status"]
+    colour = "green" if summary["status"] == "succeeded" else "red"
+    rejected = f", {summary['rejected']} rows rejected" if summary["rejected"] else ""
+    root = summary["storage_root"]
+    if "://" not in root:
+        root = str(Path(root).resolve())
+    _console.print(
+        f"[{colour}]{summary['run_name']}: {summary['status']}[/{colour}]: {by['succeeded']} made, "
+        f"{by['skipped']} already done, {by['failed']} failed{rejected}; "
+        f"{summary['outputs']} videos ({summary['output_bytes'] / 1e6:.1f} MB) in {root}"
+    )
+    for failure in summary["failed"][:20]:
+        _console.print(f"  [red]failed[/red] {failure['item']}-s{failure['seed']}: {failure['error']}")
+    _console.print(f"catalog: {summary['catalog']} (wanflow catalog outputs --run {summary['run_name']})")
+
+
+def _ensure_catalog(catalog_url: str | None) -> None:
+    """Create a catalog that does not exist yet; refuse one at an older schema (see `catalog upgrade`)."""
+    catalog = _open(catalog_url, check_schema=False)
+    try:
+        if catalog.current_revision() is None:
+            url = catalog.url
+            if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            catalog.upgrade()
+        catalog.check_schema()
+    except CatalogError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        catalog.close()
+
+
+@app.command()
+def generate(
+    manifest: Annotated[str, typer.Argument(help="JSON Lines, CSV or Parquet manifest: a path or URL")],
+    model: Model = "tiny-t2v",
+    ckpt_dir: CkptDir = None,
+    out: Out = None,
+    catalog_url: CatalogUrl = None,
+    seeds: Seeds = None,
+    base_seed: Annotated[int, typer.Option(help="mixed into the seeds of rows without one")] = 0,
+    shard_size: Annotated[int, typer.Option(min=1, help="jobs per shard (one model load each)")] = 16,
+    size: Annotated[str | None, typer.Option(help="default size W*H for rows without one")] = None,
+    frame_num: Annotated[int | None, typer.Option(help="default frame count (4n+1)")] = None,
+    steps: Annotated[int | None, typer.Option(help="default sampling steps")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="leave bad rows out (recorded in the catalog)")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the plan; generate nothing, write nothing")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's log lines")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Generate every (row, seed) of MANIFEST not already in the catalog with a verified video."""
+    defaults = _defaults(model, seeds, base_seed, size=size, frame_num=frame_num, steps=steps)
+    settings, loaded, sources = _load(
+        manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out
+    )
+    if loaded.problems:
+        Console(stderr=True).print(f"[yellow]{len(loaded.problems)} invalid rows will be left out[/yellow]")
+    if ckpt_dir is not None:
+        settings.checkpoints[model] = ckpt_dir
+    if dry_run:
+        from flows.batch import dry_run as plan_dry_run
+
+        catalog = Catalog(settings.catalog_url)
+        try:
+            existing = catalog if catalog.current_revision() is not None else None
+        except CatalogError:
+            existing = None
+        _print_plan(plan_dry_run(existing, loaded, sources, settings, shard_size=shard_size), as_json)
+        return
+    _ensure_catalog(catalog_url)
+    summary = _run_batch(
+        manifest, defaults, ckpt_dir=ckpt_dir, out=out, catalog_url=catalog_url, shard_size=shard_size,
+        skip_invalid=skip_invalid, verbose=verbose,
+    )  # fmt: skip
+    _print_summary(summary, as_json)
+    if summary["status"] != "succeeded":
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def validate(
+    manifest: Annotated[str, typer.Argument(help="JSON Lines, CSV or Parquet manifest: a path or URL")],
+    model: Model = "tiny-t2v",
+    seeds: Seeds = None,
+    as_json: AsJson = False,
+) -> None:
+    """Check every row of MANIFEST; list each bad row with its line, field and reason."""
+    from flows.manifest import load_manifest
+
+    defaults = _defaults(model, seeds, 0)
+    try:
+        loaded = load_manifest(
+            manifest, defaults, storage_options=get_settings().storage_options_for(manifest)
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        doc = {"manifest": redact(manifest), "rows": loaded.rows, "valid": len(loaded.requests),
+               "jobs": loaded.jobs, "problems": [p._asdict() for p in loaded.problems]}  # fmt: skip
+        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    else:
+        for problem in loaded.problems:
+            Console(stderr=True).print(problem.describe(redact(manifest)), highlight=False, markup=False)
+        _console.print(
+            f"{redact(manifest)}: {loaded.rows} rows, {len(loaded.requests)} valid, "
+            f"{len(loaded.problems)} problems, {loaded.jobs} jobs"
+        )
+    if loaded.problems:
+        raise typer.Exit(code=1)
+
+
+DEMO_MANIFEST = "demo.jsonl"
+
+
+def demo_manifest() -> str:
+    """Path of the bundled example manifest."""
+    return str(resources.files("flows.examples").joinpath(DEMO_MANIFEST))
+
+
+@app.command()
+def demo(
+    out: Out = None,
+    catalog_url: CatalogUrl = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's log lines")] = False,
+) -> None:
+    """Run the bundled example manifest (12 prompts x 2 seeds) through the whole platform on the embedded
+    defaults: Prefect's local server, the SQLite catalog, ./outputs, the tiny random-weight model."""
+    manifest = demo_manifest()
+    _console.print(
+        "[bold]wanflow demo[/bold]: 12 prompts x 2 seeds on [bold]tiny-t2v[/bold], a random-weight model "
+        "small enough for a CPU. Its videos are abstract moving colour, not the prompts: real checkpoints "
+        "need `wanflow generate MANIFEST --model t2v-1.3B --ckpt-dir DIR` on a GPU."
+    )
+    _ensure_catalog(catalog_url)
+    defaults = _defaults("tiny-t2v", 2, 0)
+    summary = _run_batch(
+        manifest, defaults, ckpt_dir=None, out=out, catalog_url=catalog_url, shard_size=8, skip_invalid=False,
+        verbose=verbose,
+    )  # fmt: skip
+    _print_summary(summary, False)
+    catalog = _open(catalog_url)
+    rows = []
+    for o in catalog.outputs(run_id=summary["run_id"])[:6]:
+        job = catalog.get_job(o.job_id) if o.job_id else None
+        rows.append({"item": job.item_id if job else "", "seed": job.seed if job else "", "uri": o.uri})
+    _emit(rows, False, ["item", "seed", "uri"], "some of the videos")
+    _console.print("more: wanflow catalog stats | wanflow catalog outputs | the run in the Prefect UI")
+    if summary["status"] != "succeeded":
+        raise typer.Exit(code=1)
 
 
 if __name__ == "__main__":

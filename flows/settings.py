@@ -6,6 +6,12 @@
 | `WANFLOW_STORAGE_ROOT` | `outputs` | where videos go: a directory or any fsspec URL (`s3://bucket/prefix`) |
 | `WANFLOW_STORAGE_OPTIONS` | `{}` | JSON fsspec options for that root |
 | `WANFLOW_S3_ENDPOINT_URL` | unset | S3-compatible endpoint (MinIO, a local test server) |
+| `WANFLOW_CHECKPOINTS` | `{}` | JSON map of model (preset) name to checkpoint directory on the workers |
+| `WANFLOW_DEVICE` / `WANFLOW_DTYPE` | auto | where the model runs (`cuda`, `cpu`); its dtype (`bfloat16`) |
+| `WANFLOW_SHARD_DEPLOYMENT` | unset | run shards on this deployment (`generate-shard/generate-shard`) |
+| `WANFLOW_JOB_RETRIES` | `3` | retries of a job after a transient failure (I/O, storage, CUDA) |
+| `WANFLOW_RETRY_DELAY_S` | `10` | first retry delay; doubles each retry, with jitter |
+| `WANFLOW_CLAIM_TIMEOUT_S` | `21600` | a claim older than this whose worker never reported is requeued |
 
 S3 credentials come from the usual AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_PROFILE`, ...), read by the S3 client itself; they are never stored in the catalog or sidecars.
@@ -30,6 +36,13 @@ class Settings(BaseSettings):
     storage_root: str = "outputs"
     storage_options: dict[str, Any] = Field(default_factory=dict)
     s3_endpoint_url: str | None = None
+    checkpoints: dict[str, str] = Field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
+    shard_deployment: str | None = None
+    job_retries: int = Field(3, ge=0, le=20)
+    retry_delay_s: float = Field(10.0, ge=0)
+    claim_timeout_s: float = Field(6 * 3600, gt=0)
 
     def resolved_storage_options(self) -> dict[str, Any]:
         """fsspec options for the storage root, with the S3 endpoint folded in when set."""

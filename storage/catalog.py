@@ -10,6 +10,7 @@ run_jobs  every job each run asked for and what planning did about it for that r
           already_done, requeued, already_planned).
 outputs   at most one per job: the committed video object (URI, sha256, bytes, size, frames, fps, ...).
 models    checkpoint fingerprints seen (model id, fingerprint, where it came from, details).
+rejections manifest rows a run left out (`--skip-invalid`): line, item id, field, reason, the row as text.
 
 Why a link table: jobs must be unique across runs, yet `jobs(run_id=R)` has to list every job run R asked
 for, including the ones it skipped because an earlier run had made them. A `run_id` column on jobs can hold
@@ -51,7 +52,8 @@ from storage.urls import redact, redact_options
 
 __all__ = [
     "Catalog", "CatalogError", "JobRecord", "JobSpec", "JobStatus", "OutputRecord", "PlanOutcome",
-    "PlanSummary", "RunRecord", "RunStatus", "alembic_config", "job_key", "make_engine",
+    "PlanSummary", "RejectionRecord", "RunRecord", "RunStatus", "alembic_config", "job_key", "make_engine",
+    "spec_key",
 ]  # fmt: skip
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -223,6 +225,19 @@ class Output(Base):
     created_at: Mapped[datetime]
 
 
+class Rejection(Base):
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    line: Mapped[int]
+    item_id: Mapped[str | None] = mapped_column(sa.String(200))
+    field: Mapped[str | None] = mapped_column(sa.String(100))
+    reason: Mapped[str] = mapped_column(sa.Text)
+    raw: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime]
+
+
 # -------------------------------------------------------------------------------------------- records
 
 
@@ -299,6 +314,20 @@ class OutputRecord(_Record):
     created_at: datetime | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class RejectionRecord(_Record):
+    """A manifest row a run did not take: where it was (line or row), which field, and why."""
+
+    id: int
+    run_id: int
+    line: int
+    item_id: str | None
+    field: str | None
+    reason: str
+    raw: str | None
+    created_at: datetime
+
+
 class JobSpec(NamedTuple):
     """One job to plan: `params` are the generation parameters (prompt, size, steps, ...)."""
 
@@ -353,6 +382,11 @@ def job_key(model_fingerprint: str, params: Mapping[str, Any], seed: int) -> str
     doc = {"model_fingerprint": model_fingerprint, "params": _canonical(params, "params"), "seed": int(seed)}
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def spec_key(spec: JobSpec) -> str:
+    """The key `plan_jobs` gives the job of `spec`."""
+    return job_key(spec.model_fingerprint, _job_params(spec), spec.seed)
 
 
 def _job_params(spec: JobSpec) -> dict[str, Any]:
@@ -785,6 +819,38 @@ class Catalog:
             jobs = session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)).all()
             return [_record(JobRecord, job) for job in jobs]
 
+    def claim_job(self, job_id: int, *, worker: str) -> JobRecord | None:
+        """Atomically move one given job from pending to running for `worker`; None if it is not pending
+        (another worker holds it, or it is done already)."""
+        with self._session(write=True) as session:
+            done = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.pending)
+                .values(
+                    status=JobStatus.running, attempts=Job.attempts + 1, claimed_at=_now(), worker_id=worker,
+                    started_at=None, finished_at=None, seconds=None,
+                ),
+                execution_options={"synchronize_session": False},
+            )  # fmt: skip
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            return _record(JobRecord, session.get_one(Job, job_id))
+
+    def requeue_abandoned(self, job_ids: Iterable[int], reason: str) -> int:
+        """Put running jobs whose worker is known to be gone back to pending, noting `reason`."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        with self._session(write=True) as session:
+            stmt = (
+                update(Job)
+                .where(Job.id.in_(ids), Job.status == JobStatus.running)
+                .values(
+                    status=JobStatus.pending, worker_id=None, claimed_at=None, last_error=_clean_error(reason)
+                )
+            )  # fmt: skip
+            return session.execute(stmt, execution_options={"synchronize_session": False}).rowcount  # type: ignore[attr-defined]
+
     def _transition(self, session: Session, job_id: int, worker: str | None = None, **values: Any) -> None:
         """Update a running job (held by `worker`, when given); CatalogError if it does not exist, is not
         running, or was claimed again by someone else (for instance after its claim expired)."""
@@ -877,6 +943,37 @@ class Catalog:
             )  # fmt: skip
             return session.execute(stmt, execution_options={"synchronize_session": False}).rowcount  # type: ignore[attr-defined]
 
+    # --- rejected manifest rows
+
+    def record_rejections(self, run_id: int, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Record manifest rows the run left out; each mapping has `line`, `reason` and optionally
+        `item_id`, `field`, `raw`. Texts are redacted and cut. Returns how many were recorded."""
+        now = _now()
+
+        def cut(value: Any, limit: int) -> str | None:
+            return None if value is None else redact(str(value))[:limit]
+
+        records = [
+            {"run_id": run_id, "line": int(row["line"]), "item_id": cut(row.get("item_id"), 200),
+             "field": cut(row.get("field"), 100), "reason": _clean_error(str(row["reason"])),
+             "raw": cut(row.get("raw"), MAX_ERROR_CHARS), "created_at": now}
+            for row in rows
+        ]  # fmt: skip
+        if not records:
+            return 0
+        with self._session(write=True) as session:
+            self._run(session, run_id)
+            session.execute(sa.insert(Rejection), records)
+        return len(records)
+
+    def rejections(self, run_id: int) -> list[RejectionRecord]:
+        """The manifest rows a run left out, in manifest order."""
+        with self._session() as session:
+            rows = session.scalars(
+                select(Rejection).where(Rejection.run_id == run_id).order_by(Rejection.line, Rejection.id)
+            ).all()
+            return [_record(RejectionRecord, row) for row in rows]
+
     # --- queries
 
     def get_run(self, id_or_name: int | str) -> RunRecord | None:
@@ -900,6 +997,21 @@ class Catalog:
         with self._session() as session:
             job = session.get(Job, job_id)
             return None if job is None else _record(JobRecord, job)
+
+    def find_jobs(self, keys: Iterable[str]) -> dict[str, tuple[JobRecord, OutputRecord | None]]:
+        """Jobs by key (those that exist), each with its output if it has one."""
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, tuple[JobRecord, OutputRecord | None]] = {}
+        with self._session() as session:
+            for k in range(0, len(wanted), _PLAN_CHUNK):
+                rows = session.execute(
+                    select(Job, Output)
+                    .outerjoin(Output, Output.job_id == Job.id)
+                    .where(Job.key.in_(wanted[k : k + _PLAN_CHUNK]))
+                ).all()
+                for job, out in rows:
+                    found[job.key] = (_record(JobRecord, job), out and _record(OutputRecord, out))
+        return found
 
     def output_of(self, job_id: int) -> OutputRecord | None:
         """The output of a job; None if it has none (yet)."""
@@ -973,7 +1085,13 @@ class Catalog:
                     jobs, jobs.c.job_id == Output.job_id
                 )
             ).one()
+            rejected = session.scalar(
+                select(sa.func.count(Rejection.id)).where(
+                    Rejection.run_id == run_id if run_id is not None else sa.true()
+                )
+            )
             return {
                 "run_id": run_id, "jobs": sum(counts.values()), "by_status": counts, "outputs": int(n_out),
                 "output_bytes": int(n_bytes), "seconds": float(seconds or 0.0),
+                "rejected": int(rejected or 0),
             }  # fmt: skip

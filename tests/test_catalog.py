@@ -28,7 +28,7 @@ from storage.catalog import (
     job_key,
 )
 
-TABLES = {"runs", "models", "jobs", "run_jobs", "outputs"}
+TABLES = {"runs", "models", "jobs", "run_jobs", "outputs", "rejections"}
 PARAMS = {"prompt": "a red fox in snow", "negative_prompt": "", "size": [64, 48], "frame_num": 9,
           "steps": 8, "shift": 5.0, "guidance": 5.0, "solver": "unipc"}  # fmt: skip
 
@@ -75,9 +75,13 @@ def test_migrations_upgrade_and_downgrade(catalog_url):
     cat = Catalog(catalog_url)
     assert table_names(cat) == set()
     assert cat.current_revision() is None
-    assert cat.upgrade() == "0001"
+    assert cat.upgrade() == "0002"
     assert table_names(cat) == TABLES | {"alembic_version"}
-    assert cat.upgrade() == "0001"  # at head already: nothing to do
+    assert cat.upgrade() == "0002"  # at head already: nothing to do
+    with cat.engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0001")
+    assert table_names(cat) == TABLES - {"rejections"} | {"alembic_version"}
+    assert cat.upgrade() == "0002"
     with cat.engine.begin() as conn:
         command.downgrade(alembic_config(conn), "base")
     assert table_names(cat) - {"alembic_version"} == set()
@@ -381,3 +385,40 @@ def test_sqlite_specifics(tmp_path):
         with cat.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 1000
+
+
+# ------------------------------------------------------------------------- single claims, rejections
+
+
+def test_claim_job_takes_only_a_pending_job(catalog):
+    run = catalog.create_run("r", "m.jsonl", "0" * 64, {})
+    catalog.plan_jobs(run.id, specs(1, seeds=(1,)))
+    (job,) = catalog.jobs(run.id)
+    claimed = catalog.claim_job(job.id, worker="w1")
+    assert claimed is not None and claimed.status == JobStatus.running and claimed.worker_id == "w1"
+    assert claimed.attempts == 1
+    assert catalog.claim_job(job.id, worker="w2") is None  # held by w1
+    assert catalog.claim_job(10_000, worker="w2") is None  # no such job
+    assert catalog.requeue_abandoned([job.id], "worker w1 is gone") == 1
+    again = catalog.get_job(job.id)
+    assert again.status == JobStatus.pending and again.last_error == "worker w1 is gone"
+    assert catalog.requeue_abandoned([job.id], "twice") == 0  # only running jobs are touched
+    assert catalog.claim_job(job.id, worker="w2").attempts == 2
+
+
+def test_rejections_are_recorded_per_run(catalog):
+    run = catalog.create_run("r", "m.jsonl", "0" * 64, {})
+    other = catalog.create_run("r2", "m.jsonl", "0" * 64, {})
+    rows = [
+        {"line": 7, "field": "size", "reason": "size '800*480': not a multiple of 16", "item_id": "a",
+         "raw": '{"id": "a"}'},
+        {"line": 3, "reason": "not a JSON object", "raw": "[1, 2"},
+    ]  # fmt: skip
+    assert catalog.record_rejections(run.id, rows) == 2
+    assert catalog.record_rejections(run.id, []) == 0
+    got = catalog.rejections(run.id)
+    assert [(r.line, r.field, r.item_id) for r in got] == [(3, None, None), (7, "size", "a")]
+    assert catalog.rejections(other.id) == []
+    assert catalog.stats(run.id)["rejected"] == 2 and catalog.stats(other.id)["rejected"] == 0
+    with pytest.raises(CatalogError):
+        catalog.record_rejections(9999, rows)

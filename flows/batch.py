@@ -1,0 +1,479 @@
+"""The `generate_batch` flow: manifest -> catalog run and jobs -> shards on the GPU pool -> summary.
+
+    validate the manifest (every bad row reported at once; `skip_invalid` records them in the catalog)
+    record the run and one job per (row, seed); jobs already done with a verified output are skipped
+    requeue jobs whose worker died (a local worker's process is gone, or the claim is older than the timeout)
+    group the pending jobs into shards by (model, size, frame_num), `shard_size` jobs at most
+    run the shards: subflows in this process (embedded default), or `generate-shard` deployment runs on
+    the GPU work pool (`shard_deployment`), whose concurrency limit decides how many GPUs work at once
+    summarise: the run's status in the catalog, a table artifact of outputs, a markdown summary with a
+    contact sheet of thumbnails; a progress artifact follows the run throughout
+
+The planning steps are plain functions (`plan_run`, `plan_shards`, `dry_run`) that tests and the CLI
+call without Prefect.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+from prefect import flow, get_run_logger, tags
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.runtime import flow_run
+
+from flows.manifest import Manifest, ManifestError, RunDefaults, load_manifest
+from flows.models import ModelSource, model_source
+from flows.settings import Settings, get_settings
+from flows.shard import _notify, generate_shard
+from storage.catalog import Catalog, JobRecord, JobSpec, JobStatus, RunStatus, spec_key
+from storage.layout import safe_name
+from storage.outputs import verifier
+from storage.urls import join_url, redact
+from storage.video import contact_sheet, write_image
+
+__all__ = [
+    "BatchPlan", "ShardPlan", "dry_run", "generate_batch", "job_specs", "plan_run", "plan_shards",
+    "requeue_abandoned", "summarise",
+]  # fmt: skip
+
+MAX_TABLE_ROWS = 1000
+SHEET_THUMBNAILS = 24
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Jobs that share a model, size and frame count, for one `generate_shard` run."""
+
+    model: str
+    size: str
+    frame_num: int
+    job_ids: list[int]
+    label: str
+
+    @property
+    def tags(self) -> list[str]:
+        from wan.configs import get_preset
+
+        return [f"model:{self.model}", f"task:{get_preset(self.model).task}", f"size:{self.size}"]
+
+
+@dataclass
+class BatchPlan:
+    """What a run will do: how many jobs, how many are done already, which shards run."""
+
+    run_id: int | None
+    run_name: str
+    manifest: str
+    rows: int
+    invalid: int
+    jobs: int
+    created: int = 0
+    already_done: int = 0
+    requeued: int = 0
+    already_planned: int = 0
+    abandoned: int = 0
+    shards: list[ShardPlan] = field(default_factory=list)
+
+    @property
+    def to_generate(self) -> int:
+        return sum(len(s.job_ids) for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["to_generate"] = self.to_generate
+        return out
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def read_manifest(url: str, defaults: RunDefaults, settings: Settings, *, skip_invalid: bool) -> Manifest:
+    """Load and validate; without `skip_invalid`, any bad row stops the run (ManifestError lists all)."""
+    manifest = load_manifest(url, defaults, storage_options=settings.storage_options_for(url))
+    if manifest.problems and not skip_invalid:
+        raise ManifestError(url, manifest.problems, manifest.rows)
+    return manifest
+
+
+def model_sources(
+    manifest: Manifest, settings: Settings, ckpt_dir: str | None, model: str
+) -> dict[str, ModelSource]:
+    """A source (weights + fingerprint) for every model the manifest uses; `ckpt_dir` is the run model's."""
+    sources = {}
+    for name in sorted({r.model for r in manifest.requests}):
+        directory = ckpt_dir if name == model and ckpt_dir else settings.checkpoints.get(name)
+        sources[name] = model_source(name, directory)
+    return sources
+
+
+def job_specs(manifest: Manifest, sources: dict[str, ModelSource]) -> Iterator[JobSpec]:
+    """One job per (valid row, seed)."""
+    for request in manifest.requests:
+        fingerprint = sources[request.model].fingerprint
+        params = request.params()
+        for seed in request.seeds:
+            yield JobSpec(request.item_id, seed, request.model, fingerprint, params)
+
+
+def plan_shards(jobs: Iterable[JobRecord], shard_size: int) -> list[ShardPlan]:
+    """Group jobs by (model, size, frame_num), then cut each group into shards of `shard_size` at most."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size {shard_size}: must be at least 1")
+    groups: dict[tuple[str, str, int], list[int]] = {}
+    for job in jobs:
+        key = (job.model_id, str(job.params.get("size")), int(job.params.get("frame_num") or 0))
+        groups.setdefault(key, []).append(job.id)
+    shards = []
+    for (model, size, frames), ids in sorted(groups.items()):
+        for k in range(0, len(ids), shard_size):
+            label = f"{model}-{size.replace('*', 'x')}-f{frames}-{k // shard_size + 1}"
+            shards.append(ShardPlan(model, size, frames, ids[k : k + shard_size], label))
+    return shards
+
+
+def _worker_gone(worker: str | None, claimed_at: datetime | None, timeout: timedelta) -> str | None:
+    """Why a running job's claim is abandoned, or None if its worker may still be at work."""
+    host, _, rest = (worker or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        return f"worker {worker} is gone (process {pid} no longer exists)"
+    if claimed_at is not None and datetime.now(UTC) - claimed_at > timeout:
+        return f"claim by {worker} expired after {timeout}"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def requeue_abandoned(catalog: Catalog, run_id: int, timeout: timedelta) -> int:
+    """Give the run's running jobs whose worker died back to pending; returns how many."""
+    gone: dict[str, list[int]] = {}
+    for job in catalog.jobs(run_id, status=JobStatus.running):
+        reason = _worker_gone(job.worker_id, job.claimed_at, timeout)
+        if reason:
+            gone.setdefault(reason, []).append(job.id)
+    return sum(catalog.requeue_abandoned(ids, reason) for reason, ids in gone.items())
+
+
+def _run_settings(settings: Settings, defaults: RunDefaults, **extra: Any) -> dict[str, Any]:
+    return {
+        "defaults": defaults.model_dump(), "storage_root": redact(settings.storage_root),
+        "catalog": redact(settings.catalog_url), **extra,
+    }  # fmt: skip
+
+
+def _unique_name(catalog: Catalog, name: str) -> str:
+    candidate, n = name, 1
+    while catalog.get_run(candidate) is not None:
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+def plan_run(
+    catalog: Catalog,
+    manifest: Manifest,
+    sources: dict[str, ModelSource],
+    settings: Settings,
+    defaults: RunDefaults,
+    *,
+    run_name: str,
+    shard_size: int,
+    flow_run_id: str | None = None,
+    extra_settings: dict[str, Any] | None = None,
+) -> BatchPlan:
+    """Record the run, its rejected rows and its jobs in the catalog; requeue abandoned jobs; cut shards."""
+    name = _unique_name(catalog, run_name)
+    run = catalog.create_run(
+        name, manifest.url, manifest.sha256, _run_settings(settings, defaults, shard_size=shard_size,
+                                                           **(extra_settings or {})),
+        flow_run_id=flow_run_id,
+    )  # fmt: skip
+    catalog.start_run(run.id, flow_run_id=flow_run_id)
+    catalog.record_rejections(run.id, (p._asdict() for p in manifest.problems))
+    for source in sources.values():
+        weights = source.ckpt_dir or "random"
+        catalog.register_model(source.model, source.fingerprint, weights, source.describe())
+    summary = catalog.plan_jobs(
+        run.id, job_specs(manifest, sources), verify=verifier(settings.resolved_storage_options())
+    )
+    abandoned = requeue_abandoned(catalog, run.id, timedelta(seconds=settings.claim_timeout_s))
+    shards = plan_shards(catalog.jobs(run.id, status=JobStatus.pending), shard_size)
+    return BatchPlan(
+        run_id=run.id, run_name=name, manifest=redact(manifest.url), rows=manifest.rows,
+        invalid=len(manifest.problems), jobs=summary.total, created=summary.created,
+        already_done=summary.already_done, requeued=summary.requeued,
+        already_planned=summary.already_planned, abandoned=abandoned, shards=shards,
+    )  # fmt: skip
+
+
+def dry_run(
+    catalog: Catalog | None,
+    manifest: Manifest,
+    sources: dict[str, ModelSource],
+    settings: Settings,
+    *,
+    shard_size: int,
+) -> BatchPlan:
+    """What `plan_run` would do, writing nothing: jobs done already (output verified) are counted as
+    skipped, the rest are cut into shards (job ids are left empty for jobs not yet in the catalog)."""
+    verify = verifier(settings.resolved_storage_options())
+    known = {}
+    specs = list(job_specs(manifest, sources))
+    keys = [spec_key(s) for s in specs]
+    if catalog is not None:
+        known = catalog.find_jobs(keys)
+    done = 0
+    pending: list[JobRecord] = []
+    for key, spec in zip(keys, specs, strict=True):
+        found = known.get(key)
+        if found is not None and found[0].status == JobStatus.succeeded and found[1] and verify(found[1]):
+            done += 1
+            continue
+        pending.append(_placeholder(found[0].id if found else 0, spec))
+    shards = plan_shards(pending, shard_size)
+    return BatchPlan(
+        run_id=None, run_name="(dry run)", manifest=redact(manifest.url), rows=manifest.rows,
+        invalid=len(manifest.problems), jobs=len(specs), already_done=done, shards=shards,
+    )  # fmt: skip
+
+
+def _placeholder(job_id: int, spec: JobSpec) -> Any:
+    """A JobRecord-like object for `plan_shards` in a dry run."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(id=job_id, model_id=spec.model_id, params=dict(spec.params))
+
+
+# ------------------------------------------------------------------------------------------ summaries
+
+
+def summarise(catalog: Catalog, run_id: int, settings: Settings) -> dict[str, Any]:
+    """Counts, failures and outputs of a run, as the CLI prints it and the artifacts show it."""
+    run = catalog.get_run(run_id)
+    stats = catalog.stats(run_id)
+    failed = [
+        {"item": j.item_id, "seed": j.seed, "error": j.last_error}
+        for j in catalog.jobs(run_id, status=JobStatus.failed)
+    ]
+    return {
+        "run_id": run_id, "run_name": run.name if run else None, "status": run.status.value if run else None,
+        "jobs": stats["jobs"], "by_status": stats["by_status"], "outputs": stats["outputs"],
+        "output_bytes": stats["output_bytes"], "seconds": round(stats["seconds"], 3),
+        "rejected": stats["rejected"], "failed": failed, "storage_root": redact(settings.storage_root),
+        "catalog": redact(settings.catalog_url),
+    }  # fmt: skip
+
+
+def _output_rows(catalog: Catalog, run_id: int) -> list[dict[str, Any]]:
+    jobs = {j.id: j for j in catalog.jobs(run_id)}
+    rows = []
+    for out in catalog.outputs(run_id)[:MAX_TABLE_ROWS]:
+        job = jobs.get(out.job_id)
+        rows.append({
+            "item": job.item_id if job else "", "seed": job.seed if job else "",
+            "status": job.status.value if job else "", "uri": out.uri,
+            "seconds": round(job.seconds, 2) if job and job.seconds is not None else "",
+            "thumbnail": out.thumbnail_uri or "",
+        })  # fmt: skip
+    return rows
+
+
+def _sheet(
+    catalog: Catalog, run_id: int, run_name: str, settings: Settings, *, store: bool
+) -> tuple[str | None, str | None]:
+    """A contact sheet of the run's first thumbnails: (data URI for the markdown, URL where it is stored)."""
+    import numpy as np
+    from PIL import Image
+
+    options = settings.resolved_storage_options()
+    images = []
+    for out in catalog.outputs(run_id)[:SHEET_THUMBNAILS]:
+        if not out.thumbnail_uri:
+            continue
+        try:
+            with fsspec.open(out.thumbnail_uri, "rb", **options) as f:
+                images.append(np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB")))
+        except Exception:  # a missing thumbnail leaves a gap, not a failed run
+            continue
+    if not images:
+        return None, None
+    sheet = contact_sheet(images, columns=6, tile_width=160)
+    buffer = io.BytesIO()
+    Image.fromarray(sheet).save(buffer, format="WEBP", quality=80)
+    url: str | None = None
+    if store:  # a run that made nothing new leaves no folder of its own behind
+        url = join_url(settings.storage_root, safe_name(run_name, what="run name"), "contact_sheet.webp")
+        try:
+            write_image(url, sheet, format="webp", storage_options=options)
+        except Exception:
+            url = None
+    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode(), url
+
+
+def _markdown(summary: dict[str, Any], plan: BatchPlan, sheet: tuple[str | None, str | None]) -> str:
+    by = summary["by_status"]
+    lines = [
+        f"# {summary['run_name']}",
+        "",
+        f"**{by['succeeded']} made, {by['skipped']} already done, {by['failed']} failed** of "
+        f"{summary['jobs']} jobs from `{plan.manifest}` ({plan.rows} rows, {plan.invalid} rejected).",
+        "",
+        f"- videos: `{summary['storage_root']}` ({summary['outputs']} outputs, "
+        f"{summary['output_bytes'] / 1e6:.1f} MB)",
+        f"- catalog: `{summary['catalog']}`, run id {summary['run_id']}",
+        f"- generation time: {summary['seconds']:.1f} s over {len(plan.shards)} shards",
+        "",
+    ]
+    data_uri, url = sheet
+    if data_uri:
+        lines += ["## Contact sheet", "", f"![contact sheet]({data_uri})", ""]
+        if url:
+            lines += [f"Stored at `{url}`.", ""]
+    if summary["failed"]:
+        lines += ["## Failed jobs", "", "| item | seed | error |", "|---|---|---|"]
+        for f in summary["failed"][:100]:
+            error = (f["error"] or "").replace("|", "\\|").replace("\n", " ")[:300]
+            lines.append(f"| {f['item']} | {f['seed']} | {error} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- the flow
+
+
+def _batch_run_name() -> str:
+    manifest = str(flow_run.get_parameters().get("manifest", "manifest"))
+    stem = PurePosixPath(manifest.rstrip("/")).name.split(".")[0] or "manifest"
+    return f"batch-{safe_name(stem)}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+@flow(name="generate-batch", flow_run_name=_batch_run_name, log_prints=True, persist_result=False)
+def generate_batch(
+    manifest: str,
+    model: str = "tiny-t2v",
+    ckpt_dir: str | None = None,
+    out: str | None = None,
+    catalog_url: str | None = None,
+    seeds: int | None = None,
+    base_seed: int = 0,
+    shard_size: int = 16,
+    skip_invalid: bool = False,
+    shard_deployment: str | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Generate every (row, seed) of `manifest` that is not done yet; returns the run's summary.
+
+    `out` (storage root) and `catalog_url` default to the `WANFLOW_*` settings; `defaults` holds run-wide
+    generation parameters (size, frame_num, steps, shift, guide_scale, solver, negative_prompt) that rows
+    override. With `shard_deployment` (or `WANFLOW_SHARD_DEPLOYMENT`), shards run as flow runs of that
+    deployment on its work pool; otherwise in this process.
+    """
+    logger = get_run_logger()
+    settings = get_settings(catalog_url=catalog_url, storage_root=out, shard_deployment=shard_deployment)
+    run_defaults = RunDefaults(model=model, base_seed=base_seed, **({"num_seeds": seeds} if seeds else {}),
+                               **(defaults or {}))  # fmt: skip
+    loaded = read_manifest(manifest, run_defaults, settings, skip_invalid=skip_invalid)
+    if loaded.problems:
+        logger.warning("%d invalid rows left out (recorded in the catalog)", len(loaded.problems))
+    sources = model_sources(loaded, settings, ckpt_dir, model)
+    catalog = Catalog(settings.catalog_url)
+    catalog.check_schema()
+    plan = plan_run(
+        catalog, loaded, sources, settings, run_defaults, run_name=flow_run.get_name() or _batch_run_name(),
+        shard_size=shard_size, flow_run_id=flow_run.get_id(),
+        extra_settings={"ckpt_dir": ckpt_dir, "skip_invalid": skip_invalid,
+                        "shard_deployment": settings.shard_deployment},
+    )  # fmt: skip
+    assert plan.run_id is not None
+    logger.info(
+        "run %s: %d jobs (%d new, %d done already, %d requeued, %d abandoned requeued); %d to generate in "
+        "%d shards", plan.run_name, plan.jobs, plan.created, plan.already_done, plan.requeued, plan.abandoned,
+        plan.to_generate, len(plan.shards),
+    )  # fmt: skip
+    _notify({"event": "planned", "run_id": plan.run_id, "run_name": plan.run_name, "total": plan.to_generate})
+    progress_id = create_progress_artifact(
+        progress=0.0 if plan.to_generate else 100.0, description=f"{plan.run_name}: jobs finished"
+    )
+    try:
+        if settings.shard_deployment:
+            _run_deployed(plan, settings.shard_deployment, catalog, str(progress_id))
+        else:
+            for shard in plan.shards:
+                with tags(*shard.tags):
+                    generate_shard(
+                        plan.run_id, shard.job_ids, shard.model, ckpt_dir=sources[shard.model].ckpt_dir,
+                        catalog_url=catalog_url, storage_root=out, progress_artifact_id=str(progress_id),
+                        label=shard.label, return_state=True,
+                    )  # fmt: skip
+    except BaseException:
+        catalog.finish_run(plan.run_id, RunStatus.cancelled)
+        raise
+    summary = summarise(catalog, plan.run_id, settings)
+    status = RunStatus.failed if summary["by_status"]["failed"] else RunStatus.succeeded
+    catalog.finish_run(plan.run_id, status)
+    summary["status"] = status.value
+    update_progress_artifact(progress_id, progress=100.0)
+    create_table_artifact(
+        key="batch-outputs", table=_output_rows(catalog, plan.run_id) or [{"item": "", "uri": ""}],
+        description=f"{plan.run_name}: outputs (first {MAX_TABLE_ROWS})",
+    )  # fmt: skip
+    sheet = _sheet(catalog, plan.run_id, plan.run_name, settings, store=summary["by_status"]["succeeded"] > 0)
+    create_markdown_artifact(
+        key="batch-summary", markdown=_markdown(summary, plan, sheet), description=f"{plan.run_name}: summary"
+    )
+    catalog.close()
+    summary["plan"] = plan.to_dict()
+    return summary
+
+
+def _run_deployed(plan: BatchPlan, deployment: str, catalog: Catalog, progress_id: str) -> None:
+    """Submit every shard as a run of `deployment`, then wait for all, updating the progress artifact."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    runs = []
+    for shard in plan.shards:
+        runs.append(run_deployment(
+            deployment, timeout=0, tags=shard.tags, as_subflow=True,
+            parameters={"run_id": plan.run_id, "job_ids": shard.job_ids, "model": shard.model,
+                        "progress_artifact_id": progress_id, "label": shard.label},
+        ))  # fmt: skip
+    logger.info("submitted %d shard runs to %s", len(runs), deployment)
+    pending = {r.id for r in runs}
+    with get_client(sync_client=True) as client:
+        while pending:
+            time.sleep(2.0)
+            for run_id in list(pending):
+                state = client.read_flow_run(run_id).state
+                if state is not None and state.is_final():
+                    pending.discard(run_id)
+                    if not state.is_completed():
+                        logger.warning("shard run %s ended %s: %s", run_id, state.type.value, state.message)
+            stats = catalog.stats(plan.run_id)
+            by = stats["by_status"]
+            finished = by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped]
+            update_progress_artifact(progress_id, progress=100.0 * finished / max(stats["jobs"], 1))

@@ -1,0 +1,126 @@
+"""Which weights a job runs on, how they are identified, and one loaded pipeline per process.
+
+A job's identity includes its model's fingerprint, so that a video made with other weights is never
+taken for this one. A checkpoint directory is fingerprinted from its file names and sizes, the full text
+of its small files (configs, index) and three 1 MiB samples of each large file (start, middle, end): cheap
+on a 60 GB checkpoint, yet different for two fine-tunes of the same shapes. The tiny presets without a
+checkpoint run on seeded random weights, fingerprinted by preset and seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wan.configs import get_preset
+
+__all__ = ["ModelSource", "checkpoint_fingerprint", "clear_pipelines", "load_pipeline", "model_source"]
+
+RANDOM_SEED = 0
+_SAMPLE = 1 << 20
+_SMALL_FILE = 4 << 20
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A preset (`model`) and where its weights come from: a checkpoint directory, or random weights."""
+
+    model: str
+    ckpt_dir: str | None
+    fingerprint: str
+
+    @property
+    def task(self) -> str:
+        return get_preset(self.model).task
+
+    def describe(self) -> dict[str, Any]:
+        """For the catalog's model registry and the sidecars."""
+        return {"model": self.model, "task": self.task, "fingerprint": self.fingerprint,
+                "weights": self.ckpt_dir or f"random (seed {RANDOM_SEED})"}  # fmt: skip
+
+
+def model_source(model: str, ckpt_dir: str | os.PathLike | None = None) -> ModelSource:
+    """Resolve a preset name and optional checkpoint directory; ValueError says what is missing."""
+    get_preset(model)  # unknown names fail here, listing the known ones
+    if ckpt_dir is None:
+        if not model.startswith("tiny-"):
+            raise ValueError(
+                f"model {model!r} needs its weights: pass --ckpt-dir (or set WANFLOW_CHECKPOINTS) to a "
+                "Wan2.1 checkpoint directory; only the tiny-* presets run on random weights"
+            )
+        return ModelSource(model, None, f"random:{model}:seed{RANDOM_SEED}")
+    path = Path(ckpt_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise ValueError(f"checkpoint directory {str(ckpt_dir)!r} for model {model!r} does not exist")
+    return ModelSource(model, str(path), checkpoint_fingerprint(path))
+
+
+_fingerprints: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_fingerprint(ckpt_dir: str | os.PathLike) -> str:
+    """'ckpt:<sha256>' of a checkpoint directory's names, sizes, small files and samples of large ones."""
+    root = Path(ckpt_dir)
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )  # fmt: skip
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        memo = (str(path), stat.st_size, stat.st_mtime_ns)
+        if memo not in _fingerprints:
+            _fingerprints[memo] = _file_digest(path, stat.st_size)
+        digest.update(
+            f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{_fingerprints[memo]}\n".encode()
+        )
+    return f"ckpt:{digest.hexdigest()}"
+
+
+def _file_digest(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= _SMALL_FILE:
+            h.update(f.read())
+        else:
+            for offset in (0, size // 2, size - _SAMPLE):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE))
+    return h.hexdigest()
+
+
+_pipelines: dict[tuple[str, str | None, str | None, str | None], Any] = {}
+_lock = threading.Lock()
+
+
+def load_pipeline(source: ModelSource, *, device: str | None = None, dtype: str | None = None) -> Any:
+    """The `WanPipeline` for `source`, loaded once per process and kept for every later job."""
+    key = (source.model, source.ckpt_dir, device, dtype)
+    with _lock:
+        if key not in _pipelines:
+            import torch
+
+            from wan.pipeline import WanPipeline
+
+            torch_dtype = getattr(torch, dtype) if dtype else None
+            if source.ckpt_dir is None:
+                pipe = WanPipeline.from_config(
+                    source.model, seed=RANDOM_SEED, device=device, dtype=torch_dtype
+                )
+            else:
+                pipe = WanPipeline.from_pretrained(
+                    source.ckpt_dir, task=source.model, device=device, dtype=torch_dtype
+                )
+            _pipelines.clear()  # one model in memory at a time: a worker serves one shard's model
+            _pipelines[key] = pipe
+        return _pipelines[key]
+
+
+def clear_pipelines() -> None:
+    """Drop the cached pipelines (tests; or to free memory between models)."""
+    with _lock:
+        _pipelines.clear()

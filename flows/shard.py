@@ -1,0 +1,279 @@
+"""The `generate_shard` flow: one model loaded once, every job of the shard run as a task.
+
+A shard is a list of catalog job ids that share a model, size and frame count. The flow loads the
+pipeline once per process (`flows.models.load_pipeline`) and runs each job as a task named
+`<item>-s<seed>`:
+
+    claim the job in the catalog -> generate_stream -> VideoWriter (ffmpeg -> storage) -> output row
+
+Transient failures (I/O, storage, database, CUDA) put the job back to pending and raise, and Prefect
+retries the task with exponential backoff and jitter; bad requests (`ValueError` and kin: an invalid
+size, an unreadable image) fail once and are not retried. A job that fails for good is marked failed in
+the catalog with its error, and the shard goes on with the next job.
+
+The work itself is `run_job`, a plain function that tests call without Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run, task_run
+from prefect.tasks import exponential_backoff
+
+from flows.models import ModelSource, load_pipeline, model_source
+from flows.settings import Settings, get_settings
+from storage.catalog import Catalog, JobRecord, JobStatus
+from storage.layout import OutputLayout
+from storage.outputs import store_job_output
+from storage.urls import redact
+
+__all__ = [
+    "JobContext", "add_progress_listener", "generate_shard", "is_transient", "job_task_name", "run_job",
+    "worker_id",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+# Errors that say the request itself is wrong: retrying cannot help.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, LookupError, NotImplementedError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying (I/O, storage, database, CUDA, ffmpeg); False for bad requests."""
+    return not isinstance(exc, PERMANENT_ERRORS)
+
+
+def worker_id() -> str:
+    """'<host>:<pid>[:<flow run id>]': who holds a claim; lets a later run see that a local worker died."""
+    run = flow_run.get_id()
+    return f"{socket.gethostname()}:{os.getpid()}" + (f":{run}" if run else "")
+
+
+def job_task_name(item_id: str, seed: int) -> str:
+    """The task run's name in the Prefect UI."""
+    return f"{item_id}-s{seed}"
+
+
+@dataclass
+class JobContext:
+    """Everything a job of a shard needs, built once per shard."""
+
+    catalog: Catalog
+    run_id: int
+    run_name: str
+    source: ModelSource
+    pipeline: Any
+    layout: OutputLayout
+    storage_options: dict[str, Any]
+    worker: str
+    max_attempts: int = 1
+    fps: int = 16
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+# Local progress listeners (the terminal progress bar of `wanflow generate`): called after every job with
+# {"run_id", "job_id", "item_id", "seed", "status", "error"}.
+_listeners: list[Callable[[dict[str, Any]], None]] = []
+
+
+@contextmanager
+def add_progress_listener(listener: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Call `listener` after every job this process finishes, while the context is open."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def _notify(event: dict[str, Any]) -> None:
+    for listener in list(_listeners):
+        listener(event)
+
+
+def _settings_args(params: dict[str, Any]) -> dict[str, Any]:
+    """Catalog job parameters -> `WanPipeline.settings` keyword arguments."""
+    return {
+        "negative_prompt": params.get("negative_prompt"), "size": params.get("size"),
+        "frame_num": params.get("frame_num"), "sampling_steps": params.get("steps"),
+        "shift": params.get("shift"), "guide_scale": params.get("guide_scale"),
+        "sample_solver": params.get("solver"),
+    }  # fmt: skip
+
+
+def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]:
+    """Claim, generate and store one job; returns a summary dict (`status`: succeeded / not-claimed).
+
+    On failure the job is marked pending again (transient, attempts left) or failed, and the error is
+    raised for the caller (Prefect) to retry or record.
+    """
+    job = ctx.catalog.claim_job(job_id, worker=ctx.worker)
+    if job is None:  # done meanwhile, or another worker has it
+        current = ctx.catalog.get_job(job_id)
+        state = current.status.value if current else "missing"
+        return {"job_id": job_id, "status": "not-claimed", "detail": state}
+    ctx.catalog.mark_started(job.id, worker=ctx.worker)
+    start = time.perf_counter()
+    try:
+        output = _generate_and_store(ctx, job)
+    except BaseException as exc:
+        # An interrupt gives the job back; a bad request or the last attempt fails it for good.
+        interrupted = not isinstance(exc, Exception)
+        retry = interrupted or (is_transient(exc) and attempt < ctx.max_attempts)
+        message = f"{type(exc).__name__}: {exc}"
+        try:
+            ctx.catalog.mark_failed(job.id, message, retry=retry, worker=ctx.worker)
+        except Exception as record_error:  # the job's own error is the one to raise
+            log.warning("could not record the failure of job %s: %s", job.id, redact(str(record_error)))
+        if not retry:
+            _notify({"run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
+                     "status": JobStatus.failed.value, "error": message})  # fmt: skip
+        raise
+    seconds = time.perf_counter() - start
+    _notify({"run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
+             "status": JobStatus.succeeded.value, "error": None})  # fmt: skip
+    return {"job_id": job.id, "item_id": job.item_id, "seed": job.seed, "status": "succeeded",
+            "uri": output.uri, "seconds": round(seconds, 3)}  # fmt: skip
+
+
+def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
+    import torch
+
+    params = dict(job.params)
+    pipe = ctx.pipeline
+    settings = pipe.settings(**_settings_args(params))  # ValueError: a bad request, never retried
+    width, height = settings.size
+    device = torch.device(pipe.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    frames = pipe.generate_stream(params["prompt"], seed=job.seed, progress=False, **_settings_args(params))
+    provenance = {
+        **ctx.provenance,
+        "run": {"id": ctx.run_id, "name": ctx.run_name},
+        "model": ctx.source.describe(),
+        "request": params,
+        "settings": {"size": f"{width}*{height}", "frame_num": settings.frame_num, "steps": settings.steps,
+                     "shift": settings.shift, "guide_scale": settings.guide_scale, "solver": settings.solver,
+                     "negative_prompt": settings.negative_prompt},
+        "seed": job.seed,
+        "noise": "torch CPU generator, float32",
+        "device": str(device), "dtype": str(pipe.dtype).removeprefix("torch."),
+        "worker": ctx.worker,
+    }  # fmt: skip
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return store_job_output(
+        ctx.catalog, job, frames, layout=ctx.layout, run_name=ctx.run_name, width=width, height=height,
+        fps=ctx.fps, storage_options=ctx.storage_options, provenance=provenance, device=str(device),
+        peak_memory_bytes=peak,
+    )  # fmt: skip
+
+
+def _retry_transient(task: Any, run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry only transient failures."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+@task(
+    cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient, retry_jitter_factor=0.5
+)
+def generate_job(ctx: JobContext, job_id: int) -> dict[str, Any]:
+    """One video, as a Prefect task (named `<item>-s<seed>` by the shard)."""
+    return run_job(ctx, job_id, attempt=task_run.run_count or 1)
+
+
+def _shard_run_name() -> str:
+    params = flow_run.get_parameters()
+    label = params.get("label") or f"{len(params.get('job_ids', []))}-jobs"
+    return f"shard-{params.get('run_id')}-{label}"
+
+
+def _progress(catalog: Catalog, run_id: int) -> tuple[int, int]:
+    """(jobs finished, jobs in the run) as the catalog sees it now."""
+    stats = catalog.stats(run_id)
+    by = stats["by_status"]
+    done = by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped]
+    return done, stats["jobs"]
+
+
+@flow(name="generate-shard", flow_run_name=_shard_run_name, log_prints=True, persist_result=False)
+def generate_shard(
+    run_id: int,
+    job_ids: list[int],
+    model: str,
+    ckpt_dir: str | None = None,
+    catalog_url: str | None = None,
+    storage_root: str | None = None,
+    progress_artifact_id: str | None = None,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Run the given jobs of run `run_id` on one loaded pipeline; returns counts and per-job results.
+
+    `catalog_url` and `storage_root` default to this worker's `WANFLOW_*` settings (credentials stay in
+    the worker's environment, out of flow parameters); `ckpt_dir` defaults to `WANFLOW_CHECKPOINTS[model]`.
+    """
+    logger = get_run_logger()
+    settings = get_settings(catalog_url=catalog_url, storage_root=storage_root)
+    catalog = Catalog(settings.catalog_url)
+    catalog.check_schema()
+    run = catalog.get_run(run_id)
+    if run is None:
+        raise ValueError(f"run {run_id} is not in the catalog {redact(settings.catalog_url)}")
+    source = model_source(model, ckpt_dir or settings.checkpoints.get(model))
+    start = time.perf_counter()
+    pipeline = load_pipeline(source, device=settings.device, dtype=settings.dtype)
+    logger.info("model %s ready on %s in %.1f s", model, pipeline.device, time.perf_counter() - start)
+    ctx = _context(settings, catalog, run_id, run.name, source, pipeline)
+    job_task = generate_job.with_options(
+        retries=settings.job_retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=settings.retry_delay_s)
+        if settings.retry_delay_s > 0 else 0,
+    )  # fmt: skip
+    results: list[dict[str, Any]] = []
+    for job_id in job_ids:
+        job = catalog.get_job(job_id)
+        if job is None:
+            results.append({"job_id": job_id, "status": "missing"})
+            continue
+        state = job_task.with_options(task_run_name=job_task_name(job.item_id, job.seed))(
+            ctx, job_id, return_state=True
+        )
+        if state.is_completed():
+            results.append(state.result())
+        else:
+            results.append({"job_id": job_id, "item_id": job.item_id, "seed": job.seed, "status": "failed",
+                            "error": state.message})  # fmt: skip
+        if progress_artifact_id:
+            done, total = _progress(catalog, run_id)
+            update_progress_artifact(progress_artifact_id, progress=100.0 * done / max(total, 1))
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result["status"]] = counts.get(result["status"], 0) + 1
+    logger.info("shard finished: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    catalog.close()
+    return {"run_id": run_id, "counts": counts, "results": results}
+
+
+def _context(
+    settings: Settings, catalog: Catalog, run_id: int, run_name: str, source: ModelSource, pipeline: Any
+) -> JobContext:
+    return JobContext(
+        catalog=catalog, run_id=run_id, run_name=run_name, source=source, pipeline=pipeline,
+        layout=OutputLayout(settings.storage_root), storage_options=settings.resolved_storage_options(),
+        worker=worker_id(), max_attempts=settings.job_retries + 1,
+        provenance={"flow_run_id": flow_run.get_id()},
+    )  # fmt: skip

@@ -1,0 +1,198 @@
+"""generate_batch and generate_shard with the tiny model under Prefect's test harness: outputs and catalog
+rows for every job, task names, artifacts, retries of transient failures, permanent failures isolated to
+their job, and re-runs that generate nothing new. Planning helpers are tested without Prefect."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+import flows.shard
+from flows.batch import _worker_gone, generate_batch, plan_shards
+from flows.models import checkpoint_fingerprint, model_source
+from storage.catalog import Catalog, JobStatus
+from storage.outputs import verifier
+
+ITEMS = ("alpha", "beta", "gamma")
+FAST = {"size": "64*48", "frame_num": 5, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setenv("WANFLOW_RETRY_DELAY_S", "0")
+    monkeypatch.setenv("WANFLOW_JOB_RETRIES", "2")
+
+
+def write_manifest(path: Path, items=ITEMS) -> str:
+    rows = [{"item_id": item, "prompt": f"a short clip of {item}", **FAST} for item in items]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def run_batch(tmp_path: Path, catalog_url: str, manifest: str, **kwargs):
+    return generate_batch(
+        manifest, out=str(tmp_path / "out"), catalog_url=catalog_url, seeds=2, shard_size=4, **kwargs
+    )
+
+
+# ------------------------------------------------------------------------------------ without Prefect
+
+
+def job(job_id, model="tiny-t2v", size="64*48", frames=9):
+    return SimpleNamespace(id=job_id, model_id=model, params={"size": size, "frame_num": frames})
+
+
+def test_shards_group_by_model_size_and_frames():
+    jobs = [job(1), job(2, size="48*64"), job(3), job(4, frames=13), job(5), job(6)]
+    shards = plan_shards(jobs, shard_size=3)
+    assert [(s.size, s.frame_num, s.job_ids) for s in shards] == [
+        ("48*64", 9, [2]), ("64*48", 9, [1, 3, 5]), ("64*48", 9, [6]), ("64*48", 13, [4]),
+    ]  # fmt: skip
+    assert shards[1].label == "tiny-t2v-64x48-f9-1" and "task:t2v" in shards[1].tags
+    with pytest.raises(ValueError, match="shard_size 0"):
+        plan_shards(jobs, 0)
+
+
+def test_abandoned_claims_are_recognised():
+    host, now, hour = socket.gethostname(), datetime.now(UTC), timedelta(hours=1)
+    assert _worker_gone(f"{host}:{os.getpid()}:run", now, hour) is None  # this process: alive
+    dead = f"{host}:999999999:run"
+    assert "no longer exists" in _worker_gone(dead, now, hour)
+    assert _worker_gone("elsewhere:1:run", now, hour) is None  # another host: only time tells
+    assert "expired" in _worker_gone("elsewhere:1:run", now - 2 * hour, hour)
+
+
+def test_model_sources_and_fingerprints(tmp_path):
+    tiny = model_source("tiny-t2v")
+    assert tiny.fingerprint == "random:tiny-t2v:seed0" and tiny.task == "t2v"
+    with pytest.raises(ValueError, match="needs its weights: pass --ckpt-dir"):
+        model_source("t2v-1.3B")
+    with pytest.raises(ValueError, match="does not exist"):
+        model_source("t2v-1.3B", tmp_path / "missing")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "weights.bin").write_bytes(b"\0" * (5 << 20))
+    first = checkpoint_fingerprint(ckpt)
+    assert first == checkpoint_fingerprint(ckpt) and first.startswith("ckpt:")
+    (ckpt / "weights.bin").write_bytes(b"\1" + b"\0" * ((5 << 20) - 1))  # same size, other weights
+    assert checkpoint_fingerprint(ckpt) != first
+
+
+def test_transient_and_permanent_errors_are_told_apart():
+    from storage.catalog import CatalogError
+    from storage.video import StorageError, VideoWriteError
+
+    for exc in (OSError("disk"), StorageError("s3 down"), CatalogError("db"), VideoWriteError("ffmpeg"),
+                RuntimeError("CUDA error: an illegal memory access")):  # fmt: skip
+        assert flows.shard.is_transient(exc), exc
+    for exc in (ValueError("size"), KeyError("prompt"), TypeError("x")):
+        assert not flows.shard.is_transient(exc), exc
+
+
+# ----------------------------------------------------------------------------------------- the flows
+
+
+@pytest.mark.slow
+def test_batch_makes_every_video_once(harness, fast_retries, tmp_path, catalog_url):
+    Catalog(catalog_url).upgrade()
+    manifest = write_manifest(tmp_path / "clips.jsonl")
+    summary = run_batch(tmp_path, catalog_url, manifest)
+    assert summary["status"] == "succeeded", summary
+    assert summary["by_status"]["succeeded"] == 6 and summary["outputs"] == 6
+    with Catalog(catalog_url) as catalog:
+        outputs = catalog.outputs(summary["run_id"])
+        assert len(outputs) == 6 and all(verifier()(o) for o in outputs)
+        jobs = catalog.jobs(summary["run_id"])
+        assert {(j.item_id, j.status, j.attempts) for j in jobs} == {
+            (i, JobStatus.succeeded, 1) for i in ITEMS
+        }
+        run = catalog.get_run(summary["run_id"])
+        assert run.name.startswith("batch-clips-") and run.flow_run_id
+        names = {f"{j.item_id}-s{j.seed}" for j in jobs}
+    task_names, artifacts = prefect_records(run.flow_run_id)
+    assert names <= task_names
+    assert {"progress", "table", "markdown"} <= {a.type for a in artifacts}
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert progress[-1].data == 100.0
+    markdown = next(a for a in artifacts if a.type == "markdown").data
+    assert "6 made" in markdown and "data:image/webp;base64," in markdown
+
+    again = run_batch(tmp_path, catalog_url, manifest)
+    assert again["status"] == "succeeded"
+    assert again["plan"]["already_done"] == 6 and again["plan"]["to_generate"] == 0
+    assert again["by_status"]["skipped"] == 6 and again["seconds"] == 0
+    with Catalog(catalog_url) as catalog:
+        assert len(catalog.outputs()) == 6
+
+
+def prefect_records(flow_run_id: str):
+    """Names of every task run under the flow run (its subflows included) and the artifacts of them all."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if str(r.id) == flow_run_id or r.parent_task_run_id]
+        ids = [r.id for r in runs]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
+        )
+    return {t.name for t in tasks}, artifacts
+
+
+@pytest.mark.slow
+def test_transient_failure_is_retried_and_permanent_one_fails_alone(
+    harness, fast_retries, tmp_path, monkeypatch
+):
+    catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(catalog_url).upgrade()
+    real = flows.shard.store_job_output
+    calls: dict[str, int] = {}
+
+    def flaky_store(catalog, job, frames, **kwargs):
+        calls[job.item_id] = calls.get(job.item_id, 0) + 1
+        if job.item_id == "beta" and job.seed == min_seed["beta"] and calls["beta"] == 1:
+            raise OSError("connection reset by storage (injected)")
+        if job.item_id == "gamma":
+            raise ValueError("unreadable image gamma.png (injected)")
+        return real(catalog, job, frames, **kwargs)
+
+    min_seed: dict[str, int] = {}
+    monkeypatch.setattr(flows.shard, "store_job_output", flaky_store)
+    manifest = write_manifest(tmp_path / "flaky.jsonl")
+    from flows.manifest import load_manifest
+
+    for request in load_manifest(manifest).requests:
+        min_seed[request.item_id] = min(request.seeds)
+    summary = run_batch(tmp_path, catalog_url, manifest)
+    assert summary["status"] == "failed"
+    assert summary["by_status"] == {"pending": 0, "running": 0, "succeeded": 4, "failed": 2, "skipped": 0}
+    with Catalog(catalog_url) as catalog:
+        jobs = {(j.item_id, j.seed): j for j in catalog.jobs(summary["run_id"])}
+    retried = jobs[("beta", min_seed["beta"])]
+    assert retried.status == JobStatus.succeeded and retried.attempts == 2
+    for seed in (min_seed["gamma"], min_seed["gamma"] + 1):
+        failed = jobs[("gamma", seed)]
+        assert failed.status == JobStatus.failed and failed.attempts == 1  # a bad request is not retried
+        assert "ValueError: unreadable image gamma.png" in failed.last_error
+    assert {f["item"] for f in summary["failed"]} == {"gamma"}
+
+    # the next run redoes only the failed jobs
+    monkeypatch.setattr(flows.shard, "store_job_output", real)
+    again = run_batch(tmp_path, catalog_url, manifest)
+    assert again["status"] == "succeeded"
+    assert again["plan"]["requeued"] == 2 and again["plan"]["already_done"] == 4
