@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The demo keeps Prefect's local state (its SQLite database, profiles) in ./.prefect unless PREFECT_HOME
+# or PREFECT_API_URL say otherwise; the catalog goes to ./.wanflow/catalog.db and the videos to ./outputs.
 demo: $(STAMP)
-	$(PY) -m wan.generate --task tiny-t2v --size 64*48 --frame_num 9 --sample_steps 8 \
-		--prompt "a red fox runs through fresh snow at dawn" --base_seed 42 --save_file outputs/demo.mp4
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} PREFECT_SERVER_ANALYTICS_ENABLED=false \
+		$(VENV)/bin/wanflow demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -29,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dit_forward.py
 	$(PY) benchmarks/vae_decode.py
 	$(PY) benchmarks/storage_stream.py
+	$(PY) benchmarks/orchestration.py
 
 clean:
-	rm -rf $(VENV) outputs .wanflow .pytest_cache
+	rm -rf $(VENV) outputs .wanflow .prefect .pytest_cache

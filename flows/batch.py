@@ -36,11 +36,20 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from flows.manifest import Manifest, ManifestError, RunDefaults, load_manifest
+from flows.manifest import (
+    Manifest,
+    ManifestError,
+    RunDefaults,
+    load_manifest,
+    manifest_format,
+    manifest_sha256,
+    read_shard,
+    split_manifest,
+)
 from flows.models import ModelSource, model_source
 from flows.settings import Settings, get_settings
 from flows.shard import _notify, generate_shard
-from storage.catalog import Catalog, JobRecord, JobSpec, JobStatus, RunStatus, spec_key
+from storage.catalog import Catalog, JobGroupRow, JobSpec, JobStatus, RunStatus, spec_key
 from storage.layout import safe_name
 from storage.outputs import verifier
 from storage.urls import join_url, redact
@@ -102,12 +111,53 @@ class BatchPlan:
 # ------------------------------------------------------------------------------------------ planning
 
 
-def read_manifest(url: str, defaults: RunDefaults, settings: Settings, *, skip_invalid: bool) -> Manifest:
-    """Load and validate; without `skip_invalid`, any bad row stops the run (ManifestError lists all)."""
-    manifest = load_manifest(url, defaults, storage_options=settings.storage_options_for(url))
-    if manifest.problems and not skip_invalid:
-        raise ManifestError(url, manifest.problems, manifest.rows)
-    return manifest
+def read_manifest(
+    url: str, defaults: RunDefaults, settings: Settings, *, skip_invalid: bool, split_to: str | None = None
+) -> Manifest:
+    """Load and validate; without `skip_invalid`, any bad row stops the run (ManifestError lists all).
+
+    A manifest larger than `settings.large_manifest_bytes` is split with dask into shard manifests under
+    `split_to` (default: `<storage root>/_manifests/<file>-<sha256 prefix>/`) and its requests are read
+    back from them lazily, so no process holds all its rows.
+    """
+    options = settings.storage_options_for(url)
+    if _size_of(url, options) <= settings.large_manifest_bytes:
+        manifest = load_manifest(url, defaults, storage_options=options)
+        if manifest.problems and not skip_invalid:
+            raise ManifestError(url, manifest.problems, manifest.rows)
+        return manifest
+    sha256 = manifest_sha256(url, options)
+    stem = PurePosixPath(url.rstrip("/")).name.split(".")[0] or "manifest"
+    out = split_to or join_url(settings.storage_root, "_manifests", f"{safe_name(stem)}-{sha256[:12]}")
+    out_options = settings.storage_options_for(out)
+    result = split_manifest(url, out, defaults, storage_options=options, overwrite=True)
+    if result.invalid and not skip_invalid:
+        raise ManifestError(url, result.problems, result.rows)
+    requests = (r for shard in result.shards for r in read_shard(shard, storage_options=out_options))
+    models = sorted({key.split("/")[0] for key in result.groups})
+    return LazyManifest(url, manifest_format(url), sha256, result.rows, requests, result.problems, models)  # type: ignore[arg-type]
+
+
+@dataclass
+class LazyManifest(Manifest):
+    """A split manifest: `requests` is a one-pass iterator over its shard manifests."""
+
+    model_names: list[str] = field(default_factory=list)
+
+
+def _size_of(url: str, options: dict[str, Any]) -> int:
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        return int(fs.size(path) or 0)
+    except Exception:  # unreadable: load_manifest reports it with the file's name
+        return 0
+
+
+def model_names(manifest: Manifest) -> list[str]:
+    """The models a manifest's valid rows use."""
+    if isinstance(manifest, LazyManifest):
+        return manifest.model_names
+    return sorted({r.model for r in manifest.requests})
 
 
 def model_sources(
@@ -115,7 +165,7 @@ def model_sources(
 ) -> dict[str, ModelSource]:
     """A source (weights + fingerprint) for every model the manifest uses; `ckpt_dir` is the run model's."""
     sources = {}
-    for name in sorted({r.model for r in manifest.requests}):
+    for name in model_names(manifest):
         directory = ckpt_dir if name == model and ckpt_dir else settings.checkpoints.get(name)
         sources[name] = model_source(name, directory)
     return sources
@@ -130,14 +180,13 @@ def job_specs(manifest: Manifest, sources: dict[str, ModelSource]) -> Iterator[J
             yield JobSpec(request.item_id, seed, request.model, fingerprint, params)
 
 
-def plan_shards(jobs: Iterable[JobRecord], shard_size: int) -> list[ShardPlan]:
+def plan_shards(jobs: Iterable[JobGroupRow], shard_size: int) -> list[ShardPlan]:
     """Group jobs by (model, size, frame_num), then cut each group into shards of `shard_size` at most."""
     if shard_size < 1:
         raise ValueError(f"shard_size {shard_size}: must be at least 1")
     groups: dict[tuple[str, str, int], list[int]] = {}
-    for job in jobs:
-        key = (job.model_id, str(job.params.get("size")), int(job.params.get("frame_num") or 0))
-        groups.setdefault(key, []).append(job.id)
+    for job_id, model, size, frame_num in jobs:
+        groups.setdefault((model, str(size), int(frame_num or 0)), []).append(job_id)
     shards = []
     for (model, size, frames), ids in sorted(groups.items()):
         for k in range(0, len(ids), shard_size):
@@ -220,7 +269,7 @@ def plan_run(
         run.id, job_specs(manifest, sources), verify=verifier(settings.resolved_storage_options())
     )
     abandoned = requeue_abandoned(catalog, run.id, timedelta(seconds=settings.claim_timeout_s))
-    shards = plan_shards(catalog.jobs(run.id, status=JobStatus.pending), shard_size)
+    shards = plan_shards(catalog.job_groups(run.id, JobStatus.pending), shard_size)
     return BatchPlan(
         run_id=run.id, run_name=name, manifest=redact(manifest.url), rows=manifest.rows,
         invalid=len(manifest.problems), jobs=summary.total, created=summary.created,
@@ -246,25 +295,19 @@ def dry_run(
     if catalog is not None:
         known = catalog.find_jobs(keys)
     done = 0
-    pending: list[JobRecord] = []
+    pending: list[JobGroupRow] = []
     for key, spec in zip(keys, specs, strict=True):
         found = known.get(key)
         if found is not None and found[0].status == JobStatus.succeeded and found[1] and verify(found[1]):
             done += 1
             continue
-        pending.append(_placeholder(found[0].id if found else 0, spec))
+        size, frames = spec.params.get("size"), spec.params.get("frame_num")
+        pending.append(JobGroupRow(found[0].id if found else 0, spec.model_id, size, frames))
     shards = plan_shards(pending, shard_size)
     return BatchPlan(
         run_id=None, run_name="(dry run)", manifest=redact(manifest.url), rows=manifest.rows,
         invalid=len(manifest.problems), jobs=len(specs), already_done=done, shards=shards,
     )  # fmt: skip
-
-
-def _placeholder(job_id: int, spec: JobSpec) -> Any:
-    """A JobRecord-like object for `plan_shards` in a dry run."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(id=job_id, model_id=spec.model_id, params=dict(spec.params))
 
 
 # ------------------------------------------------------------------------------------------ summaries

@@ -45,13 +45,14 @@ catalog_app = typer.Typer(
 app.add_typer(catalog_app, name="catalog")
 
 _console = Console()
+_err = Console(stderr=True, soft_wrap=True)
 CatalogUrl = Annotated[str | None, typer.Option("--catalog-url", help="overrides WANFLOW_CATALOG_URL")]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 RunRef = Annotated[str | None, typer.Option("--run", help="run id or name")]
 
 
 def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {redact(message)}", highlight=False)
+    _err.print(f"[red]error:[/red] {redact(message)}", highlight=False)
     return typer.Exit(code=1)
 
 
@@ -262,7 +263,7 @@ def _run_batch(
     from flows.shard import add_progress_listener
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with Progress(*columns, console=_err, transient=False) as bar:
         task = bar.add_task("starting Prefect and planning", total=None)
 
         def on_event(event: dict[str, Any]) -> None:
@@ -344,17 +345,20 @@ def generate(
         manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out
     )
     if loaded.problems:
-        Console(stderr=True).print(f"[yellow]{len(loaded.problems)} invalid rows will be left out[/yellow]")
+        _err.print(f"[yellow]{len(loaded.problems)} invalid rows will be left out[/yellow]")
     if ckpt_dir is not None:
         settings.checkpoints[model] = ckpt_dir
     if dry_run:
         from flows.batch import dry_run as plan_dry_run
 
-        catalog = Catalog(settings.catalog_url)
-        try:
-            existing = catalog if catalog.current_revision() is not None else None
-        except CatalogError:
-            existing = None
+        url = settings.catalog_url
+        existing: Catalog | None = None
+        if not (url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()):
+            existing = Catalog(url)  # opening a missing SQLite file would create it: a dry run writes nothing
+            try:
+                existing.check_schema()
+            except CatalogError as exc:
+                raise _fail(str(exc)) from exc
         _print_plan(plan_dry_run(existing, loaded, sources, settings, shard_size=shard_size), as_json)
         return
     _ensure_catalog(catalog_url)
@@ -389,8 +393,9 @@ def validate(
                "jobs": loaded.jobs, "problems": [p._asdict() for p in loaded.problems]}  # fmt: skip
         sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     else:
+        unit = "row" if loaded.format == "parquet" else "line"
         for problem in loaded.problems:
-            Console(stderr=True).print(problem.describe(redact(manifest)), highlight=False, markup=False)
+            _err.print(problem.describe(redact(manifest), unit), highlight=False, markup=False)
         _console.print(
             f"{redact(manifest)}: {loaded.rows} rows, {len(loaded.requests)} valid, "
             f"{len(loaded.problems)} problems, {loaded.jobs} jobs"

@@ -11,6 +11,7 @@
 | `WANFLOW_SHARD_DEPLOYMENT` | unset | run shards on this deployment (`generate-shard/generate-shard`) |
 | `WANFLOW_JOB_RETRIES` | `3` | retries of a job after a transient failure (I/O, storage, CUDA) |
 | `WANFLOW_RETRY_DELAY_S` | `10` | first retry delay; doubles each retry, with jitter |
+| `WANFLOW_LARGE_MANIFEST_BYTES` | `67108864` | larger manifests are split with dask, never loaded whole |
 | `WANFLOW_CLAIM_TIMEOUT_S` | `21600` | a claim older than this whose worker never reported is requeued |
 
 S3 credentials come from the usual AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -43,6 +44,7 @@ class Settings(BaseSettings):
     job_retries: int = Field(3, ge=0, le=20)
     retry_delay_s: float = Field(10.0, ge=0)
     claim_timeout_s: float = Field(6 * 3600, gt=0)
+    large_manifest_bytes: int = Field(64 << 20, ge=0)
 
     def resolved_storage_options(self) -> dict[str, Any]:
         """fsspec options for the storage root, with the S3 endpoint folded in when set."""

@@ -51,9 +51,9 @@ from sqlalchemy.pool import StaticPool
 from storage.urls import redact, redact_options
 
 __all__ = [
-    "Catalog", "CatalogError", "JobRecord", "JobSpec", "JobStatus", "OutputRecord", "PlanOutcome",
-    "PlanSummary", "RejectionRecord", "RunRecord", "RunStatus", "alembic_config", "job_key", "make_engine",
-    "spec_key",
+    "Catalog", "CatalogError", "JobGroupRow", "JobRecord", "JobSpec", "JobStatus", "OutputRecord",
+    "PlanOutcome", "PlanSummary", "RejectionRecord", "RunRecord", "RunStatus", "alembic_config", "job_key",
+    "make_engine", "spec_key",
 ]  # fmt: skip
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -336,6 +336,15 @@ class JobSpec(NamedTuple):
     model_id: str
     model_fingerprint: str
     params: Mapping[str, Any]
+
+
+class JobGroupRow(NamedTuple):
+    """What decides which shard a job goes to."""
+
+    job_id: int
+    model_id: str
+    size: str | None
+    frame_num: int | None
 
 
 class PlanSummary(NamedTuple):
@@ -1047,6 +1056,19 @@ class Catalog:
                 _record(JobRecord, job, status=JobStatus(view), outcome=PlanOutcome(outcome))
                 for job, outcome, view in rows
             ]
+
+    def job_groups(self, run_id: int, status: JobStatus | str = JobStatus.pending) -> list[JobGroupRow]:
+        """(job id, model id, size, frame_num) of a run's jobs in `status` (the run's view), by job id:
+        what sharding needs, without loading every job's parameters."""
+        run_status = self._run_status()
+        query = (
+            select(Job.id, Job.model_id, Job.params["size"].as_string(), Job.params["frame_num"].as_integer())
+            .join(RunJob, RunJob.job_id == Job.id)
+            .where(RunJob.run_id == run_id, run_status == JobStatus(status).value)
+            .order_by(Job.id)
+        )
+        with self._session() as session:
+            return [JobGroupRow(*row) for row in session.execute(query)]
 
     def outputs(self, run_id: int | None = None) -> list[OutputRecord]:
         """Outputs by id; with `run_id`, the outputs of every job the run asked for (skipped ones too)."""

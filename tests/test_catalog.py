@@ -422,3 +422,19 @@ def test_rejections_are_recorded_per_run(catalog):
     assert catalog.stats(run.id)["rejected"] == 2 and catalog.stats(other.id)["rejected"] == 0
     with pytest.raises(CatalogError):
         catalog.record_rejections(9999, rows)
+
+
+def test_job_groups_name_what_sharding_needs(catalog):
+    run = catalog.create_run("r", "m.jsonl", "0" * 64, {})
+    catalog.plan_jobs(run.id, [JobSpec("a", 1, "tiny-t2v", "fp-a", {**PARAMS, "size": "64*48"})])
+    catalog.plan_jobs(
+        run.id, [JobSpec("x", 5, "tiny-t2v", "fp-a", {**PARAMS, "size": "48*64", "frame_num": 13})]
+    )
+    rows = catalog.job_groups(run.id)
+    assert [(r.model_id, r.size, r.frame_num) for r in rows] == [
+        ("tiny-t2v", "64*48", 9),
+        ("tiny-t2v", "48*64", 13),
+    ]
+    (first,) = catalog.claim(1, run_id=run.id, worker="w")
+    assert [r.job_id for r in catalog.job_groups(run.id)] == [rows[1].job_id]
+    assert [r.job_id for r in catalog.job_groups(run.id, "running")] == [first.id] == [rows[0].job_id]

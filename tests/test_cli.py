@@ -98,3 +98,86 @@ def test_unknown_scheme_and_unreachable_database_hide_secrets():
 def test_empty_database_asks_for_upgrade(tmp_path):
     result = runner.invoke(app, ["catalog", "runs", "--catalog-url", f"sqlite:///{tmp_path / 'c.db'}"])
     assert result.exit_code == 1 and "wanflow catalog upgrade" in result.output
+
+
+# ----------------------------------------------------------------------- generate, validate, dry run
+
+
+def _manifest(tmp_path, rows) -> str:
+    path = tmp_path / "clips.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD = [
+    {"item_id": "fox", "prompt": "a fox", "size": "64*48", "frame_num": 5, "steps": 2},
+    {"item_id": "owl", "prompt": "an owl", "size": "48*64", "frame_num": 5, "steps": 2},
+]
+
+
+def test_validate_lists_every_bad_row(tmp_path):
+    bad = [*GOOD, {"item_id": "elk", "prompt": "an elk", "size": "50*48"}, "{not json", {"prompt": "no id"}]
+    manifest = _manifest(tmp_path, bad)
+    result = runner.invoke(app, ["validate", manifest])
+    assert result.exit_code == 1
+    assert "line 3" in result.output and "size" in result.output
+    assert "line 4" in result.output and "line 5" in result.output and "item_id" in result.output
+    doc = json.loads(runner.invoke(app, ["validate", manifest, "--json"]).stdout)
+    assert doc["rows"] == 5 and doc["valid"] == 2 and [p["line"] for p in doc["problems"]] == [3, 4, 5]
+    ok = runner.invoke(app, ["validate", _manifest(tmp_path, GOOD), "--seeds", "3"])
+    assert ok.exit_code == 0 and "2 valid" in ok.output and "6 jobs" in ok.output
+
+
+def test_generate_refuses_an_invalid_manifest_before_starting(tmp_path):
+    manifest = _manifest(tmp_path, [*GOOD, {"item_id": "elk", "prompt": "an elk", "frame_num": 6}])
+    result = runner.invoke(app, ["generate", manifest, "--catalog-url", f"sqlite:///{tmp_path}/c.db"])
+    assert result.exit_code == 1
+    assert "line 3" in result.output and "frame_num" in result.output and "--skip-invalid" in result.output
+    assert not (tmp_path / "c.db").exists()  # nothing was started
+    missing = runner.invoke(app, ["generate", str(tmp_path / "nope.jsonl")])
+    assert missing.exit_code == 1 and "nope.jsonl" in missing.output
+    needs_weights = runner.invoke(app, ["generate", manifest, "--model", "t2v-1.3B", "--skip-invalid"])
+    assert needs_weights.exit_code == 1 and "--ckpt-dir" in needs_weights.output
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    manifest = _manifest(tmp_path, GOOD)
+    url = f"sqlite:///{tmp_path}/c.db"
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            manifest,
+            "--catalog-url",
+            url,
+            "--seeds",
+            "2",
+            "--dry-run",
+            "--json",
+            "--shard-size",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["jobs"] == 4 and plan["already_done"] == 0 and plan["to_generate"] == 4
+    assert len(plan["shards"]) == 4 and {s["size"] for s in plan["shards"]} == {"64*48", "48*64"}
+    assert not (tmp_path / "c.db").exists()
+
+
+@pytest.mark.slow
+def test_generate_then_dry_run_sees_everything_done(tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    monkeypatch.chdir(tmp_path)
+    manifest = _manifest(tmp_path, GOOD)
+    url = f"sqlite:///{tmp_path}/cat/c.db"
+    args = ["generate", manifest, "--catalog-url", url, "--out", str(tmp_path / "videos"), "--seeds", "2"]
+    with prefect_test_harness(server_startup_timeout=90):
+        result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4 made, 0 already done, 0 failed" in result.output
+    plan = json.loads(runner.invoke(app, [*args, "--dry-run", "--json"]).stdout)
+    assert plan["already_done"] == 4 and plan["to_generate"] == 0 and plan["shards"] == []
+    outputs = json.loads(_wanflow(url, "outputs", "--json").stdout)
+    assert len(outputs) == 4 and all(o["uri"].startswith(str(tmp_path / "videos")) for o in outputs)

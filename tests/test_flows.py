@@ -9,7 +9,6 @@ import os
 import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
@@ -17,7 +16,7 @@ from prefect.testing.utilities import prefect_test_harness
 import flows.shard
 from flows.batch import _worker_gone, generate_batch, plan_shards
 from flows.models import checkpoint_fingerprint, model_source
-from storage.catalog import Catalog, JobStatus
+from storage.catalog import Catalog, JobGroupRow, JobStatus
 from storage.outputs import verifier
 
 ITEMS = ("alpha", "beta", "gamma")
@@ -52,7 +51,7 @@ def run_batch(tmp_path: Path, catalog_url: str, manifest: str, **kwargs):
 
 
 def job(job_id, model="tiny-t2v", size="64*48", frames=9):
-    return SimpleNamespace(id=job_id, model_id=model, params={"size": size, "frame_num": frames})
+    return JobGroupRow(job_id, model, size, frames)
 
 
 def test_shards_group_by_model_size_and_frames():
@@ -196,3 +195,25 @@ def test_transient_failure_is_retried_and_permanent_one_fails_alone(
     again = run_batch(tmp_path, catalog_url, manifest)
     assert again["status"] == "succeeded"
     assert again["plan"]["requeued"] == 2 and again["plan"]["already_done"] == 4
+
+
+@pytest.mark.slow
+def test_a_large_manifest_is_split_with_dask_and_planned_from_its_shards(
+    harness, fast_retries, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WANFLOW_LARGE_MANIFEST_BYTES", "1")  # every manifest counts as large
+    catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(catalog_url).upgrade()
+    rows = [{"item_id": i, "prompt": f"clip {i}", **FAST} for i in ITEMS]
+    rows.append({"item_id": "bad", "prompt": "x", "size": "50*48"})
+    manifest = tmp_path / "big.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(Exception, match="line 4"):
+        run_batch(tmp_path, catalog_url, str(manifest))
+    summary = run_batch(tmp_path, catalog_url, str(manifest), skip_invalid=True)
+    assert summary["status"] == "succeeded" and summary["outputs"] == 6 and summary["rejected"] == 1
+    shards = list((tmp_path / "out" / "_manifests").glob("big-*/*.jsonl"))
+    assert shards, "the split shard manifests are kept next to the outputs"
+    with Catalog(catalog_url) as catalog:
+        (rejected,) = catalog.rejections(summary["run_id"])
+        assert rejected.line == 4 and rejected.field == "size" and rejected.item_id == "bad"
