@@ -44,6 +44,7 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 2.0
 
 # Errors that say the request itself is wrong: retrying cannot help.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, LookupError, NotImplementedError)
@@ -118,12 +119,11 @@ def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]
     On failure the job is marked pending again (transient, attempts left) or failed, and the error is
     raised for the caller (Prefect) to retry or record.
     """
-    job = ctx.catalog.claim_job(job_id, worker=ctx.worker)
+    job = ctx.catalog.claim_job(job_id, worker=ctx.worker, start=True)
     if job is None:  # done meanwhile, or another worker has it
         current = ctx.catalog.get_job(job_id)
         state = current.status.value if current else "missing"
         return {"job_id": job_id, "status": "not-claimed", "detail": state}
-    ctx.catalog.mark_started(job.id, worker=ctx.worker)
     start = time.perf_counter()
     try:
         output = _generate_and_store(ctx, job)
@@ -150,6 +150,12 @@ def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]
 def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     import torch
 
+    if (job.model_id, job.model_fingerprint) != (ctx.source.model, ctx.source.fingerprint):
+        raise ValueError(
+            f"job {job.id} was planned for {job.model_id} weights {job.model_fingerprint}, but this worker "
+            f"has {ctx.source.model} weights {ctx.source.fingerprint} (check WANFLOW_CHECKPOINTS on the "
+            "workers: every machine needs the same checkpoint)"
+        )
     params = dict(job.params)
     pipe = ctx.pipeline
     settings = pipe.settings(**_settings_args(params))  # ValueError: a bad request, never retried
@@ -244,8 +250,10 @@ def generate_shard(
         if settings.retry_delay_s > 0 else 0,
     )  # fmt: skip
     results: list[dict[str, Any]] = []
-    for job_id in job_ids:
-        job = catalog.get_job(job_id)
+    jobs = {job.id: job for job in catalog.get_jobs(job_ids)}
+    last_update = 0.0
+    for n, job_id in enumerate(job_ids, 1):
+        job = jobs.get(job_id)
         if job is None:
             results.append({"job_id": job_id, "status": "missing"})
             continue
@@ -257,9 +265,11 @@ def generate_shard(
         else:
             results.append({"job_id": job_id, "item_id": job.item_id, "seed": job.seed, "status": "failed",
                             "error": state.message})  # fmt: skip
-        if progress_artifact_id:
+        # The run's progress, as the catalog counts it (other shards included), every few seconds.
+        if progress_artifact_id and (time.monotonic() - last_update > PROGRESS_EVERY_S or n == len(job_ids)):
             done, total = _progress(catalog, run_id)
             update_progress_artifact(progress_artifact_id, progress=100.0 * done / max(total, 1))
+            last_update = time.monotonic()
     counts: dict[str, int] = {}
     for result in results:
         counts[result["status"]] = counts.get(result["status"], 0) + 1

@@ -828,16 +828,18 @@ class Catalog:
             jobs = session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)).all()
             return [_record(JobRecord, job) for job in jobs]
 
-    def claim_job(self, job_id: int, *, worker: str) -> JobRecord | None:
+    def claim_job(self, job_id: int, *, worker: str, start: bool = False) -> JobRecord | None:
         """Atomically move one given job from pending to running for `worker`; None if it is not pending
-        (another worker holds it, or it is done already)."""
+        (another worker holds it, or it is done already). With `start`, also mark it started (as
+        `mark_started` would), in the same transaction."""
+        now = _now()
         with self._session(write=True) as session:
             done = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.pending)
                 .values(
-                    status=JobStatus.running, attempts=Job.attempts + 1, claimed_at=_now(), worker_id=worker,
-                    started_at=None, finished_at=None, seconds=None,
+                    status=JobStatus.running, attempts=Job.attempts + 1, claimed_at=now, worker_id=worker,
+                    started_at=now if start else None, finished_at=None, seconds=None,
                 ),
                 execution_options={"synchronize_session": False},
             )  # fmt: skip
@@ -1000,6 +1002,15 @@ class Catalog:
         with self._session() as session:
             rows = session.scalars(select(Run).order_by(Run.id.desc()).limit(limit)).all()
             return [_record(RunRecord, run) for run in rows]
+
+    def get_jobs(self, job_ids: Iterable[int]) -> list[JobRecord]:
+        """The jobs with these ids that exist, by id."""
+        ids = list(job_ids)
+        with self._session() as session:
+            rows = []
+            for k in range(0, len(ids), _PLAN_CHUNK):
+                rows += session.scalars(select(Job).where(Job.id.in_(ids[k : k + _PLAN_CHUNK]))).all()
+            return sorted((_record(JobRecord, job) for job in rows), key=lambda j: j.id)
 
     def get_job(self, job_id: int) -> JobRecord | None:
         """A job by id; None if absent."""

@@ -217,3 +217,25 @@ def test_a_large_manifest_is_split_with_dask_and_planned_from_its_shards(
     with Catalog(catalog_url) as catalog:
         (rejected,) = catalog.rejections(summary["run_id"])
         assert rejected.line == 4 and rejected.field == "size" and rejected.item_id == "bad"
+
+
+def test_run_job_refuses_weights_other_than_planned(tmp_path):
+    from flows.shard import JobContext, run_job
+    from storage.catalog import JobSpec
+    from storage.layout import OutputLayout
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    catalog.upgrade()
+    run = catalog.create_run("r", "m.jsonl", "0" * 64, {})
+    catalog.plan_jobs(run.id, [JobSpec("fox", 1, "tiny-t2v", "ckpt:other", {"prompt": "a fox", **FAST})])
+    (planned,) = catalog.jobs(run.id)
+    ctx = JobContext(
+        catalog=catalog, run_id=run.id, run_name="r", source=model_source("tiny-t2v"), pipeline=None,
+        layout=OutputLayout(str(tmp_path / "out")), storage_options={}, worker="w", max_attempts=3,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="planned for tiny-t2v weights ckpt:other"):
+        run_job(ctx, planned.id)
+    failed = catalog.get_job(planned.id)
+    assert failed.status == JobStatus.failed and "WANFLOW_CHECKPOINTS" in failed.last_error
+    assert run_job(ctx, planned.id) == {"job_id": planned.id, "status": "not-claimed", "detail": "failed"}
+    catalog.close()
