@@ -16,7 +16,9 @@ call without Prefect.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import logging
 import os
 import socket
 import time
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath
 from typing import Any
+from uuid import UUID
 
 import fsspec
 from prefect import flow, get_run_logger, tags
@@ -47,9 +50,9 @@ from flows.manifest import (
     split_manifest,
 )
 from flows.models import ModelSource, model_source
-from flows.settings import Settings, get_settings
+from flows.settings import Settings, check_secret_free, get_settings
 from flows.shard import _notify, generate_shard
-from storage.catalog import Catalog, JobGroupRow, JobSpec, JobStatus, RunStatus, spec_key
+from storage.catalog import Catalog, CatalogError, JobGroupRow, JobSpec, JobStatus, RunStatus, spec_key
 from storage.layout import safe_name
 from storage.outputs import verifier
 from storage.urls import join_url, redact
@@ -60,7 +63,10 @@ __all__ = [
     "requeue_abandoned", "summarise",
 ]  # fmt: skip
 
+log = logging.getLogger(__name__)
+
 MAX_TABLE_ROWS = 1000
+DEPLOYED_POLL_S = 5.0
 SHEET_THUMBNAILS = 24
 
 
@@ -128,7 +134,9 @@ def read_manifest(
         return manifest
     sha256 = manifest_sha256(url, options)
     stem = PurePosixPath(url.rstrip("/")).name.split(".")[0] or "manifest"
-    out = split_to or join_url(settings.storage_root, "_manifests", f"{safe_name(stem)}-{sha256[:12]}")
+    # One directory per (manifest, run defaults): runs of the same file with other defaults do not share it.
+    digest = hashlib.sha256(f"{sha256}\0{defaults.model_dump_json()}".encode()).hexdigest()[:12]
+    out = split_to or join_url(settings.storage_root, "_manifests", f"{safe_name(stem)}-{digest}")
     out_options = settings.storage_options_for(out)
     result = split_manifest(url, out, defaults, storage_options=options, overwrite=True)
     if result.invalid and not skip_invalid:
@@ -195,10 +203,20 @@ def plan_shards(jobs: Iterable[JobGroupRow], shard_size: int) -> list[ShardPlan]
     return shards
 
 
-def _worker_gone(worker: str | None, claimed_at: datetime | None, timeout: timedelta) -> str | None:
-    """Why a running job's claim is abandoned, or None if its worker may still be at work."""
+def _worker_gone(
+    worker: str | None, claimed_at: datetime | None, timeout: timedelta, run_states: dict[str, str]
+) -> str | None:
+    """Why a running job's claim is abandoned, or None if its worker may still be at work.
+
+    A worker id is '<host>:<pid>[:<flow run id>]'. The claim is abandoned when its flow run has ended
+    (`run_states` maps flow run ids to the final state of those that have), when the process is gone
+    from this very host, or when the claim is older than `timeout` (a worker elsewhere that died
+    without its flow run being marked, for instance a machine that lost power).
+    """
     host, _, rest = (worker or "").partition(":")
-    pid = rest.partition(":")[0]
+    pid, _, flow_run_id = rest.partition(":")
+    if flow_run_id and flow_run_id in run_states:
+        return f"worker {worker}: its flow run ended {run_states[flow_run_id]}"
     if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
         return f"worker {worker} is gone (process {pid} no longer exists)"
     if claimed_at is not None and datetime.now(UTC) - claimed_at > timeout:
@@ -216,14 +234,48 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _ended_flow_runs(flow_run_ids: set[str]) -> dict[str, str]:
+    """{flow run id: state name} for those of the given flow runs that have ended (asks Prefect; nothing
+    if it cannot be asked)."""
+    if not flow_run_ids:
+        return {}
+    try:
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids]))
+            )
+    except Exception as exc:  # no API here: time and pids still tell
+        log.info("could not ask Prefect about flow runs holding claims: %s", exc)
+        return {}
+    return {str(r.id): r.state.name for r in runs if r.state is not None and r.state.is_final()}
+
+
 def requeue_abandoned(catalog: Catalog, run_id: int, timeout: timedelta) -> int:
     """Give the run's running jobs whose worker died back to pending; returns how many."""
-    gone: dict[str, list[int]] = {}
-    for job in catalog.jobs(run_id, status=JobStatus.running):
-        reason = _worker_gone(job.worker_id, job.claimed_at, timeout)
+    running = catalog.jobs(run_id, status=JobStatus.running)
+    flow_runs = set()
+    for job in running:
+        flow_run_id = (job.worker_id or "").split(":", 2)[2:]
+        if flow_run_id and _is_uuid(flow_run_id[0]):
+            flow_runs.add(flow_run_id[0])
+    ended = _ended_flow_runs(flow_runs)
+    requeued = 0
+    for job in running:
+        reason = _worker_gone(job.worker_id, job.claimed_at, timeout, ended)
         if reason:
-            gone.setdefault(reason, []).append(job.id)
-    return sum(catalog.requeue_abandoned(ids, reason) for reason, ids in gone.items())
+            requeued += catalog.requeue_abandoned([job.id], reason, worker=job.worker_id)
+    return requeued
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _run_settings(settings: Settings, defaults: RunDefaults, **extra: Any) -> dict[str, Any]:
@@ -233,12 +285,18 @@ def _run_settings(settings: Settings, defaults: RunDefaults, **extra: Any) -> di
     }  # fmt: skip
 
 
-def _unique_name(catalog: Catalog, name: str) -> str:
-    candidate, n = name, 1
-    while catalog.get_run(candidate) is not None:
-        n += 1
-        candidate = f"{name}-{n}"
-    return candidate
+def _create_run(catalog: Catalog, name: str, manifest: Manifest, run_settings: dict, flow_run_id: str | None):
+    """A new catalog run named `name`, or `name-2`, `name-3`, ... if taken (also by a concurrent start)."""
+    for n in range(1, 1000):
+        candidate = name if n == 1 else f"{name}-{n}"
+        if catalog.get_run(candidate) is not None:
+            continue
+        try:
+            return catalog.create_run(candidate, manifest.url, manifest.sha256, run_settings, flow_run_id)
+        except CatalogError:
+            if catalog.get_run(candidate) is None:
+                raise
+    raise CatalogError(f"no free run name like {name!r}")
 
 
 def plan_run(
@@ -253,25 +311,26 @@ def plan_run(
     flow_run_id: str | None = None,
     extra_settings: dict[str, Any] | None = None,
 ) -> BatchPlan:
-    """Record the run, its rejected rows and its jobs in the catalog; requeue abandoned jobs; cut shards."""
-    name = _unique_name(catalog, run_name)
-    run = catalog.create_run(
-        name, manifest.url, manifest.sha256, _run_settings(settings, defaults, shard_size=shard_size,
-                                                           **(extra_settings or {})),
-        flow_run_id=flow_run_id,
-    )  # fmt: skip
-    catalog.start_run(run.id, flow_run_id=flow_run_id)
-    catalog.record_rejections(run.id, (p._asdict() for p in manifest.problems))
-    for source in sources.values():
-        weights = source.ckpt_dir or "random"
-        catalog.register_model(source.model, source.fingerprint, weights, source.describe())
-    summary = catalog.plan_jobs(
-        run.id, job_specs(manifest, sources), verify=verifier(settings.resolved_storage_options())
-    )
-    abandoned = requeue_abandoned(catalog, run.id, timedelta(seconds=settings.claim_timeout_s))
-    shards = plan_shards(catalog.job_groups(run.id, JobStatus.pending), shard_size)
+    """Record the run, its rejected rows and its jobs in the catalog; requeue abandoned jobs; cut shards.
+    If planning fails, the run is marked failed."""
+    run_settings = _run_settings(settings, defaults, shard_size=shard_size, **(extra_settings or {}))
+    run = _create_run(catalog, run_name, manifest, run_settings, flow_run_id)
+    try:
+        catalog.start_run(run.id, flow_run_id=flow_run_id)
+        catalog.record_rejections(run.id, (p._asdict() for p in manifest.problems))
+        for source in sources.values():
+            weights = source.ckpt_dir or "random"
+            catalog.register_model(source.model, source.fingerprint, weights, source.describe())
+        summary = catalog.plan_jobs(
+            run.id, job_specs(manifest, sources), verify=verifier(settings.resolved_storage_options())
+        )
+        abandoned = requeue_abandoned(catalog, run.id, timedelta(seconds=settings.claim_timeout_s))
+        shards = plan_shards(catalog.job_groups(run.id, JobStatus.pending), shard_size)
+    except BaseException as exc:
+        catalog.finish_run(run.id, RunStatus.failed if isinstance(exc, Exception) else RunStatus.cancelled)
+        raise
     return BatchPlan(
-        run_id=run.id, run_name=name, manifest=redact(manifest.url), rows=manifest.rows,
+        run_id=run.id, run_name=run.name, manifest=redact(manifest.url), rows=manifest.rows,
         invalid=len(manifest.problems), jobs=summary.total, created=summary.created,
         already_done=summary.already_done, requeued=summary.requeued,
         already_planned=summary.already_planned, abandoned=abandoned, shards=shards,
@@ -331,9 +390,10 @@ def summarise(catalog: Catalog, run_id: int, settings: Settings) -> dict[str, An
 
 
 def _output_rows(catalog: Catalog, run_id: int) -> list[dict[str, Any]]:
-    jobs = {j.id: j for j in catalog.jobs(run_id)}
+    outputs = catalog.outputs(run_id, limit=MAX_TABLE_ROWS)
+    jobs = {j.id: j for j in catalog.get_jobs(o.job_id for o in outputs if o.job_id is not None)}
     rows = []
-    for out in catalog.outputs(run_id)[:MAX_TABLE_ROWS]:
+    for out in outputs:
         job = jobs.get(out.job_id)
         rows.append({
             "item": job.item_id if job else "", "seed": job.seed if job else "",
@@ -353,7 +413,7 @@ def _sheet(
 
     options = settings.resolved_storage_options()
     images = []
-    for out in catalog.outputs(run_id)[:SHEET_THUMBNAILS]:
+    for out in catalog.outputs(run_id, limit=SHEET_THUMBNAILS):
         if not out.thumbnail_uri:
             continue
         try:
@@ -413,6 +473,22 @@ def _batch_run_name() -> str:
     return f"batch-{safe_name(stem)}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
+class BatchFailed(RuntimeError):
+    """A run ended with failed or unfinished jobs; `summary` is what the run made and what it did not."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+        by = summary["by_status"]
+        unfinished = by["pending"] + by["running"]
+        super().__init__(
+            f"run {summary['run_name']}: {by['failed']} of {summary['jobs']} jobs failed, {unfinished} "
+            f"unfinished (see `wanflow catalog jobs --run {summary['run_name']} --status failed`)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.summary,))
+
+
 @flow(name="generate-batch", flow_run_name=_batch_run_name, log_prints=True, persist_result=False)
 def generate_batch(
     manifest: str,
@@ -429,11 +505,14 @@ def generate_batch(
 ) -> dict[str, Any]:
     """Generate every (row, seed) of `manifest` that is not done yet; returns the run's summary.
 
-    `out` (storage root) and `catalog_url` default to the `WANFLOW_*` settings; `defaults` holds run-wide
+    `out` (storage root) and `catalog_url` default to the `WANFLOW_*` settings (a catalog URL with a
+    password is refused as a parameter: flow parameters are visible in Prefect); `defaults` holds run-wide
     generation parameters (size, frame_num, steps, shift, guide_scale, solver, negative_prompt) that rows
     override. With `shard_deployment` (or `WANFLOW_SHARD_DEPLOYMENT`), shards run as flow runs of that
-    deployment on its work pool; otherwise in this process.
+    deployment on its work pool; otherwise in this process. Raises `BatchFailed` (the flow run ends
+    Failed) when any job failed or did not finish; its `summary` is the same dict.
     """
+    check_secret_free(catalog_url)
     logger = get_run_logger()
     settings = get_settings(catalog_url=catalog_url, storage_root=out, shard_deployment=shard_deployment)
     run_defaults = RunDefaults(model=model, base_seed=base_seed, **({"num_seeds": seeds} if seeds else {}),
@@ -443,39 +522,65 @@ def generate_batch(
         logger.warning("%d invalid rows left out (recorded in the catalog)", len(loaded.problems))
     sources = model_sources(loaded, settings, ckpt_dir, model)
     catalog = Catalog(settings.catalog_url)
-    catalog.check_schema()
+    try:
+        catalog.check_schema()
+        return _run(catalog, loaded, sources, settings, run_defaults, shard_size=shard_size, extra_settings={
+            "ckpt_dir": ckpt_dir, "skip_invalid": skip_invalid, "shard_deployment": settings.shard_deployment,
+        })  # fmt: skip
+    finally:
+        catalog.close()
+
+
+def _run(
+    catalog: Catalog,
+    loaded: Manifest,
+    sources: dict[str, ModelSource],
+    settings: Settings,
+    run_defaults: RunDefaults,
+    *,
+    shard_size: int,
+    extra_settings: dict[str, Any],
+) -> dict[str, Any]:
+    logger = get_run_logger()
     plan = plan_run(
         catalog, loaded, sources, settings, run_defaults, run_name=flow_run.get_name() or _batch_run_name(),
-        shard_size=shard_size, flow_run_id=flow_run.get_id(),
-        extra_settings={"ckpt_dir": ckpt_dir, "skip_invalid": skip_invalid,
-                        "shard_deployment": settings.shard_deployment},
+        shard_size=shard_size, flow_run_id=flow_run.get_id(), extra_settings=extra_settings,
     )  # fmt: skip
     assert plan.run_id is not None
-    logger.info(
-        "run %s: %d jobs (%d new, %d done already, %d requeued, %d abandoned requeued); %d to generate in "
-        "%d shards", plan.run_name, plan.jobs, plan.created, plan.already_done, plan.requeued, plan.abandoned,
-        plan.to_generate, len(plan.shards),
-    )  # fmt: skip
-    _notify({"event": "planned", "run_id": plan.run_id, "run_name": plan.run_name, "total": plan.to_generate})
-    progress_id = create_progress_artifact(
-        progress=0.0 if plan.to_generate else 100.0, description=f"{plan.run_name}: jobs finished"
-    )
     try:
+        logger.info(
+            "run %s: %d jobs (%d new, %d done already, %d requeued, %d abandoned requeued); %d to generate "
+            "in %d shards", plan.run_name, plan.jobs, plan.created, plan.already_done, plan.requeued,
+            plan.abandoned, plan.to_generate, len(plan.shards),
+        )  # fmt: skip
+        _notify(
+            {"event": "planned", "run_id": plan.run_id, "run_name": plan.run_name, "total": plan.to_generate}
+        )
+        progress_id = create_progress_artifact(
+            progress=0.0 if plan.to_generate else 100.0, description=f"{plan.run_name}: jobs finished"
+        )
         if settings.shard_deployment:
-            _run_deployed(plan, settings.shard_deployment, catalog, str(progress_id))
+            _run_deployed(plan, settings, catalog, str(progress_id))
         else:
             for shard in plan.shards:
                 with tags(*shard.tags):
-                    generate_shard(
+                    state = generate_shard(
                         plan.run_id, shard.job_ids, shard.model, ckpt_dir=sources[shard.model].ckpt_dir,
-                        catalog_url=catalog_url, storage_root=out, progress_artifact_id=str(progress_id),
-                        label=shard.label, return_state=True,
+                        catalog_url=settings.catalog_url, storage_root=settings.storage_root,
+                        progress_artifact_id=str(progress_id), label=shard.label, run_name=plan.run_name,
+                        return_state=True,
                     )  # fmt: skip
-    except BaseException:
-        catalog.finish_run(plan.run_id, RunStatus.cancelled)
+                if not state.is_completed():
+                    logger.error("shard %s ended %s: %s", shard.label, state.type.value, state.message)
+    except BaseException as exc:
+        catalog.finish_run(
+            plan.run_id, RunStatus.failed if isinstance(exc, Exception) else RunStatus.cancelled
+        )
         raise
     summary = summarise(catalog, plan.run_id, settings)
-    status = RunStatus.failed if summary["by_status"]["failed"] else RunStatus.succeeded
+    by = summary["by_status"]
+    complete = by["failed"] == by["pending"] == by["running"] == 0
+    status = RunStatus.succeeded if complete else RunStatus.failed
     catalog.finish_run(plan.run_id, status)
     summary["status"] = status.value
     update_progress_artifact(progress_id, progress=100.0)
@@ -483,40 +588,61 @@ def generate_batch(
         key="batch-outputs", table=_output_rows(catalog, plan.run_id) or [{"item": "", "uri": ""}],
         description=f"{plan.run_name}: outputs (first {MAX_TABLE_ROWS})",
     )  # fmt: skip
-    sheet = _sheet(catalog, plan.run_id, plan.run_name, settings, store=summary["by_status"]["succeeded"] > 0)
+    sheet = _sheet(catalog, plan.run_id, plan.run_name, settings, store=by["succeeded"] > 0)
     create_markdown_artifact(
         key="batch-summary", markdown=_markdown(summary, plan, sheet), description=f"{plan.run_name}: summary"
     )
-    catalog.close()
     summary["plan"] = plan.to_dict()
+    if not complete:
+        raise BatchFailed(summary)
     return summary
 
 
-def _run_deployed(plan: BatchPlan, deployment: str, catalog: Catalog, progress_id: str) -> None:
-    """Submit every shard as a run of `deployment`, then wait for all, updating the progress artifact."""
+def _run_deployed(plan: BatchPlan, settings: Settings, catalog: Catalog, progress_id: str) -> None:
+    """Submit every shard as a run of the shard deployment, then wait for all, updating the progress
+    artifact. Shards get the storage root (not secret) and the run's name; the catalog URL and every
+    credential come from the workers' own environment."""
     from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
+    deployment = settings.shard_deployment
+    assert deployment
     runs = []
     for shard in plan.shards:
         runs.append(run_deployment(
             deployment, timeout=0, tags=shard.tags, as_subflow=True,
             parameters={"run_id": plan.run_id, "job_ids": shard.job_ids, "model": shard.model,
-                        "progress_artifact_id": progress_id, "label": shard.label},
+                        "storage_root": settings.storage_root, "progress_artifact_id": progress_id,
+                        "label": shard.label, "run_name": plan.run_name},
         ))  # fmt: skip
     logger.info("submitted %d shard runs to %s", len(runs), deployment)
     pending = {r.id for r in runs}
+    waiting_since = time.monotonic()
     with get_client(sync_client=True) as client:
         while pending:
-            time.sleep(2.0)
-            for run_id in list(pending):
-                state = client.read_flow_run(run_id).state
+            time.sleep(DEPLOYED_POLL_S)
+            found = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))
+            )
+            for run in found:
+                state = run.state
                 if state is not None and state.is_final():
-                    pending.discard(run_id)
+                    pending.discard(run.id)
                     if not state.is_completed():
-                        logger.warning("shard run %s ended %s: %s", run_id, state.type.value, state.message)
-            stats = catalog.stats(plan.run_id)
-            by = stats["by_status"]
-            finished = by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped]
-            update_progress_artifact(progress_id, progress=100.0 * finished / max(stats["jobs"], 1))
+                        logger.error("shard run %s ended %s: %s", run.name, state.type.value, state.message)
+                elif state is not None and state.is_scheduled() and time.monotonic() - waiting_since > 300:
+                    logger.warning("shard run %s still waits for a worker on its pool", run.name)
+                    waiting_since = time.monotonic()
+            update_progress_artifact(progress_id, progress=_percent_done(catalog, plan.run_id))
+
+
+def _percent_done(catalog: Catalog, run_id: int) -> float:
+    stats = catalog.stats(run_id)
+    by = stats["by_status"]
+    return (
+        100.0
+        * (by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped])
+        / max(stats["jobs"], 1)
+    )

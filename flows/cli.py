@@ -18,15 +18,18 @@ Every listing prints a table, or JSON with `--json`. The catalog and storage loc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.settings import get_settings
@@ -46,13 +49,15 @@ app.add_typer(catalog_app, name="catalog")
 
 _console = Console()
 _err = Console(stderr=True, soft_wrap=True)
-CatalogUrl = Annotated[str | None, typer.Option("--catalog-url", help="overrides WANFLOW_CATALOG_URL")]
+CatalogUrl = Annotated[
+    str | None, typer.Option("--catalog-url", "--catalog", help="overrides WANFLOW_CATALOG_URL")
+]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 RunRef = Annotated[str | None, typer.Option("--run", help="run id or name")]
 
 
 def _fail(message: str) -> typer.Exit:
-    _err.print(f"[red]error:[/red] {redact(message)}", highlight=False)
+    _err.print(f"[red]error:[/red] {escape(redact(message))}", highlight=False)
     return typer.Exit(code=1)
 
 
@@ -204,15 +209,16 @@ def _defaults(model: str, seeds: int | None, base_seed: int, **params: Any) -> R
 
 
 def _load(
-    manifest: str, defaults: RunDefaults, *, skip_invalid: bool, catalog_url: str | None, out: str | None
-):
+    manifest: str, defaults: RunDefaults, *, skip_invalid: bool, catalog_url: str | None, out: str | None,
+    ckpt_dir: str | None = None, split_to: str | None = None,
+):  # fmt: skip
     from flows.batch import model_sources, read_manifest
     from flows.manifest import ManifestError
 
     settings = get_settings(catalog_url=catalog_url, storage_root=out)
     try:
-        loaded = read_manifest(manifest, defaults, settings, skip_invalid=skip_invalid)
-        sources = model_sources(loaded, settings, None, defaults.model)
+        loaded = read_manifest(manifest, defaults, settings, skip_invalid=skip_invalid, split_to=split_to)
+        sources = model_sources(loaded, settings, ckpt_dir, defaults.model)
     except ManifestError as exc:
         raise _fail(f"{exc}\n(fix the rows above, or pass --skip-invalid to leave them out)") from exc
     except ValueError as exc:
@@ -236,6 +242,21 @@ def _print_plan(plan: BatchPlan, as_json: bool) -> None:
         _emit(rows, False, ["shard", "model", "size", "frames", "jobs"], "shards")
 
 
+@contextlib.contextmanager
+def _environ(**values: str | None) -> Iterator[None]:
+    """Set environment variables (those given as not None) for the duration of the block."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _quiet_prefect(verbose: bool) -> None:
     """Keep Prefect's console chatter below the progress bar (the UI still gets every log line)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -255,11 +276,12 @@ def _run_batch(
     skip_invalid: bool,
     verbose: bool,
 ) -> dict[str, Any]:
-    """Run `generate_batch` in this process with a progress bar fed by the shards' job events."""
+    """Run `generate_batch` in this process with a progress bar fed by the shards' job events. The catalog
+    URL reaches the flow through the environment, never as a (stored, displayed) flow parameter."""
     _quiet_prefect(verbose)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows.batch import generate_batch
+    from flows.batch import BatchFailed, generate_batch
     from flows.shard import add_progress_listener
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -273,16 +295,24 @@ def _run_batch(
                 bar.advance(task)
                 if event["status"] == "failed":
                     bar.console.print(
-                        f"[red]failed[/red] {event['item_id']}-s{event['seed']}: {event['error']}"
+                        f"[red]failed[/red] {escape(str(event['item_id']))}-s{event['seed']}: "
+                        f"{escape(str(event['error']))}"
                     )
 
-        with add_progress_listener(on_event):
-            return generate_batch(
-                manifest, model=defaults.model, ckpt_dir=ckpt_dir, out=out, catalog_url=catalog_url,
+        with add_progress_listener(on_event), _environ(WANFLOW_CATALOG_URL=catalog_url):
+            state = generate_batch(
+                manifest, model=defaults.model, ckpt_dir=ckpt_dir, out=out, catalog_url=None,
                 seeds=defaults.num_seeds, base_seed=defaults.base_seed, shard_size=shard_size,
                 skip_invalid=skip_invalid,
                 defaults=defaults.model_dump(exclude={"model", "num_seeds", "base_seed"}, exclude_none=True),
+                return_state=True,
             )  # fmt: skip
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BatchFailed):
+        return result.summary
+    if isinstance(result, BaseException):
+        raise _fail(f"the run failed: {type(result).__name__}: {result}") from result
+    return result
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -301,7 +331,8 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         f"{summary['outputs']} videos ({summary['output_bytes'] / 1e6:.1f} MB) in {root}"
     )
     for failure in summary["failed"][:20]:
-        _console.print(f"  [red]failed[/red] {failure['item']}-s{failure['seed']}: {failure['error']}")
+        what = f"{failure['item']}-s{failure['seed']}: {failure['error']}"
+        _console.print(f"  [red]failed[/red] {escape(what)}")
     _console.print(f"catalog: {summary['catalog']} (wanflow catalog outputs --run {summary['run_name']})")
 
 
@@ -340,27 +371,23 @@ def generate(
     as_json: AsJson = False,
 ) -> None:
     """Generate every (row, seed) of MANIFEST not already in the catalog with a verified video."""
+    _quiet_prefect(verbose)  # before anything imports Prefect
     defaults = _defaults(model, seeds, base_seed, size=size, frame_num=frame_num, steps=steps)
-    settings, loaded, sources = _load(
-        manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out
-    )
-    if loaded.problems:
-        _err.print(f"[yellow]{len(loaded.problems)} invalid rows will be left out[/yellow]")
-    if ckpt_dir is not None:
-        settings.checkpoints[model] = ckpt_dir
     if dry_run:
-        from flows.batch import dry_run as plan_dry_run
-
-        url = settings.catalog_url
-        existing: Catalog | None = None
-        if not (url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()):
-            existing = Catalog(url)  # opening a missing SQLite file would create it: a dry run writes nothing
-            try:
-                existing.check_schema()
-            except CatalogError as exc:
-                raise _fail(str(exc)) from exc
-        _print_plan(plan_dry_run(existing, loaded, sources, settings, shard_size=shard_size), as_json)
+        _dry_run(manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out,
+                 ckpt_dir=ckpt_dir, shard_size=shard_size, as_json=as_json)  # fmt: skip
         return
+    from flows.batch import _size_of
+
+    settings = get_settings(catalog_url=catalog_url, storage_root=out)
+    if _size_of(manifest, settings.storage_options_for(manifest)) <= settings.large_manifest_bytes:
+        # Check here first, for a quick and readable answer; a large manifest is checked by the run itself
+        # as it is split, rather than read twice.
+        loaded = _load(
+            manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out, ckpt_dir=ckpt_dir
+        )[1]
+        if loaded.problems:
+            _err.print(f"[yellow]{len(loaded.problems)} invalid rows will be left out[/yellow]")
     _ensure_catalog(catalog_url)
     summary = _run_batch(
         manifest, defaults, ckpt_dir=ckpt_dir, out=out, catalog_url=catalog_url, shard_size=shard_size,
@@ -369,6 +396,37 @@ def generate(
     _print_summary(summary, as_json)
     if summary["status"] != "succeeded":
         raise typer.Exit(code=1)
+
+
+def _dry_run(
+    manifest: str, defaults: RunDefaults, *, skip_invalid: bool, catalog_url: str | None, out: str | None,
+    ckpt_dir: str | None, shard_size: int, as_json: bool,
+) -> None:  # fmt: skip
+    """Print what `generate` would do; writes nothing (a large manifest is split into a temporary dir)."""
+    import tempfile
+
+    from flows.batch import dry_run as plan_dry_run
+
+    with tempfile.TemporaryDirectory(prefix="wanflow-dry-run-") as scratch:
+        settings, loaded, sources = _load(
+            manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out,
+            ckpt_dir=ckpt_dir, split_to=scratch,
+        )  # fmt: skip
+        if loaded.problems:
+            _err.print(f"[yellow]{len(loaded.problems)} invalid rows would be left out[/yellow]")
+        url = settings.catalog_url
+        existing: Catalog | None = None
+        if not (url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()):
+            try:  # (opening a missing SQLite file would create it: a dry run writes nothing)
+                existing = Catalog(url)
+                existing.check_schema()
+            except CatalogError as exc:
+                raise _fail(str(exc)) from exc
+        try:
+            plan = plan_dry_run(existing, loaded, sources, settings, shard_size=shard_size)
+        except CatalogError as exc:
+            raise _fail(str(exc)) from exc
+        _print_plan(plan, as_json)
 
 
 @app.command()

@@ -104,6 +104,11 @@ def load_pipeline(source: ModelSource, *, device: str | None = None, dtype: str 
         if key not in _pipelines:
             import torch
 
+            # One model in memory at a time: a worker serves one shard's model. Free the old one first.
+            _pipelines.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
             from wan.pipeline import WanPipeline
 
             torch_dtype = getattr(torch, dtype) if dtype else None
@@ -115,7 +120,6 @@ def load_pipeline(source: ModelSource, *, device: str | None = None, dtype: str 
                 pipe = WanPipeline.from_pretrained(
                     source.ckpt_dir, task=source.model, device=device, dtype=torch_dtype
                 )
-            _pipelines.clear()  # one model in memory at a time: a worker serves one shard's model
             _pipelines[key] = pipe
         return _pipelines[key]
 

@@ -25,9 +25,9 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from storage.urls import protocol
+from storage.urls import protocol, redact
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["Settings", "check_secret_free", "get_settings"]
 
 
 class Settings(BaseSettings):
@@ -65,3 +65,21 @@ class Settings(BaseSettings):
 def get_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with explicit overrides (for instance from command-line flags)."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def check_secret_free(catalog_url: str | None) -> None:
+    """Refuse a catalog URL holding a password as a flow parameter: Prefect stores flow parameters and
+    shows them in its UI. The password belongs in the workers' environment (or ~/.pgpass)."""
+    if not catalog_url or "://" not in catalog_url:
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(catalog_url).password
+    except Exception:  # not a database URL: Catalog reports that with its own message
+        return
+    if password:
+        raise ValueError(
+            f"catalog_url {redact(catalog_url)!r} holds a password, and flow parameters are stored in "
+            "Prefect and shown in its UI: set WANFLOW_CATALOG_URL (or use ~/.pgpass) instead"
+        )

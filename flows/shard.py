@@ -32,7 +32,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
 from flows.models import ModelSource, load_pipeline, model_source
-from flows.settings import Settings, get_settings
+from flows.settings import Settings, check_secret_free, get_settings
 from storage.catalog import Catalog, JobRecord, JobStatus
 from storage.layout import OutputLayout
 from storage.outputs import store_job_output
@@ -81,6 +81,7 @@ class JobContext:
     max_attempts: int = 1
     fps: int = 16
     provenance: dict[str, Any] = field(default_factory=dict)
+    run_names: dict[int, str] = field(default_factory=dict)  # first runs of jobs redone here
 
 
 # Local progress listeners (the terminal progress bar of `wanflow generate`): called after every job with
@@ -120,10 +121,16 @@ def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]
     raised for the caller (Prefect) to retry or record.
     """
     job = ctx.catalog.claim_job(job_id, worker=ctx.worker, start=True)
-    if job is None:  # done meanwhile, or another worker has it
+    if job is None:
         current = ctx.catalog.get_job(job_id)
-        state = current.status.value if current else "missing"
-        return {"job_id": job_id, "status": "not-claimed", "detail": state}
+        if current is None:
+            raise LookupError(f"job {job_id} is not in the catalog")
+        if current.status == JobStatus.running and current.worker_id == ctx.worker:
+            job = current  # our own claim, left running when recording a failed attempt failed: go on
+        elif current.status == JobStatus.failed:
+            raise ValueError(f"job {job_id} has failed for good: {current.last_error}")
+        else:  # done meanwhile, or another live worker holds it
+            return {"job_id": job_id, "status": "not-claimed", "detail": current.status.value}
     start = time.perf_counter()
     try:
         output = _generate_and_store(ctx, job)
@@ -166,7 +173,7 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     frames = pipe.generate_stream(params["prompt"], seed=job.seed, progress=False, **_settings_args(params))
     provenance = {
         **ctx.provenance,
-        "run": {"id": ctx.run_id, "name": ctx.run_name},
+        "run": {"id": ctx.run_id, "name": ctx.run_name, "objects_under": _objects_run_name(ctx, job)},
         "model": ctx.source.describe(),
         "request": params,
         "settings": {"size": f"{width}*{height}", "frame_num": settings.frame_num, "steps": settings.steps,
@@ -179,10 +186,22 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     }  # fmt: skip
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return store_job_output(
-        ctx.catalog, job, frames, layout=ctx.layout, run_name=ctx.run_name, width=width, height=height,
+        ctx.catalog, job, frames, layout=ctx.layout, run_name=_objects_run_name(ctx, job), width=width,
+        height=height,
         fps=ctx.fps, storage_options=ctx.storage_options, provenance=provenance, device=str(device),
         peak_memory_bytes=peak,
     )  # fmt: skip
+
+
+def _objects_run_name(ctx: JobContext, job: JobRecord) -> str:
+    """Objects go under the run that first planned the job, so a job redone by a later run (after its
+    worker died between upload and catalog row, say) overwrites its earlier objects, never duplicates."""
+    if job.first_run_id == ctx.run_id:
+        return ctx.run_name
+    if job.first_run_id not in ctx.run_names:
+        first = ctx.catalog.get_run(job.first_run_id)
+        ctx.run_names[job.first_run_id] = first.name if first else ctx.run_name
+    return ctx.run_names[job.first_run_id]
 
 
 def _retry_transient(task: Any, run: Any, state: Any) -> bool:
@@ -226,31 +245,59 @@ def generate_shard(
     storage_root: str | None = None,
     progress_artifact_id: str | None = None,
     label: str | None = None,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """Run the given jobs of run `run_id` on one loaded pipeline; returns counts and per-job results.
 
     `catalog_url` and `storage_root` default to this worker's `WANFLOW_*` settings (credentials stay in
     the worker's environment, out of flow parameters); `ckpt_dir` defaults to `WANFLOW_CHECKPOINTS[model]`.
+    `run_name`, when given, must match the catalog's name for `run_id` (a worker pointed at another
+    catalog is refused). The model is not loaded when no job of the shard was planned for its weights.
     """
+    check_secret_free(catalog_url)
     logger = get_run_logger()
     settings = get_settings(catalog_url=catalog_url, storage_root=storage_root)
     catalog = Catalog(settings.catalog_url)
-    catalog.check_schema()
-    run = catalog.get_run(run_id)
-    if run is None:
-        raise ValueError(f"run {run_id} is not in the catalog {redact(settings.catalog_url)}")
-    source = model_source(model, ckpt_dir or settings.checkpoints.get(model))
-    start = time.perf_counter()
-    pipeline = load_pipeline(source, device=settings.device, dtype=settings.dtype)
-    logger.info("model %s ready on %s in %.1f s", model, pipeline.device, time.perf_counter() - start)
-    ctx = _context(settings, catalog, run_id, run.name, source, pipeline)
+    try:
+        catalog.check_schema()
+        run = catalog.get_run(run_id)
+        if run is None or (run_name is not None and run.name != run_name):
+            found = f"is {run.name!r}" if run else "does not exist"
+            raise ValueError(
+                f"run {run_id} ({run_name or 'unnamed'}) {found} in the catalog "
+                f"{redact(settings.catalog_url)} this worker uses: check WANFLOW_CATALOG_URL on the workers"
+            )
+        source = model_source(model, ckpt_dir or settings.checkpoints.get(model))
+        jobs = {job.id: job for job in catalog.get_jobs(job_ids)}
+        pipeline = None
+        if any(
+            (j.model_id, j.model_fingerprint) == (source.model, source.fingerprint) for j in jobs.values()
+        ):
+            start = time.perf_counter()
+            pipeline = load_pipeline(source, device=settings.device, dtype=settings.dtype)
+            logger.info("model %s ready on %s in %.1f s", model, pipeline.device, time.perf_counter() - start)
+        ctx = _context(settings, catalog, run_id, run.name, source, pipeline)
+        results = _run_jobs(ctx, job_ids, jobs, settings, progress_artifact_id)
+    finally:
+        catalog.close()
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result["status"]] = counts.get(result["status"], 0) + 1
+    logger.info("shard finished: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    return {"run_id": run_id, "counts": counts, "results": results}
+
+
+def _run_jobs(
+    ctx: JobContext, job_ids: list[int], jobs: dict[int, JobRecord], settings: Settings,
+    progress_artifact_id: str | None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Each job as a task, in order; a failed job is recorded and the next one runs."""
     job_task = generate_job.with_options(
         retries=settings.job_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=settings.retry_delay_s)
         if settings.retry_delay_s > 0 else 0,
     )  # fmt: skip
     results: list[dict[str, Any]] = []
-    jobs = {job.id: job for job in catalog.get_jobs(job_ids)}
     last_update = 0.0
     for n, job_id in enumerate(job_ids, 1):
         job = jobs.get(job_id)
@@ -267,15 +314,10 @@ def generate_shard(
                             "error": state.message})  # fmt: skip
         # The run's progress, as the catalog counts it (other shards included), every few seconds.
         if progress_artifact_id and (time.monotonic() - last_update > PROGRESS_EVERY_S or n == len(job_ids)):
-            done, total = _progress(catalog, run_id)
+            done, total = _progress(ctx.catalog, ctx.run_id)
             update_progress_artifact(progress_artifact_id, progress=100.0 * done / max(total, 1))
             last_update = time.monotonic()
-    counts: dict[str, int] = {}
-    for result in results:
-        counts[result["status"]] = counts.get(result["status"], 0) + 1
-    logger.info("shard finished: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    catalog.close()
-    return {"run_id": run_id, "counts": counts, "results": results}
+    return results
 
 
 def _context(

@@ -847,15 +847,17 @@ class Catalog:
                 return None
             return _record(JobRecord, session.get_one(Job, job_id))
 
-    def requeue_abandoned(self, job_ids: Iterable[int], reason: str) -> int:
-        """Put running jobs whose worker is known to be gone back to pending, noting `reason`."""
+    def requeue_abandoned(self, job_ids: Iterable[int], reason: str, *, worker: str | None = None) -> int:
+        """Put running jobs whose worker is known to be gone back to pending, noting `reason`. With
+        `worker`, only jobs still held by that worker (not one that claimed them since)."""
         ids = list(job_ids)
         if not ids:
             return 0
         with self._session(write=True) as session:
+            held = Job.worker_id == worker if worker is not None else sa.true()
             stmt = (
                 update(Job)
-                .where(Job.id.in_(ids), Job.status == JobStatus.running)
+                .where(Job.id.in_(ids), Job.status == JobStatus.running, held)
                 .values(
                     status=JobStatus.pending, worker_id=None, claimed_at=None, last_error=_clean_error(reason)
                 )
@@ -1081,10 +1083,10 @@ class Catalog:
         with self._session() as session:
             return [JobGroupRow(*row) for row in session.execute(query)]
 
-    def outputs(self, run_id: int | None = None) -> list[OutputRecord]:
+    def outputs(self, run_id: int | None = None, limit: int | None = None) -> list[OutputRecord]:
         """Outputs by id; with `run_id`, the outputs of every job the run asked for (skipped ones too)."""
         with self._session() as session:
-            query = select(Output).order_by(Output.id)
+            query = select(Output).order_by(Output.id).limit(limit)
             if run_id is not None:
                 query = query.join(RunJob, RunJob.job_id == Output.job_id).where(RunJob.run_id == run_id)
             return [_record(OutputRecord, row) for row in session.scalars(query).all()]

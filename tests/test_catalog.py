@@ -399,7 +399,8 @@ def test_claim_job_takes_only_a_pending_job(catalog):
     assert claimed.attempts == 1
     assert catalog.claim_job(job.id, worker="w2") is None  # held by w1
     assert catalog.claim_job(10_000, worker="w2") is None  # no such job
-    assert catalog.requeue_abandoned([job.id], "worker w1 is gone") == 1
+    assert catalog.requeue_abandoned([job.id], "gone", worker="w9") == 0  # held by w1, not w9
+    assert catalog.requeue_abandoned([job.id], "worker w1 is gone", worker="w1") == 1
     again = catalog.get_job(job.id)
     assert again.status == JobStatus.pending and again.last_error == "worker w1 is gone"
     assert catalog.requeue_abandoned([job.id], "twice") == 0  # only running jobs are touched

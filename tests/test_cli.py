@@ -181,3 +181,20 @@ def test_generate_then_dry_run_sees_everything_done(tmp_path, monkeypatch):
     assert plan["already_done"] == 4 and plan["to_generate"] == 0 and plan["shards"] == []
     outputs = json.loads(_wanflow(url, "outputs", "--json").stdout)
     assert len(outputs) == 4 and all(o["uri"].startswith(str(tmp_path / "videos")) for o in outputs)
+
+
+def test_generate_uses_the_given_checkpoint_dir(tmp_path):
+    manifest = _manifest(tmp_path, [{"item_id": "fox", "prompt": "a fox"}])
+    ckpt = tmp_path / "Wan2.1-T2V-1.3B"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    args = ["generate", manifest, "--model", "t2v-1.3B", "--ckpt-dir", str(ckpt), "--dry-run", "--json"]
+    result = runner.invoke(app, [*args, "--catalog-url", f"sqlite:///{tmp_path}/c.db"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["shards"][0]["model"] == "t2v-1.3B"
+
+
+def test_markup_in_a_manifest_is_printed_as_text(tmp_path):
+    manifest = _manifest(tmp_path, [{"item_id": "fox", "prompt": "a fox", "size": "[/x]"}])
+    result = runner.invoke(app, ["generate", manifest, "--catalog-url", f"sqlite:///{tmp_path}/c.db"])
+    assert result.exit_code == 1 and "[/x]" in result.output and "MarkupError" not in result.output

@@ -14,7 +14,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 import flows.shard
-from flows.batch import _worker_gone, generate_batch, plan_shards
+from flows.batch import BatchFailed, _worker_gone, generate_batch, plan_shards
 from flows.models import checkpoint_fingerprint, model_source
 from storage.catalog import Catalog, JobGroupRow, JobStatus
 from storage.outputs import verifier
@@ -42,9 +42,13 @@ def write_manifest(path: Path, items=ITEMS) -> str:
 
 
 def run_batch(tmp_path: Path, catalog_url: str, manifest: str, **kwargs):
-    return generate_batch(
-        manifest, out=str(tmp_path / "out"), catalog_url=catalog_url, seeds=2, shard_size=4, **kwargs
-    )
+    """The run's summary, whether it succeeded or not (then the flow raised BatchFailed with it)."""
+    try:
+        return generate_batch(
+            manifest, out=str(tmp_path / "out"), catalog_url=catalog_url, seeds=2, shard_size=4, **kwargs
+        )
+    except BatchFailed as failed:
+        return failed.summary
 
 
 # ------------------------------------------------------------------------------------ without Prefect
@@ -67,11 +71,12 @@ def test_shards_group_by_model_size_and_frames():
 
 def test_abandoned_claims_are_recognised():
     host, now, hour = socket.gethostname(), datetime.now(UTC), timedelta(hours=1)
-    assert _worker_gone(f"{host}:{os.getpid()}:run", now, hour) is None  # this process: alive
+    assert _worker_gone(f"{host}:{os.getpid()}:run", now, hour, {}) is None  # this process: alive
     dead = f"{host}:999999999:run"
-    assert "no longer exists" in _worker_gone(dead, now, hour)
-    assert _worker_gone("elsewhere:1:run", now, hour) is None  # another host: only time tells
-    assert "expired" in _worker_gone("elsewhere:1:run", now - 2 * hour, hour)
+    assert "no longer exists" in _worker_gone(dead, now, hour, {})
+    assert _worker_gone("elsewhere:1:run", now, hour, {}) is None  # another host: its flow run or time tells
+    assert "ended Crashed" in _worker_gone("elsewhere:1:run", now, hour, {"run": "Crashed"})
+    assert "expired" in _worker_gone("elsewhere:1:run", now - 2 * hour, hour, {})
 
 
 def test_model_sources_and_fingerprints(tmp_path):
@@ -237,5 +242,61 @@ def test_run_job_refuses_weights_other_than_planned(tmp_path):
         run_job(ctx, planned.id)
     failed = catalog.get_job(planned.id)
     assert failed.status == JobStatus.failed and "WANFLOW_CHECKPOINTS" in failed.last_error
-    assert run_job(ctx, planned.id) == {"job_id": planned.id, "status": "not-claimed", "detail": "failed"}
+    with pytest.raises(ValueError, match="has failed for good"):  # a retry cannot pass for a success
+        run_job(ctx, planned.id)
+    catalog.close()
+
+
+@pytest.mark.slow
+def test_a_crashed_shard_fails_the_run_and_a_rerun_finishes_it(harness, fast_retries, tmp_path, monkeypatch):
+    catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(catalog_url).upgrade()
+    manifest = write_manifest(tmp_path / "crash.jsonl", items=("alpha",))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory while loading (injected)")
+
+    monkeypatch.setattr(flows.shard, "load_pipeline", broken)
+    with pytest.raises(BatchFailed, match="0 of 2 jobs failed, 2 unfinished") as failed:
+        generate_batch(manifest, out=str(tmp_path / "out"), catalog_url=catalog_url, seeds=2)
+    assert failed.value.summary["status"] == "failed" and failed.value.summary["by_status"]["pending"] == 2
+    with Catalog(catalog_url) as catalog:
+        assert catalog.get_run(failed.value.summary["run_id"]).status == "failed"
+    monkeypatch.undo()
+    again = run_batch(tmp_path, catalog_url, manifest)
+    assert again["status"] == "succeeded" and again["by_status"]["succeeded"] == 2
+
+
+def test_a_password_never_becomes_a_flow_parameter(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", items=("alpha",))
+    with pytest.raises(ValueError, match=r"holds a password.*WANFLOW_CATALOG_URL") as refused:
+        generate_batch.fn(manifest, catalog_url="postgresql+psycopg://wanflow:s3cret@db/wanflow")
+    assert "s3cret" not in str(refused.value)
+
+
+def test_a_redone_job_overwrites_its_first_runs_objects(tmp_path):
+    """A worker killed between upload and catalog row leaves objects; the redo writes the same keys."""
+    from flows.shard import JobContext, run_job
+    from storage.catalog import JobSpec
+    from storage.layout import OutputLayout
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    catalog.upgrade()
+    source = model_source("tiny-t2v")
+    spec = JobSpec("fox", 1, "tiny-t2v", source.fingerprint, {"prompt": "a fox", **FAST})
+    first = catalog.create_run("first", "m.jsonl", "0" * 64, {})
+    catalog.plan_jobs(first.id, [spec])
+    (job,) = catalog.jobs(first.id)
+    assert catalog.claim_job(job.id, worker="dead-worker") is not None
+    second = catalog.create_run("second", "m.jsonl", "0" * 64, {})
+    catalog.plan_jobs(second.id, [spec])
+    assert catalog.requeue_abandoned([job.id], "worker gone", worker="dead-worker") == 1
+    ctx = JobContext(
+        catalog=catalog, run_id=second.id, run_name="second", source=source,
+        pipeline=flows.shard.load_pipeline(source), layout=OutputLayout(str(tmp_path / "out")),
+        storage_options={}, worker="w2",
+    )  # fmt: skip
+    result = run_job(ctx, job.id)
+    assert result["status"] == "succeeded" and "/first/fox/" in result["uri"]
+    assert not (tmp_path / "out" / "second").exists()
     catalog.close()
