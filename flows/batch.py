@@ -635,14 +635,14 @@ def _run_deployed(plan: BatchPlan, settings: Settings, catalog: Catalog, progres
                 elif state is not None and state.is_scheduled() and time.monotonic() - waiting_since > 300:
                     logger.warning("shard run %s still waits for a worker on its pool", run.name)
                     waiting_since = time.monotonic()
-            update_progress_artifact(progress_id, progress=_percent_done(catalog, plan.run_id))
+            finished, jobs = _finished(catalog, plan.run_id)
+            update_progress_artifact(progress_id, progress=100.0 * finished / max(jobs, 1))
+            # this run's jobs finished elsewhere, for a local progress bar (`wanflow generate`)
+            _notify({"event": "progress", "run_id": plan.run_id, "completed": finished - plan.already_done})
 
 
-def _percent_done(catalog: Catalog, run_id: int) -> float:
+def _finished(catalog: Catalog, run_id: int) -> tuple[int, int]:
+    """(jobs finished, jobs) of a run, as the catalog counts them now."""
     stats = catalog.stats(run_id)
     by = stats["by_status"]
-    return (
-        100.0
-        * (by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped])
-        / max(stats["jobs"], 1)
-    )
+    return by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped], stats["jobs"]

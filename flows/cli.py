@@ -291,6 +291,8 @@ def _run_batch(
         def on_event(event: dict[str, Any]) -> None:
             if event.get("event") == "planned":
                 bar.update(task, total=event["total"], completed=0, description=event["run_name"])
+            elif event.get("event") == "progress":  # shards on a work pool: counted from the catalog
+                bar.update(task, completed=event["completed"])
             elif event.get("status") in ("succeeded", "failed"):
                 bar.advance(task)
                 if event["status"] == "failed":
