@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 THUMBNAIL_WIDTH = 512
 POSTER_FRAMES = 8
+POSTER_TILE_WIDTH = 256  # frames narrower than this are not blown up
 
 
 def store_job_output(
@@ -66,7 +67,10 @@ def store_job_output(
                     max_width=THUMBNAIL_WIDTH)  # fmt: skip
         written.append(keys.thumbnail)
         write_image(
-            keys.poster, contact_sheet(video.kept_frames), format="webp", storage_options=storage_options
+            keys.poster,
+            contact_sheet(video.kept_frames, tile_width=min(POSTER_TILE_WIDTH, width)),
+            format="webp",
+            storage_options=storage_options,
         )
         written.append(keys.poster)
         facts = dict(
