@@ -179,13 +179,44 @@ def model_sources(
     return sources
 
 
-def job_specs(manifest: Manifest, sources: dict[str, ModelSource]) -> Iterator[JobSpec]:
-    """One job per (valid row, seed)."""
+def job_specs(
+    manifest: Manifest, sources: dict[str, ModelSource], settings: Settings | None = None
+) -> Iterator[JobSpec]:
+    """One job per (valid row, seed). Image paths are resolved against the manifest's location and
+    each image's sha256 joins the job's parameters (its identity): an edited image makes a new job."""
     for request in manifest.requests:
         fingerprint = sources[request.model].fingerprint
         params = request.params()
+        for field_name in ("image", "last_image"):
+            if params.get(field_name):
+                uri = resolve_image_uri(params[field_name], manifest.url)
+                params[field_name] = uri
+                params[f"{field_name}_sha256"] = image_sha256(uri, settings)
         for seed in request.seeds:
             yield JobSpec(request.item_id, seed, request.model, fingerprint, params)
+
+
+def resolve_image_uri(image: str, manifest_url: str) -> str:
+    """An image reference as written in a manifest -> a URL: absolute paths and URLs stay, relative paths
+    are taken from the manifest's directory (also when the manifest is on S3)."""
+    if "://" in image or image.startswith("/"):
+        return image
+    base = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
+    return join_url(base, image) if base != "." else image
+
+
+def image_sha256(uri: str, settings: Settings | None) -> str | None:
+    """sha256 of an image's bytes; None if it cannot be read now (the job then fails with the reason)."""
+    options = settings.storage_options_for(uri) if settings else {}
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(uri, "rb", **options) as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except Exception as exc:
+        log.warning("image %s cannot be read: %s", redact(uri), redact(str(exc)))
+        return None
+    return digest.hexdigest()
 
 
 def plan_shards(jobs: Iterable[JobGroupRow], shard_size: int) -> list[ShardPlan]:
@@ -322,7 +353,9 @@ def plan_run(
             weights = source.ckpt_dir or "random"
             catalog.register_model(source.model, source.fingerprint, weights, source.describe())
         summary = catalog.plan_jobs(
-            run.id, job_specs(manifest, sources), verify=verifier(settings.resolved_storage_options())
+            run.id,
+            job_specs(manifest, sources, settings),
+            verify=verifier(settings.resolved_storage_options()),
         )
         abandoned = requeue_abandoned(catalog, run.id, timedelta(seconds=settings.claim_timeout_s))
         shards = plan_shards(catalog.job_groups(run.id, JobStatus.pending), shard_size)
@@ -349,7 +382,7 @@ def dry_run(
     skipped, the rest are cut into shards (job ids are left empty for jobs not yet in the catalog)."""
     verify = verifier(settings.resolved_storage_options())
     known = {}
-    specs = list(job_specs(manifest, sources))
+    specs = list(job_specs(manifest, sources, settings))
     keys = [spec_key(s) for s in specs]
     if catalog is not None:
         known = catalog.find_jobs(keys)

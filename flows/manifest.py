@@ -310,7 +310,7 @@ _NAMES = _aliases()  # canonical name -> every accepted spelling
 _MULTI = [aliases for aliases in _NAMES.values() if len(aliases) > 1]
 _CANONICAL = {alias: name for name, aliases in _NAMES.items() for alias in aliases}
 _ACCEPTED = ", ".join(_CANONICAL)
-_IMAGE_MODELS = ", ".join(name for name, preset in PRESETS.items() if preset.task == "i2v")
+_IMAGE_MODELS = ", ".join(name for name, preset in PRESETS.items() if preset.task != "t2v")
 
 
 # --------------------------------------------------------------------------- results
@@ -323,7 +323,7 @@ class ResolvedRequest:
     line: int  # 1-based physical line where the row starts (JSONL/CSV), or 1-based row (Parquet)
     item_id: str
     model: str
-    task: str  # preset.task: "t2v" or "i2v"
+    task: str  # preset.task: "t2v", "i2v" or "flf2v"
     prompt: str
     negative_prompt: str
     image: str | None
@@ -690,8 +690,21 @@ def _check_against_preset(
                     (name, f"model {model} is text-to-video and takes no {name}; for image-to-video use a "
                            f"model of task i2v ({_IMAGE_MODELS})")
                 )  # fmt: skip
-    elif request.image is None and "image" not in bad:
-        found.append(("image", f"model {model} is image-to-video and needs an input image (field 'image')"))
+    else:
+        if request.image is None and "image" not in bad:
+            found.append(
+                ("image", f"model {model} is image-to-video and needs an input image (field 'image')")
+            )
+        if preset.task == "flf2v" and request.last_image is None and "last_image" not in bad:
+            found.append((
+                "last_image", f"model {model} is first-last-frame-to-video and needs a last image (field "
+                "'last_image')",
+            ))  # fmt: skip
+        if preset.task == "i2v" and request.last_image is not None and "last_image" not in bad:
+            found.append((
+                "last_image", f"model {model} animates one image and takes no last_image; first-last-frame "
+                f"models: {', '.join(n for n, p in PRESETS.items() if p.task == 'flf2v')}",
+            ))  # fmt: skip
     if request.seed is not None and "num_seeds" not in bad:
         count = request.num_seeds or defaults.num_seeds
         if request.seed + count - 1 > MAX_SEED:

@@ -16,6 +16,7 @@ The work itself is `run_job`, a plain function that tests call without Prefect.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -81,7 +83,11 @@ class JobContext:
     max_attempts: int = 1
     fps: int = 16
     provenance: dict[str, Any] = field(default_factory=dict)
+    settings: Settings | None = None  # for the storage options of input images
     run_names: dict[int, str] = field(default_factory=dict)  # first runs of jobs redone here
+
+    def storage_options_for(self, url: str) -> dict[str, Any]:
+        return self.settings.storage_options_for(url) if self.settings else {}
 
 
 # Local progress listeners (the terminal progress bar of `wanflow generate`): called after every job with
@@ -166,11 +172,14 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     params = dict(job.params)
     pipe = ctx.pipeline
     settings = pipe.settings(**_settings_args(params))  # ValueError: a bad request, never retried
-    width, height = settings.size
+    images = {name: read_image(params, name, ctx) for name in ("image", "last_image") if params.get(name)}
+    width, height = pipe.video_size(settings, images.get("image"))  # image-to-video: the image's aspect
     device = torch.device(pipe.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    frames = pipe.generate_stream(params["prompt"], seed=job.seed, progress=False, **_settings_args(params))
+    frames = pipe.generate_stream(
+        params["prompt"], seed=job.seed, progress=False, **images, **_settings_args(params)
+    )
     provenance = {
         **ctx.provenance,
         "run": {"id": ctx.run_id, "name": ctx.run_name, "objects_under": _objects_run_name(ctx, job)},
@@ -191,6 +200,39 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         fps=ctx.fps, storage_options=ctx.storage_options, provenance=provenance, device=str(device),
         peak_memory_bytes=peak,
     )  # fmt: skip
+
+
+class BadImage(ValueError):
+    """An image a job cannot use (missing, unreadable, not an image, changed since planning): not retried."""
+
+
+def read_image(params: dict[str, Any], name: str, ctx: JobContext) -> Any:
+    """The job's `name` image ("image" or "last_image") as an RGB PIL image, read once, its bytes checked
+    against the sha256 recorded when the job was planned."""
+    import hashlib
+
+    from PIL import Image, UnidentifiedImageError
+
+    uri = params[name]
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **ctx.storage_options_for(uri))
+        data = fs.cat_file(path)
+    except Exception as exc:
+        raise BadImage(
+            f"{name} {redact(uri)} cannot be read: {type(exc).__name__}: {redact(str(exc))}"
+        ) from None
+    expected = params.get(f"{name}_sha256")
+    if expected is None:
+        raise BadImage(f"{name} {redact(uri)} could not be read when the job was planned; plan it again")
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise BadImage(
+            f"{name} {redact(uri)} changed since the job was planned (sha256 differs); plan it again"
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise BadImage(f"{name} {redact(uri)} is not a readable image: {exc}") from None
 
 
 def _objects_run_name(ctx: JobContext, job: JobRecord) -> str:
@@ -327,5 +369,5 @@ def _context(
         catalog=catalog, run_id=run_id, run_name=run_name, source=source, pipeline=pipeline,
         layout=OutputLayout(settings.storage_root), storage_options=settings.resolved_storage_options(),
         worker=worker_id(), max_attempts=settings.job_retries + 1,
-        provenance={"flow_run_id": flow_run.get_id()},
+        provenance={"flow_run_id": flow_run.get_id()}, settings=settings,
     )  # fmt: skip

@@ -300,3 +300,34 @@ def test_a_redone_job_overwrites_its_first_runs_objects(tmp_path):
     assert result["status"] == "succeeded" and "/first/fox/" in result["uri"]
     assert not (tmp_path / "out" / "second").exists()
     catalog.close()
+
+
+@pytest.mark.slow
+def test_image_rows_make_videos_and_a_corrupt_image_fails_only_its_jobs(harness, fast_retries, tmp_path):
+    from PIL import Image
+
+    catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(catalog_url).upgrade()
+    (tmp_path / "images").mkdir()
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        Image.new("RGB", (96, 64), colour).save(tmp_path / "images" / f"{name}.png")
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rows = [
+        {"item_id": f"i2v-{name}", "prompt": f"a {name} scene", "model": "tiny-i2v",
+         "image": f"images/{name}.png", **FAST}
+        for name in ("red", "blue", "broken")
+    ] + [{"item_id": "t2v", "prompt": "a text-only clip", **FAST}]  # fmt: skip
+    manifest = tmp_path / "mixed.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_batch(tmp_path, catalog_url, str(manifest))
+    assert summary["by_status"]["succeeded"] == 6 and summary["by_status"]["failed"] == 2
+    assert {f["item"] for f in summary["failed"]} == {"i2v-broken"}
+    assert all("is not a readable image" in f["error"] for f in summary["failed"])
+    with Catalog(catalog_url) as catalog:
+        jobs = {j.item_id: j for j in catalog.jobs(summary["run_id"])}
+        red = jobs["i2v-red"]
+        assert red.params["image"] == f"{tmp_path}/images/red.png" and len(red.params["image_sha256"]) == 64
+        assert jobs["i2v-broken"].attempts == 1  # a bad image is not retried
+        outputs = {o.job_id: o for o in catalog.outputs(summary["run_id"])}
+        # a 96x64 image within the 64*48 area: the 3:2 aspect ratio, sides multiples of 16
+        assert (outputs[red.id].width, outputs[red.id].height) == (64, 32)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "DEFAULT_NEGATIVE_PROMPT",
+    "FLF2V_IMAGE_TOKENS",
+    "FLF2V_NEGATIVE_PROMPT",
     "I2V_NEGATIVE_PROMPT",
     "PRESETS",
     "DiTConfig",
@@ -33,6 +35,11 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 # Image-to-video prepends "camera shake".
 I2V_NEGATIVE_PROMPT = "镜头晃动，" + DEFAULT_NEGATIVE_PROMPT
+# First-last-frame-to-video prepends "shot change" to the image-to-video one.
+FLF2V_NEGATIVE_PROMPT = "镜头切换，" + I2V_NEGATIVE_PROMPT
+
+# Length of the official FLF2V image position embedding: 257 CLIP tokens for each of the two frames.
+FLF2V_IMAGE_TOKENS = 2 * 257
 
 SIZES_480P = ((832, 480), (480, 832))
 SIZES_720P = ((1280, 720), (720, 1280))
@@ -40,7 +47,11 @@ SIZES_720P = ((1280, 720), (720, 1280))
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """The diffusion transformer. Field names follow the official `config.json`."""
+    """The diffusion transformer. Field names follow the official `config.json`.
+
+    `model_type`: "t2v", "i2v" (CLIP features of one image) or "flf2v" (first and last frames: the
+    image embedding has a learned position embedding `img_emb.emb_pos` [1, image_tokens, image_dim]).
+    """
 
     model_type: str = "t2v"
     dim: int = 1536
@@ -55,8 +66,23 @@ class DiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     image_dim: int | None = None  # CLIP width (1280) for image-to-video, None for text-to-video
+    # Length of `img_emb.emb_pos` (both frames' tokens); "flf2v" only, where it defaults to 2 x 257.
+    image_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.model_type == "flf2v" and self.image_tokens is None:
+            object.__setattr__(self, "image_tokens", FLF2V_IMAGE_TOKENS)  # not in the official config.json
+        if self.image_tokens is not None:
+            if self.model_type != "flf2v":
+                raise ValueError(
+                    f"image_tokens (an image position embedding) is for flf2v, not {self.model_type}"
+                )
+            if self.image_dim is None:
+                raise ValueError("an flf2v model needs image_dim (the CLIP width)")
+            if self.image_tokens < 2 or self.image_tokens % 2:
+                raise ValueError(
+                    f"image_tokens {self.image_tokens} must be a positive even number (two frames)"
+                )
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or self.head_dim < 6:
@@ -109,7 +135,7 @@ class Preset:
     """Everything needed to build a pipeline for one task/model."""
 
     name: str
-    task: str  # "t2v" or "i2v"
+    task: str  # "t2v", "i2v" or "flf2v"
     dit: DiTConfig
     vae: VAEConfig = field(default_factory=VAEConfig)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
@@ -117,16 +143,25 @@ class Preset:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     tiny: bool = False  # random-weight preset for tests and the demo
 
+    @property
+    def num_images(self) -> int:
+        """How many conditioning images a request needs: 0 (t2v), 1 (i2v) or 2 (flf2v: first and last)."""
+        return {"t2v": 0, "i2v": 1, "flf2v": 2}[self.task]
+
 
 _T2V_1_3B = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 _T2V_14B = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 _I2V_14B = dataclasses.replace(_T2V_14B, model_type="i2v", in_dim=36, image_dim=1280)
+_FLF2V_14B = dataclasses.replace(_I2V_14B, model_type="flf2v", image_tokens=FLF2V_IMAGE_TOKENS)
 
 # Tiny presets: the same architecture, narrow everywhere (4 heads of 16 channels -> RoPE split 8/4/4),
 # so a 9-frame video takes a couple of seconds on a CPU.
 _TINY_T5 = TextEncoderConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=4, d_ff=64)
 _TINY_VAE = VAEConfig(dim=8)
 _TINY_DIT = DiTConfig(dim=64, ffn_dim=128, freq_dim=256, num_heads=4, num_layers=2, text_dim=32)
+# The tiny CLIP is 32 wide with 5 tokens per image (28 px / patch 14 -> 2 x 2 patches + CLS).
+_TINY_I2V_DIT = dataclasses.replace(_TINY_DIT, model_type="i2v", in_dim=36, image_dim=32)
+_TINY_FLF2V_DIT = dataclasses.replace(_TINY_I2V_DIT, model_type="flf2v", image_tokens=2 * 5)
 _TINY_SIZES = ((64, 48), (48, 64), (96, 64), (64, 96), (128, 128))
 
 PRESETS: dict[str, Preset] = {
@@ -146,6 +181,15 @@ PRESETS: dict[str, Preset] = {
         _I2V_14B,
         sampling=SamplingDefaults(steps=40, shift=5.0, negative_prompt=I2V_NEGATIVE_PROMPT),
     ),
+    # Trained at 720P; the official code allows all four sizes (as a maximum area).
+    "flf2v-14B": Preset(
+        "flf2v-14B",
+        "flf2v",
+        _FLF2V_14B,
+        sampling=SamplingDefaults(
+            steps=50, shift=16.0, guide_scale=5.0, negative_prompt=FLF2V_NEGATIVE_PROMPT
+        ),
+    ),
     "tiny-t2v": Preset(
         "tiny-t2v",
         "t2v",
@@ -159,10 +203,22 @@ PRESETS: dict[str, Preset] = {
     "tiny-i2v": Preset(
         "tiny-i2v",
         "i2v",
-        dataclasses.replace(_TINY_DIT, model_type="i2v", in_dim=36, image_dim=32),
+        _TINY_I2V_DIT,
         vae=_TINY_VAE,
         sampling=SamplingDefaults(
             steps=10, shift=3.0, size=(64, 48), frame_num=9, negative_prompt=I2V_NEGATIVE_PROMPT
+        ),
+        sizes=_TINY_SIZES,
+        text_encoder=_TINY_T5,
+        tiny=True,
+    ),
+    "tiny-flf2v": Preset(
+        "tiny-flf2v",
+        "flf2v",
+        _TINY_FLF2V_DIT,
+        vae=_TINY_VAE,
+        sampling=SamplingDefaults(
+            steps=10, shift=16.0, size=(64, 48), frame_num=9, negative_prompt=FLF2V_NEGATIVE_PROMPT
         ),
         sizes=_TINY_SIZES,
         text_encoder=_TINY_T5,

@@ -2,6 +2,8 @@
 
 One ordered table of (diffusers, official) name fragments serves both directions. The official
 `norm3` (affine, before cross-attention) is diffusers' `norm2`; the parameter-free FFN norm has no key.
+FLF2V's image position embedding `img_emb.emb_pos` [1, 514, 1280] is diffusers'
+`condition_embedder.image_embedder.pos_embed` (same shape; config `pos_embed_seq_len`).
 """
 
 from __future__ import annotations
@@ -92,4 +94,5 @@ def diffusers_transformer_config(cfg: DiTConfig) -> dict:
         eps=cfg.eps,
         image_dim=cfg.image_dim,
         added_kv_proj_dim=cfg.dim if cfg.image_dim else None,
+        pos_embed_seq_len=cfg.image_tokens,
     )

@@ -161,20 +161,43 @@ class Head(nn.Module):
 
 
 class ImageEmbedding(nn.Module):
-    """Projects CLIP image features into the context width: LN, Linear, GELU, Linear, LN."""
+    """Projects CLIP image features into the context width: LN, Linear, GELU, Linear, LN (`img_emb.proj`).
 
-    def __init__(self, image_dim: int, dim: int) -> None:
+    First-last-frame-to-video adds a learned position embedding `emb_pos` [1, Lp, image_dim] (official
+    Lp = 2 x 257 = 514) to the features of both frames, laid end to end, before the projection.
+    The LayerNorms (eps 1e-5, affine) compute in float32, as under the official bf16 autocast.
+    """
+
+    def __init__(self, image_dim: int, dim: int, pos_tokens: int | None = None) -> None:
         super().__init__()
         self.proj = nn.Sequential(
-            nn.LayerNorm(image_dim),
+            LayerNorm(image_dim),
             nn.Linear(image_dim, image_dim),
             nn.GELU(),
             nn.Linear(image_dim, dim),
-            nn.LayerNorm(dim),
+            LayerNorm(dim),
         )
+        self.emb_pos = nn.Parameter(torch.zeros(1, pos_tokens, image_dim)) if pos_tokens else None
 
     def forward(self, clip_features: torch.Tensor) -> torch.Tensor:
-        """clip_features: [B, Li, image_dim] -> [B, Li, C]."""
+        """clip_features: [B, Li, image_dim] -> [B, Li, C].
+
+        With `emb_pos` (FLF2V, Lp tokens) the input is either [B, Lp, image_dim] (first frame's tokens,
+        then the last frame's) or, as the official code and diffusers pass it, [2B, Lp/2, image_dim]
+        with each sample's two frames adjacent (first_0, last_0, first_1, last_1, ...), which is viewed
+        as [B, Lp, image_dim]. Returns [B, Lp, C].
+        """
+        if self.emb_pos is not None:
+            lp = self.emb_pos.shape[1]
+            n, li, c = clip_features.shape
+            if li * 2 == lp and n % 2 == 0:
+                clip_features = clip_features.reshape(n // 2, lp, c)
+            elif li != lp:
+                raise ValueError(
+                    f"first-last-frame image features must be [B, {lp}, {c}] or [2B, {lp // 2}, {c}] "
+                    f"(both frames), got {tuple(clip_features.shape)}"
+                )
+            clip_features = clip_features + self.emb_pos.to(clip_features.dtype)
         return self.proj(clip_features)
 
 
@@ -194,7 +217,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(AttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
         if cfg.image_dim is not None:
-            self.img_emb = ImageEmbedding(cfg.image_dim, dim)
+            self.img_emb = ImageEmbedding(cfg.image_dim, dim, cfg.image_tokens)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -210,16 +233,32 @@ class WanModel(nn.Module):
         return self._rope
 
     def embed_context(self, text: torch.Tensor, clip_features: torch.Tensor | None = None) -> torch.Tensor:
-        """text: [B, text_len, text_dim] (zero-padded T5 output); clip_features: [B, Li, image_dim] or None.
+        """text: [B, Lt, text_dim] (zero-padded T5 output; image models need Lt = text_len);
+        clip_features: [B or 1, Li, image_dim] (see `ImageEmbedding` for FLF2V's two frames), required by
+        image-to-video models and refused by text-to-video ones; a batch of 1 is shared by all B samples.
 
-        Returns the cross-attention context [B, (Li +) text_len, C].
+        Returns the cross-attention context [B, Li + Lt, C], image tokens first (text only: [B, Lt, C]).
         """
         context = self.text_embedding(text.to(self.dtype))
-        if clip_features is not None:
-            if not hasattr(self, "img_emb"):
+        if not hasattr(self, "img_emb"):
+            if clip_features is not None:
                 raise ValueError("this model is text-to-video: it takes no image features")
-            context = torch.cat([self.img_emb(clip_features.to(self.dtype)), context], dim=1)
-        return context
+            return context
+        if clip_features is None:
+            raise ValueError(f"this model is {self.cfg.model_type}: it needs CLIP image features")
+        if text.shape[1] != self.cfg.text_len:
+            # the cross-attention tells image from text tokens by the text length
+            raise ValueError(
+                f"text features must be padded to {self.cfg.text_len} tokens, got {text.shape[1]}"
+            )
+        image = self.img_emb(clip_features.to(self.dtype))
+        if image.shape[0] == 1 and context.shape[0] != 1:
+            image = image.expand(context.shape[0], -1, -1)
+        elif image.shape[0] != context.shape[0]:
+            raise ValueError(
+                f"{image.shape[0]} image feature sets for a batch of {context.shape[0]} text contexts"
+            )
+        return torch.cat([image, context], dim=1)
 
     def forward(
         self,
@@ -232,7 +271,9 @@ class WanModel(nn.Module):
 
         x: [B, C_in, F, H, W] latents (image-to-video: noise, mask and condition latents concatenated);
         t: [B] timesteps (sigma * 1000); context: [B, text_len, text_dim] zero-padded text features;
-        clip_features: [B, Li, image_dim] or None. Returns [B, C_out, F, H, W] in float32.
+        clip_features: [B, Li, image_dim] CLIP features (penultimate layer, 257 tokens per image) for
+        image-to-video, [B, 2*257, image_dim] or [2B, 257, image_dim] for first-last-frame-to-video
+        (see `embed_context`), None for text-to-video. Returns [B, C_out, F, H, W] in float32.
         """
         if x.ndim != 5 or x.shape[1] != self.cfg.in_dim:
             raise ValueError(f"latents must be [B, {self.cfg.in_dim}, F, H, W], got {tuple(x.shape)}")

@@ -8,6 +8,10 @@
 Several prompts of one size are sampled together in one batched DiT forward (`generate_batch`), and
 the conditional and unconditional passes share one forward unless `batch_cfg=False`; both give the
 same videos as generating one at a time.
+
+Image-to-video presets take `image=` (and first-last-frame presets `last_image=`): a PIL image, a uint8
+array [H, W, 3] or a float tensor [3, H, W] in [-1, 1]. Their `size` is a maximum area: the video
+takes the image's aspect ratio within it (`wan.conditioning.size_for_image`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import TypedDict, Unpack
 import torch
 from tqdm.auto import tqdm
 
+from wan.conditioning import condition_video, frame_mask, image_tensor, size_for_image
 from wan.configs import Preset, get_preset, parse_size, validate_request
 from wan.model import WanModel
 from wan.sampling import SOLVERS, FlowSampler, guide, initial_noise, latent_shape
@@ -29,6 +34,7 @@ from wan.vae import WanVAE
 
 __all__ = [
     "GenerationSettings",
+    "ImageCondition",
     "SettingsArgs",
     "WanPipeline",
     "default_device",
@@ -82,8 +88,22 @@ class GenerationSettings:
     negative_prompt: str
 
 
+@dataclass(frozen=True)
+class ImageCondition:
+    """What an image-to-video request adds to the DiT's input, for one video.
+
+    clip: [1, Li, image_dim] CLIP features (257 tokens per image, 514 for first and last);
+    y: [1, 4 + z, T, h, w] the mask channels and the encoded condition video; size: (width, height).
+    """
+
+    clip: torch.Tensor
+    y: torch.Tensor
+    size: tuple[int, int]
+
+
 class WanPipeline:
-    """Text encoder + DiT + VAE on one device, with the preset's defaults."""
+    """Text encoder + DiT + VAE (+ CLIP image encoder for image-to-video) on one device, with the
+    preset's defaults."""
 
     def __init__(
         self,
@@ -92,6 +112,7 @@ class WanPipeline:
         vae: WanVAE,
         text_encoder: WanTextEncoder,
         *,
+        image_encoder: torch.nn.Module | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         source: str = "",
@@ -103,6 +124,22 @@ class WanPipeline:
         self.dit = _cast_dit(dit, self.dtype).to(self.device).eval().requires_grad_(False)
         self.vae = vae.float().to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(self.device)
+        if self.takes_images and image_encoder is None:
+            raise ValueError(f"{preset.name} is image-to-video: it needs a CLIP image encoder")
+        # As the official code: CLIP in half precision on a GPU, float32 on the CPU.
+        clip_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.image_encoder = (
+            image_encoder.to(self.device, clip_dtype).eval().requires_grad_(False) if image_encoder else None
+        )
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether this is an image-to-video (or first-last-frame) model."""
+        return self.preset.task != "t2v"
+
+    @property
+    def takes_last_image(self) -> bool:
+        return self.preset.task == "flf2v"
 
     # ----------------------------------------------------------------------------------- constructors
     @classmethod
@@ -163,9 +200,11 @@ class WanPipeline:
             d_ff=t5.d_ff,
         )
         text_encoder = WanTextEncoder.from_config(text_config, tokenizer, seed=seed)
+        image_encoder = _random_image_encoder(preset, seed) if preset.task != "t2v" else None
         return cls(
-            preset, dit, vae, text_encoder, device=device, dtype=dtype, source=f"{name} (random weights)"
-        )
+            preset, dit, vae, text_encoder, image_encoder=image_encoder, device=device, dtype=dtype,
+            source=f"{name} (random weights)",
+        )  # fmt: skip
 
     # -------------------------------------------------------------------------------------- settings
     def settings(
@@ -196,6 +235,44 @@ class WanPipeline:
             raise ValueError(f"sample_solver {out.solver!r}: expected one of {', '.join(SOLVERS)}")
         return out
 
+    # ------------------------------------------------------------------------------- image conditions
+    def video_size(self, settings: GenerationSettings, image: object | None = None) -> tuple[int, int]:
+        """(width, height) of the videos these settings make: `settings.size`, or for image-to-video the
+        image's aspect ratio within that area."""
+        if not self.takes_images or image is None:
+            return settings.size
+        max_w, max_h = settings.size
+        height, width = image_tensor(image).shape[1:]
+        return size_for_image((height, width), max_w * max_h, self.vae.stride[1], self.dit.cfg.patch_size[1])
+
+    @torch.no_grad()
+    def image_condition(
+        self, image: object, settings: GenerationSettings, last_image: object | None = None
+    ) -> ImageCondition:
+        """CLIP features, mask and encoded condition video for one image-to-video request.
+
+        `settings.size` is the maximum area; the video takes `image`'s aspect ratio within it. CLIP sees
+        the original image(s); the VAE sees them resized to the video's size.
+        """
+        if not self.takes_images:
+            raise ValueError(f"{self.preset.name} is text-to-video: it takes no image")
+        if last_image is not None and not self.takes_last_image:
+            raise ValueError(f"{self.preset.name} takes no last image (first-last-frame presets do)")
+        if self.takes_last_image and last_image is None:
+            raise ValueError(f"{self.preset.name} needs both a first and a last image")
+        assert self.image_encoder is not None
+        first = image_tensor(image).to(self.device)
+        last = image_tensor(last_image).to(self.device) if last_image is not None else None
+        width, height = self.video_size(settings, first)
+        images = [first] if last is None else [first, last]
+        clip = torch.cat([self.image_encoder.encode(img[None]) for img in images], dim=1)
+        video = condition_video(first, (width, height), settings.frame_num, last=last)
+        latents = self.vae.encode(video[None].to(self.device))
+        mask = frame_mask(settings.frame_num, tuple(latents.shape[-2:]), keep_last=last is not None,
+                          temporal_stride=self.vae.stride[0])  # fmt: skip
+        y = torch.cat([mask[None].to(latents), latents], dim=1)
+        return ImageCondition(clip=clip.float(), y=y, size=(width, height))
+
     # ------------------------------------------------------------------------------------ generation
     @torch.no_grad()
     def sample_latents(
@@ -204,15 +281,27 @@ class WanPipeline:
         seeds: Sequence[int],
         settings: GenerationSettings,
         *,
+        conditions: Sequence[ImageCondition] | None = None,
         batch_cfg: bool = True,
         progress: bool = True,
     ) -> torch.Tensor:
-        """Denoise one latent video per (prompt, seed). Returns [B, z, T, H/8, W/8] float32."""
-        if self.preset.task != "t2v":
-            raise ValueError(f"{self.preset.name}: image-to-video generation is not available yet")
+        """Denoise one latent video per (prompt, seed[, image condition]). Returns [B, z, T, h, w]
+        float32 (h, w: the video's size / 8; for image-to-video, the conditions' common size)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         width, height = settings.size
+        y = clip = None
+        if self.takes_images:
+            if conditions is None or len(conditions) != len(prompts):
+                raise ValueError(f"{self.preset.name} is image-to-video: give one image condition per prompt")
+            if len({c.size for c in conditions}) != 1:
+                raise ValueError("videos sampled together must have one size: images of other aspect "
+                                 "ratios go in separate batches")  # fmt: skip
+            width, height = conditions[0].size
+            y = torch.cat([c.y for c in conditions]).to(self.device)
+            clip = torch.cat([c.clip for c in conditions]).to(self.device)
+        elif conditions:
+            raise ValueError(f"{self.preset.name} is text-to-video: it takes no image")
         shape = latent_shape(settings.frame_num, width, height, self.vae.z_dim, self.vae.stride)
         x = torch.stack([initial_noise(s, shape, device=self.device) for s in seeds])
 
@@ -221,19 +310,28 @@ class WanPipeline:
         if use_cfg:
             uncond = self.text_encoder.encode_padded([settings.negative_prompt]).to(self.device)
             uncond = uncond.expand(len(prompts), -1, -1)
+
+        def velocity(
+            latents: torch.Tensor, tb: torch.Tensor, ctx: torch.Tensor, copies: int = 1
+        ) -> torch.Tensor:
+            if y is None:
+                return self.dit(latents, tb, ctx)
+            inputs = torch.cat([latents, y.repeat(copies, 1, 1, 1, 1)], dim=1)
+            return self.dit(inputs, tb, ctx, clip_features=clip.repeat(copies, 1, 1))
+
         sampler = FlowSampler(settings.solver, settings.steps, settings.shift)
         steps = tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False)
         for i, t in enumerate(steps):
             tb = t.to(self.device).expand(x.shape[0])
             if use_cfg and batch_cfg:
-                v_cond, v_uncond = self.dit(
-                    torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([context, uncond])
+                v_cond, v_uncond = velocity(
+                    torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([context, uncond]), copies=2
                 ).chunk(2)
                 v = guide(v_cond, v_uncond, settings.guide_scale)
             elif use_cfg:
-                v = guide(self.dit(x, tb, context), self.dit(x, tb, uncond), settings.guide_scale)
+                v = guide(velocity(x, tb, context), velocity(x, tb, uncond), settings.guide_scale)
             else:
-                v = self.dit(x, tb, context)
+                v = velocity(x, tb, context)
             x = sampler.step(v, i, x)
         return x
 
@@ -242,29 +340,57 @@ class WanPipeline:
         prompts: Sequence[str],
         seeds: Sequence[int],
         *,
+        images: Sequence[object] | None = None,
+        last_images: Sequence[object] | None = None,
         batch_cfg: bool = True,
         progress: bool = True,
         **settings: Unpack[SettingsArgs],
     ) -> torch.Tensor:
-        """Sample several videos of one size together. Returns [B, 3, F, H, W] in [-1, 1] (float32)."""
+        """Sample several videos of one size together. Returns [B, 3, F, H, W] in [-1, 1] (float32).
+        Image-to-video: one image per prompt (and one last image for first-last-frame presets), all of
+        one aspect ratio."""
+        resolved = self.settings(**settings)
+        conditions = self._conditions(len(prompts), resolved, images, last_images)
         latents = self.sample_latents(
-            prompts, seeds, self.settings(**settings), batch_cfg=batch_cfg, progress=progress
+            prompts, seeds, resolved, conditions=conditions, batch_cfg=batch_cfg, progress=progress
         )
         with torch.no_grad():
             return self.vae.decode(latents)
+
+    def _conditions(
+        self, n: int, settings: GenerationSettings, images: Sequence[object] | None,
+        last_images: Sequence[object] | None,
+    ) -> list[ImageCondition] | None:  # fmt: skip
+        if images is None:
+            if self.takes_images:
+                raise ValueError(f"{self.preset.name} is image-to-video: pass image=")
+            if last_images is not None:
+                raise ValueError("last_image= needs image= as well")
+            return None
+        lasts = list(last_images) if last_images is not None else [None] * len(images)
+        if len(images) != n or len(lasts) != n:
+            raise ValueError(f"got {n} prompts but {len(images)} images and {len(lasts)} last images")
+        return [self.image_condition(img, settings, last) for img, last in zip(images, lasts, strict=True)]
 
     def generate(
         self,
         prompt: str,
         *,
         seed: int = 0,
+        image: object | None = None,
+        last_image: object | None = None,
         batch_cfg: bool = True,
         progress: bool = True,
         **settings: Unpack[SettingsArgs],
     ) -> torch.Tensor:
         """One video: [3, F, H, W] float32 in [-1, 1]. Settings as in `settings()`; unset ones come from
-        the preset (size is (width, height), as in the official '832*480')."""
-        return self.generate_batch([prompt], [seed], batch_cfg=batch_cfg, progress=progress, **settings)[0]
+        the preset (size is (width, height), as in the official '832*480'; for image-to-video the
+        maximum area, the aspect ratio following `image`)."""
+        return self.generate_batch(
+            [prompt], [seed], images=None if image is None else [image],
+            last_images=None if last_image is None else [last_image], batch_cfg=batch_cfg,
+            progress=progress, **settings,
+        )[0]  # fmt: skip
 
     @torch.no_grad()  # applied per step of the generator: the caller's grad mode is untouched
     def generate_stream(
@@ -272,6 +398,8 @@ class WanPipeline:
         prompt: str,
         *,
         seed: int = 0,
+        image: object | None = None,
+        last_image: object | None = None,
         batch_cfg: bool = True,
         progress: bool = True,
         **settings: Unpack[SettingsArgs],
@@ -279,9 +407,24 @@ class WanPipeline:
         """Like `generate`, but yields uint8 frame chunks [n, H, W, 3] as the VAE decodes them
         (1 frame, then 4 per latent frame); no whole-video tensor is held."""
         resolved = self.settings(**settings)
-        latents = self.sample_latents([prompt], [seed], resolved, batch_cfg=batch_cfg, progress=progress)
+        conditions = self._conditions(
+            1, resolved, None if image is None else [image], None if last_image is None else [last_image]
+        )
+        latents = self.sample_latents(
+            [prompt], [seed], resolved, conditions=conditions, batch_cfg=batch_cfg, progress=progress
+        )
         for chunk in self.vae.decode_stream(latents):
             yield to_uint8_frames(chunk[0])
+
+
+def _random_image_encoder(preset: Preset, seed: int) -> torch.nn.Module:
+    """A random-weight CLIP vision tower whose width matches the preset's DiT: tiny for the tiny presets,
+    ViT-H/14 otherwise (benchmarks)."""
+    from wan.image_encoder import WanImageEncoder, clip_vit_h14_config, tiny_clip_config
+
+    width = preset.dit.image_dim
+    config = tiny_clip_config(hidden_size=width) if preset.name.startswith("tiny-") else clip_vit_h14_config()
+    return WanImageEncoder.from_config(config, seed=seed)
 
 
 def _cast_dit(dit: WanModel, dtype: torch.dtype) -> WanModel:
