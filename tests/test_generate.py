@@ -59,3 +59,42 @@ def test_unknown_task_is_refused_by_the_parser():
     )
     assert proc.returncode == 2
     assert "invalid choice: 't2v-2B'" in proc.stderr
+
+
+def _png(path, width=96, height=64):
+    from PIL import Image
+
+    Image.new("RGB", (width, height), (120, 40, 200)).save(path)
+    return str(path)
+
+
+def test_image_to_video_and_first_last_frame(tmp_path, capsys):
+    image = _png(tmp_path / "in.png")
+    tiny = [f if f != "tiny-t2v" else "tiny-i2v" for f in TINY]
+    out = tmp_path / "i2v.mp4"
+    assert main([*tiny, "--frame_num", "5", "--image", image, "--save_file", str(out)]) == 0
+    assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == 5
+    assert "5 frames 64x32" in capsys.readouterr().err  # 96x64 within 64*48: the image's 3:2 aspect
+    flf = [f if f != "tiny-t2v" else "tiny-flf2v" for f in TINY]
+    out = tmp_path / "flf.mp4"
+    flags = ["--frame_num", "5", "--first_frame", image, "--last_frame", _png(tmp_path / "b.png")]
+    assert main([*flf, *flags, "--save_file", str(out)]) == 0
+    assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == 5
+
+
+@pytest.mark.parametrize(
+    ("task", "flags", "message"),
+    [
+        ("tiny-i2v", [], "--task tiny-i2v needs --image"),
+        ("tiny-t2v", ["--image", "IMG"], "--task tiny-t2v takes no --image"),
+        ("tiny-flf2v", ["--first_frame", "IMG"], "--task tiny-flf2v needs --last_frame"),
+        ("tiny-i2v", ["--image", "BROKEN"], "cannot read the image"),
+    ],
+)
+def test_image_flags_are_checked_before_loading(tmp_path, capsys, task, flags, message):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    flags = [{"IMG": _png(tmp_path / "ok.png"), "BROKEN": str(broken)}.get(f, f) for f in flags]
+    tiny = [f if f != "tiny-t2v" else task for f in TINY]
+    assert main([*tiny, *flags, "--save_file", str(tmp_path / "x.mp4")]) == 2
+    assert message in capsys.readouterr().err

@@ -104,3 +104,47 @@ def test_errors_name_what_is_missing(pipe):
     t2v = WanPipeline.from_config("tiny-t2v", seed=0, device="cpu")
     with pytest.raises(ValueError, match="text-to-video: it takes no image"):
         t2v.generate("a fox", image=picture(64, 48), progress=False, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def flf() -> WanPipeline:
+    return WanPipeline.from_config("tiny-flf2v", seed=0, device="cpu")
+
+
+@pytest.mark.slow
+def test_first_last_frame_matches_diffusers(flf):
+    from diffusers import WanImageToVideoPipeline
+
+    class Twin(WanImageToVideoPipeline):
+        def check_inputs(self, *args, **kwargs) -> None:
+            bound = inspect.signature(super().check_inputs).bind(*args, **kwargs)
+            bound.arguments["image_embeds"] = None
+            super().check_inputs(*bound.args, **bound.kwargs)
+
+    first, last = picture(64, 48, 1), picture(64, 48, 2)
+    settings = dict(SMALL, frame_num=9, shift=16.0)
+    ours = flf.generate("from dawn to dusk", image=first, last_image=last, seed=5, progress=False, **settings)
+    # CLIP features of both frames, [2, Li, C]: diffusers folds them into one 2 x Li token context per video.
+    clip = flf.image_encoder.encode(torch.stack([image_tensor(first), image_tensor(last)]))
+    width, height = settings["size"]
+    noise = torch.randn([16, 3, height // 8, width // 8], generator=torch.Generator().manual_seed(5))
+    reference = Twin(
+        tokenizer=flf.text_encoder.tokenizer, text_encoder=flf.text_encoder.model, vae=diffusers_vae(flf),
+        scheduler=official_grid_scheduler(settings["sampling_steps"], settings["shift"]),
+        transformer=diffusers_transformer(flf),
+    )  # fmt: skip
+    theirs = reference(
+        image=first, last_image=last, prompt="from dawn to dusk",
+        negative_prompt=flf.settings().negative_prompt, height=height, width=width, num_frames=9,
+        num_inference_steps=settings["sampling_steps"],
+        guidance_scale=settings["guide_scale"], latents=noise[None], image_embeds=clip, output_type="pt",
+    ).frames[0]  # fmt: skip
+    assert ours.shape == (3, 9, height, width)
+    diff = ((ours + 1) / 2 - theirs.permute(1, 0, 2, 3)).abs().max().item()
+    assert diff <= 1e-3, diff
+
+
+def test_first_last_frame_needs_both_images(flf):
+    with pytest.raises(ValueError, match="needs both a first and a last image"):
+        flf.generate("x", image=picture(64, 48), progress=False, **SMALL)
+    assert flf.settings().shift == 16.0 and flf.settings().negative_prompt.startswith("镜头切换，")

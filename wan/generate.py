@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="DiT dtype (default bf16 on GPU)")
     p.add_argument("--fps", type=int, default=None, help="output frame rate (default 16)")
+    p.add_argument("--image", default=None, help="image-to-video: the image to animate")
+    p.add_argument("--first_frame", default=None, help="first-last-frame-to-video: the first frame")
+    p.add_argument("--last_frame", default=None, help="first-last-frame-to-video: the last frame")
     return p
 
 
@@ -101,6 +104,31 @@ def _encode(frames: Iterable[torch.Tensor], path: Path, size: tuple[int, int], f
     return count
 
 
+def _images(args: argparse.Namespace, task: str) -> tuple[object | None, object | None]:
+    """The input images the task needs, read and decoded up front (before loading weights)."""
+    given = {"--image": args.image, "--first_frame": args.first_frame, "--last_frame": args.last_frame}
+    wanted = {"t2v": (), "i2v": ("--image",), "flf2v": ("--first_frame", "--last_frame")}[task]
+    extra = [flag for flag, value in given.items() if value is not None and flag not in wanted]
+    if extra:
+        raise ValueError(f"--task {args.task} takes no {' or '.join(extra)}"
+                         + (f" (it needs {' and '.join(wanted)})" if wanted else ""))  # fmt: skip
+    missing = [flag for flag in wanted if given[flag] is None]
+    if missing:
+        raise ValueError(f"--task {args.task} needs {' and '.join(missing)}")
+    first, last, *_ = [*(_read_image(flag, given[flag]) for flag in wanted), None, None]
+    return first, last
+
+
+def _read_image(flag: str, path: str) -> object:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"{flag} {path}: cannot read the image ({exc})") from None
+
+
 def _default_name(task: str, size: tuple[int, int], seed: int, prompt: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "video"
     return f"{task}_{size[0]}x{size[1]}_s{seed}_{slug}.mp4"
@@ -116,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"--ckpt_dir is required for {args.task} (use --task tiny-t2v for random weights)"
             )
-        if preset.task != "t2v":
-            raise ValueError(f"{args.task}: image-to-video is not supported by this command yet")
+        image, last_image = _images(args, preset.task)
         size = parse_size(args.size) if args.size else preset.sampling.size
         # Refuse a bad size or frame count before loading (possibly 14B of) weights.
         frame_num = preset.sampling.frame_num if args.frame_num is None else args.frame_num
@@ -151,20 +178,21 @@ def main(argv: list[str] | None = None) -> int:
             sample_solver=args.sample_solver,
         )
         resolved = pipe.settings(**settings)  # validate before any work
-        out = Path(args.save_file or _default_name(args.task, size, seed, args.prompt))
+        video_size = pipe.video_size(resolved, image)  # image-to-video: the image's aspect ratio
+        out = Path(args.save_file or _default_name(args.task, video_size, seed, args.prompt))
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         frames = write_mp4(
-            pipe.generate_stream(args.prompt, seed=seed, **settings),
+            pipe.generate_stream(args.prompt, seed=seed, image=image, last_image=last_image, **settings),
             out,
-            resolved.size,
+            video_size,
             args.fps or preset.sampling.fps,
         )
     except (ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"[wan] seed {seed}: {frames} frames {resolved.size[0]}x{resolved.size[1]}, "
+        f"[wan] seed {seed}: {frames} frames {video_size[0]}x{video_size[1]}, "
         f"{resolved.steps} {resolved.solver} steps, {time.perf_counter() - start:.1f}s -> {out}",
         file=sys.stderr,
     )
