@@ -478,13 +478,15 @@ def demo(
     catalog_url: CatalogUrl = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's log lines")] = False,
 ) -> None:
-    """Run the bundled example manifest (12 prompts x 2 seeds) through the whole platform on the embedded
-    defaults: Prefect's local server, the SQLite catalog, ./outputs, the tiny random-weight model."""
+    """Run the bundled example manifest (12 text-to-video and 3 image-to-video rows, 2 seeds each) through
+    the whole platform on the embedded defaults: Prefect's local server, the SQLite catalog, ./outputs,
+    the tiny random-weight models."""
     manifest = demo_manifest()
     _console.print(
-        "[bold]wanflow demo[/bold]: 12 prompts x 2 seeds on [bold]tiny-t2v[/bold], a random-weight model "
-        "small enough for a CPU. Its videos are abstract moving colour, not the prompts: real checkpoints "
-        "need `wanflow generate MANIFEST --model t2v-1.3B --ckpt-dir DIR` on a GPU."
+        "[bold]wanflow demo[/bold]: 12 prompts and 3 images x 2 seeds on [bold]tiny-t2v[/bold] and "
+        "[bold]tiny-i2v[/bold], random-weight models small enough for a CPU. Their videos are abstract moving "
+        "colour, not the prompts: real checkpoints need `wanflow generate MANIFEST --model t2v-1.3B "
+        "--ckpt-dir DIR` on a GPU."
     )
     _ensure_catalog(catalog_url)
     defaults = _defaults("tiny-t2v", 2, 0)
