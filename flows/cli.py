@@ -484,8 +484,8 @@ def demo(
     manifest = demo_manifest()
     _console.print(
         "[bold]wanflow demo[/bold]: 12 prompts and 3 images x 2 seeds on [bold]tiny-t2v[/bold] and "
-        "[bold]tiny-i2v[/bold], random-weight models small enough for a CPU. Their videos are abstract moving "
-        "colour, not the prompts: real checkpoints need `wanflow generate MANIFEST --model t2v-1.3B "
+        "[bold]tiny-i2v[/bold], random-weight models small enough for a CPU. Their videos are abstract "
+        "moving colour, not the prompts: real checkpoints need `wanflow generate MANIFEST --model t2v-1.3B "
         "--ckpt-dir DIR` on a GPU."
     )
     _ensure_catalog(catalog_url)

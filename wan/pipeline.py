@@ -151,17 +151,21 @@ class WanPipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> WanPipeline:
-        """Load an official `Wan-AI/Wan2.1-*` or `*-Diffusers` checkpoint directory."""
+        """Load an official `Wan-AI/Wan2.1-*` or `*-Diffusers` checkpoint directory (text-, image- or
+        first-last-frame-to-video; the CLIP image encoder comes with the latter two)."""
         from wan.checkpoints import load_checkpoint
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        parts = load_checkpoint(ckpt_dir, task=task, text_dtype=dtype)
+        # CLIP is cast straight to the dtype __init__ runs it in (fp16 on a GPU, as officially).
+        clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        parts = load_checkpoint(ckpt_dir, task=task, text_dtype=dtype, image_dtype=clip_dtype)
         return cls(
             parts.preset,
             parts.dit,
             parts.vae,
             parts.text_encoder,
+            image_encoder=parts.image_encoder,
             device=device,
             dtype=dtype,
             source=str(ckpt_dir),
