@@ -18,14 +18,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import logging
 import os
+import posixpath
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 from uuid import UUID
 
@@ -183,40 +186,72 @@ def job_specs(
     manifest: Manifest, sources: dict[str, ModelSource], settings: Settings | None = None
 ) -> Iterator[JobSpec]:
     """One job per (valid row, seed). Image paths are resolved against the manifest's location and
-    each image's sha256 joins the job's parameters (its identity): an edited image makes a new job."""
-    for request in manifest.requests:
-        fingerprint = sources[request.model].fingerprint
-        params = request.params()
-        for field_name in ("image", "last_image"):
-            if params.get(field_name):
-                uri = resolve_image_uri(params[field_name], manifest.url)
-                params[field_name] = uri
-                params[f"{field_name}_sha256"] = image_sha256(uri, settings)
-        for seed in request.seeds:
-            yield JobSpec(request.item_id, seed, request.model, fingerprint, params)
+    each image's sha256 joins the job's parameters (its identity): an edited image makes a new job.
+    Images are hashed a chunk of rows at a time, in parallel, each distinct image once."""
+    requests = iter(manifest.requests)
+    while chunk := list(itertools.islice(requests, IMAGE_HASH_CHUNK)):
+        uris = {
+            resolve_image_uri(getattr(r, name), manifest.url)
+            for r in chunk for name in ("image", "last_image") if getattr(r, name)
+        }  # fmt: skip
+        digests = _hash_images(sorted(uris), settings)
+        for request in chunk:
+            fingerprint = sources[request.model].fingerprint
+            params = request.params()
+            for field_name in ("image", "last_image"):
+                if params.get(field_name):
+                    uri = resolve_image_uri(params[field_name], manifest.url)
+                    params[field_name] = uri
+                    params[f"{field_name}_sha256"] = digests[uri]
+            for seed in request.seeds:
+                yield JobSpec(request.item_id, seed, request.model, fingerprint, params)
+
+
+IMAGE_HASH_CHUNK = 512
+IMAGE_HASH_THREADS = 16
+
+
+def _hash_images(uris: list[str], settings: Settings | None) -> dict[str, str | None]:
+    if not uris:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(IMAGE_HASH_THREADS, len(uris))) as pool:
+        return dict(zip(uris, pool.map(lambda uri: image_sha256(uri, settings), uris), strict=True))
 
 
 def resolve_image_uri(image: str, manifest_url: str) -> str:
-    """An image reference as written in a manifest -> a URL: absolute paths and URLs stay, relative paths
-    are taken from the manifest's directory (also when the manifest is on S3)."""
+    """An image reference as written in a manifest -> an absolute URL or path: URLs and absolute paths
+    stay; relative paths are taken from the manifest's directory (local: made absolute, so the job does
+    not depend on where the run started; remote: normalised, without the manifest URL's query)."""
     if "://" in image or image.startswith("/"):
         return image
-    base = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
-    return join_url(base, image) if base != "." else image
+    if "://" in manifest_url:
+        scheme, _, rest = manifest_url.partition("://")
+        path = rest.split("?", 1)[0].split("#", 1)[0]
+        base = posixpath.dirname(path)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(base, image))}"
+    return str((Path(manifest_url).expanduser().resolve().parent / image).resolve())
 
 
-def image_sha256(uri: str, settings: Settings | None) -> str | None:
-    """sha256 of an image's bytes; None if it cannot be read now (the job then fails with the reason)."""
+def image_sha256(uri: str, settings: Settings | None, attempts: int = 3) -> str | None:
+    """sha256 of an image's bytes; None if it cannot be read (the job then fails with the reason).
+    A missing file is not retried; other errors (a throttled object store) are, twice."""
     options = settings.storage_options_for(uri) if settings else {}
-    digest = hashlib.sha256()
-    try:
-        with fsspec.open(uri, "rb", **options) as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except Exception as exc:
-        log.warning("image %s cannot be read: %s", redact(uri), redact(str(exc)))
-        return None
-    return digest.hexdigest()
+    for attempt in range(1, attempts + 1):
+        digest = hashlib.sha256()
+        try:
+            with fsspec.open(uri, "rb", **options) as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            return digest.hexdigest()
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            log.warning("image %s cannot be read: %s", redact(uri), redact(str(exc)))
+            return None
+        except Exception as exc:
+            if attempt == attempts:
+                log.warning("image %s cannot be read: %s", redact(uri), redact(str(exc)))
+                return None
+            time.sleep(0.5 * attempt)
+    return None
 
 
 def plan_shards(jobs: Iterable[JobGroupRow], shard_size: int) -> list[ShardPlan]:

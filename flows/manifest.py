@@ -45,7 +45,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from storage.layout import MAX_ID_LENGTH, safe_name
 from storage.urls import join_url, redact
-from wan.configs import PRESETS, parse_size, validate_request
+from wan.configs import PRESETS, default_shift, parse_size, validate_request
 
 __all__ = [
     "MANIFEST_FORMATS",
@@ -732,6 +732,7 @@ def _fill(request: GenerationRequest, line: int, defaults: RunDefaults) -> Resol
     count = request.num_seeds or defaults.num_seeds
     first = request.seed if request.seed is not None else derive_seed(request.item_id, defaults.base_seed)
     size = pick("size", None)
+    resolved_size = _parse_size(size) if size is not None else tuple(s.size)
     return ResolvedRequest(
         line=line,
         item_id=request.item_id,
@@ -742,10 +743,10 @@ def _fill(request: GenerationRequest, line: int, defaults: RunDefaults) -> Resol
         image=request.image,
         last_image=request.last_image,
         seeds=tuple(range(first, first + count)),
-        size=_parse_size(size) if size is not None else tuple(s.size),
+        size=resolved_size,
         frame_num=pick("frame_num", s.frame_num),
         steps=pick("steps", s.steps),
-        shift=float(pick("shift", s.shift)),
+        shift=float(pick("shift", default_shift(preset, resolved_size))),
         guide_scale=float(pick("guide_scale", s.guide_scale)),
         solver=pick("solver", s.solver),
     )

@@ -202,6 +202,9 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     )  # fmt: skip
 
 
+MAX_IMAGE_BYTES = 64 << 20
+
+
 class BadImage(ValueError):
     """An image a job cannot use (missing, unreadable, not an image, changed since planning): not retried."""
 
@@ -214,25 +217,24 @@ def read_image(params: dict[str, Any], name: str, ctx: JobContext) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     uri = params[name]
+    where = f"{name} {redact(uri)}"
     try:
         fs, path = fsspec.core.url_to_fs(uri, **ctx.storage_options_for(uri))
+        size = fs.size(path)
+        if size is not None and size > MAX_IMAGE_BYTES:
+            raise BadImage(f"{where} is {size} bytes; images over {MAX_IMAGE_BYTES} bytes are refused")
         data = fs.cat_file(path)
-    except Exception as exc:
-        raise BadImage(
-            f"{name} {redact(uri)} cannot be read: {type(exc).__name__}: {redact(str(exc))}"
-        ) from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise BadImage(f"{where} cannot be read: {type(exc).__name__}: {redact(str(exc))}") from None
+    # Other errors (a throttled or unreachable object store) propagate as they are: transient, retried.
     expected = params.get(f"{name}_sha256")
-    if expected is None:
-        raise BadImage(f"{name} {redact(uri)} could not be read when the job was planned; plan it again")
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise BadImage(
-            f"{name} {redact(uri)} changed since the job was planned (sha256 differs); plan it again"
-        )
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise BadImage(f"{where} changed since the job was planned (sha256 differs); plan it again")
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise BadImage(f"{name} {redact(uri)} is not a readable image: {exc}") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise BadImage(f"{where} is not a readable image: {exc}") from None
 
 
 def _objects_run_name(ctx: JobContext, job: JobRecord) -> str:

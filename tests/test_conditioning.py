@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan.conditioning import condition_video, frame_mask, image_tensor, size_for_image
+from wan.conditioning import condition_video, crop_to_aspect, frame_mask, image_tensor, size_for_image
+from wan.configs import PRESETS, default_shift
 
 
 def official_mask(frame_num: int, h: int, w: int, keep_last: bool) -> torch.Tensor:
@@ -52,7 +53,7 @@ def test_condition_video_holds_the_images_at_their_frames(frame_num):
 @pytest.mark.parametrize(
     ("hw", "area", "expected"),
     [
-        ((480, 832), 832 * 480, (832, 480)),
+        ((480, 832), 832 * 480, (832, 464)),  # the official float rounding: sqrt gives 479.99999999999994
         ((832, 480), 832 * 480, (480, 832)),
         ((720, 1280), 1280 * 720, (1280, 720)),
         ((1000, 1000), 832 * 480, (624, 624)),
@@ -61,8 +62,9 @@ def test_condition_video_holds_the_images_at_their_frames(frame_num):
 )
 def test_size_follows_the_image_within_the_area(hw, area, expected):
     h, w = hw
-    official_h = round(np.sqrt(area * h / w) // 8 // 2 * 2) * 8
-    official_w = round(np.sqrt(area * w / h) // 8 // 2 * 2) * 8
+    aspect_ratio = h / w  # image2video.py, literally
+    official_h = round(np.sqrt(area * aspect_ratio) // 8 // 2 * 2) * 8
+    official_w = round(np.sqrt(area / aspect_ratio) // 8 // 2 * 2) * 8
     assert size_for_image(hw, area) == (official_w, official_h) == expected
 
 
@@ -83,3 +85,21 @@ def test_image_inputs():
         image_tensor(np.zeros((4, 6)))
     with pytest.raises(ValueError, match=r"float \[3, H, W\]"):
         image_tensor(torch.zeros(4, 6, 3, dtype=torch.uint8))
+
+
+def test_a_last_frame_of_another_shape_is_center_cropped_to_the_first_frames_aspect():
+    image = torch.arange(3 * 40 * 100, dtype=torch.float32).view(3, 40, 100)
+    wide = crop_to_aspect(image, (48, 64))  # 100 wide at 40 high -> 53 wide (4:3), centred
+    assert wide.shape == (3, 40, 53) and torch.equal(wide, image[:, :, 23:76])
+    tall = crop_to_aspect(image.transpose(1, 2), (48, 64))  # 40 x 100 (w x h) -> 40 x 30
+    assert tall.shape == (3, 30, 40)
+    assert crop_to_aspect(image, (20, 50)) is image  # same aspect: untouched
+
+
+def test_image_to_video_shift_follows_the_size_as_the_official_defaults():
+    for name in ("i2v-14B-480P", "i2v-14B-720P"):
+        preset = PRESETS[name]
+        assert default_shift(preset, (832, 480)) == default_shift(preset, (480, 832)) == 3.0
+        assert default_shift(preset, (1280, 720)) == 5.0
+    assert default_shift(PRESETS["flf2v-14B"], (832, 480)) == 16.0
+    assert default_shift(PRESETS["t2v-1.3B"], (832, 480)) == 5.0

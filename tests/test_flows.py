@@ -331,3 +331,35 @@ def test_image_rows_make_videos_and_a_corrupt_image_fails_only_its_jobs(harness,
         outputs = {o.job_id: o for o in catalog.outputs(summary["run_id"])}
         # a 96x64 image within the 64*48 area: the 3:2 aspect ratio, sides multiples of 16
         assert (outputs[red.id].width, outputs[red.id].height) == (64, 32)
+
+
+def test_image_paths_are_resolved_against_the_manifest(tmp_path, monkeypatch):
+    from flows.batch import resolve_image_uri
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert resolve_image_uri("images/a.png", "data/m.jsonl") == f"{tmp_path}/data/images/a.png"
+    assert resolve_image_uri("../x/a.png", "s3://b/m/list.jsonl?sig=a/b") == "s3://b/x/a.png"
+    assert resolve_image_uri("a.png", "s3://b/m.jsonl") == "s3://b/a.png"
+    assert resolve_image_uri("s3://other/a.png", "data/m.jsonl") == "s3://other/a.png"
+    assert resolve_image_uri("/abs/a.png", "s3://b/m.jsonl") == "/abs/a.png"
+
+
+def test_an_image_that_is_missing_or_changed_fails_without_retry(tmp_path):
+    import hashlib
+
+    from PIL import Image
+
+    from flows.shard import BadImage, JobContext, read_image
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    ctx = JobContext(catalog=None, run_id=1, run_name="r", source=None, pipeline=None, layout=None,
+                     storage_options={}, worker="w")  # type: ignore[arg-type]  # fmt: skip
+    assert read_image({"image": str(path), "image_sha256": sha}, "image", ctx).size == (8, 8)
+    with pytest.raises(BadImage, match="changed since the job was planned"):
+        read_image({"image": str(path), "image_sha256": "0" * 64}, "image", ctx)
+    with pytest.raises(BadImage, match="cannot be read: FileNotFoundError"):
+        read_image({"image": str(tmp_path / "gone.png"), "image_sha256": sha}, "image", ctx)
+    assert not flows.shard.is_transient(BadImage("x"))

@@ -161,7 +161,7 @@ GOOD_ROWS: list[dict[str, Any]] = [
      "negative_prompt": "blurry"},
     {"id": "cat", "prompt": "a cat", "task": "tiny-t2v", "frame_num": 5, "shift": 3.5, "guide_scale": 1.0,
      "solver": "euler"},
-    {"id": "pic", "prompt": "animate this", "model": "tiny-i2v", "image": "images/a.png",
+    {"id": "pic", "prompt": "animate this", "model": "tiny-flf2v", "image": "images/a.png",
      "last_image": "images/b.png", "size": "64*96"},
     {"id": 17, "prompt": "an integer id"},
 ]  # fmt: skip
@@ -184,12 +184,13 @@ def test_good_manifest_resolves_every_default(tmp_path, fmt):
     assert owl.negative_prompt == "blurry" and owl.seeds == (derive_seed("owl", 0),)
     assert (cat.frame_num, cat.shift, cat.guide_scale, cat.solver) == (5, 3.5, 1.0, "euler")
     assert (pic.task, pic.image, pic.last_image, pic.size) == (
-        "i2v",
+        "flf2v",
         "images/a.png",
         "images/b.png",
         (64, 96),
     )
-    assert pic.negative_prompt == I2V_NEG and pic.steps == 10 and pic.shift == 3.0
+    flf = PRESETS["tiny-flf2v"].sampling
+    assert (pic.negative_prompt, pic.steps, pic.shift) == (flf.negative_prompt, flf.steps, flf.shift)
     assert num.item_id == "17"
     assert manifest.jobs == 6
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["condition_video", "frame_mask", "image_tensor", "size_for_image"]
+__all__ = ["condition_video", "crop_to_aspect", "frame_mask", "image_tensor", "size_for_image"]
 
 
 def size_for_image(
@@ -27,14 +27,17 @@ def size_for_image(
 ) -> tuple[int, int]:
     """(width, height) of the video for an image of (height, width) within `max_area` pixels.
 
-    As the official code does: the aspect ratio follows the image, and each latent side is rounded down
-    to a multiple of the DiT's patch, so the pixel sides are multiples of `stride * patch` (16).
+    The official arithmetic, float rounding included: the aspect ratio follows the image, and each
+    latent side is rounded down to a multiple of the DiT's patch, so the pixel sides are multiples of
+    `stride * patch` (16). (So an 832x480 image at 832*480 gives 832x464: sqrt(399360 * 480/832) is
+    479.99999999999994 in floating point.)
     """
     h, w = image_hw
     if h < 1 or w < 1 or max_area < 1:
         raise ValueError(f"image size {w}x{h} and max area {max_area} must be positive")
-    lat_h = int(math.sqrt(max_area * h / w) // stride // patch * patch)
-    lat_w = int(math.sqrt(max_area * w / h) // stride // patch * patch)
+    aspect = h / w
+    lat_h = int(math.sqrt(max_area * aspect) // stride // patch * patch)
+    lat_w = int(math.sqrt(max_area / aspect) // stride // patch * patch)
     if lat_h < patch or lat_w < patch:
         raise ValueError(
             f"an image of {w}x{h} leaves no room within {max_area} pixels: its aspect ratio is too extreme"
@@ -74,9 +77,28 @@ def condition_video(
     video[:, 0] = _resize(first, height, width)
     if last is not None:
         if frame_num < 2:
-            raise ValueError("a last frame needs frame_num >= 2")
+            raise ValueError("a last frame needs frame_num >= 5")
         video[:, -1] = _resize(last, height, width)
     return video
+
+
+def crop_to_aspect(image: torch.Tensor, like_hw: tuple[int, int]) -> torch.Tensor:
+    """Center-crop image [3, h, w] to the aspect ratio of `like_hw` (height, width), keeping the most of it.
+
+    First-last-frame-to-video gives the last frame the first frame's shape this way (the official code
+    means to, but crops to a swapped size and never resizes; diffusers squashes the frame instead).
+    """
+    h, w = image.shape[-2:]
+    th, tw = like_hw
+    if h * tw == w * th:
+        return image
+    if w * th > h * tw:  # too wide: crop the width
+        new_w = max(1, round(h * tw / th))
+        left = (w - new_w) // 2
+        return image[..., left : left + new_w]
+    new_h = max(1, round(w * th / tw))
+    top = (h - new_h) // 2
+    return image[..., top : top + new_h, :]
 
 
 def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

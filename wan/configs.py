@@ -227,6 +227,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def default_shift(preset: Preset, size: tuple[int, int]) -> float:
+    """The sampling shift when none is given. As the official `generate.py`: image-to-video at 832*480 or
+    480*832 uses 3.0 and at other sizes 5.0, whichever i2v checkpoint runs; other tasks keep the preset's."""
+    if preset.task == "i2v" and not preset.name.startswith("tiny-"):
+        return 3.0 if tuple(size) in ((832, 480), (480, 832)) else 5.0
+    return preset.sampling.shift
+
+
 def get_preset(name: str) -> Preset:
     """Look a preset up by name; an unknown name lists the known ones."""
     try:

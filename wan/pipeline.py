@@ -25,8 +25,8 @@ from typing import TypedDict, Unpack
 import torch
 from tqdm.auto import tqdm
 
-from wan.conditioning import condition_video, frame_mask, image_tensor, size_for_image
-from wan.configs import Preset, get_preset, parse_size, validate_request
+from wan.conditioning import condition_video, crop_to_aspect, frame_mask, image_tensor, size_for_image
+from wan.configs import Preset, default_shift, get_preset, parse_size, validate_request
 from wan.model import WanModel
 from wan.sampling import SOLVERS, FlowSampler, guide, initial_noise, latent_shape
 from wan.text_encoder import WanTextEncoder
@@ -224,11 +224,12 @@ class WanPipeline:
     ) -> GenerationSettings:
         """Fill unset values from the preset's defaults and validate them."""
         d = self.preset.sampling
+        resolved_size = parse_size(size) if size is not None else d.size
         out = GenerationSettings(
-            size=parse_size(size) if size is not None else d.size,
+            size=resolved_size,
             frame_num=d.frame_num if frame_num is None else frame_num,
             steps=d.steps if sampling_steps is None else sampling_steps,
-            shift=d.shift if shift is None else shift,
+            shift=default_shift(self.preset, resolved_size) if shift is None else shift,
             guide_scale=d.guide_scale if guide_scale is None else guide_scale,
             solver=sample_solver or d.solver,
             # As in the official code, an empty negative prompt means the default one.
@@ -266,7 +267,9 @@ class WanPipeline:
             raise ValueError(f"{self.preset.name} needs both a first and a last image")
         assert self.image_encoder is not None
         first = image_tensor(image).to(self.device)
-        last = image_tensor(last_image).to(self.device) if last_image is not None else None
+        last = None
+        if last_image is not None:  # the last frame takes the first one's aspect ratio (center crop)
+            last = crop_to_aspect(image_tensor(last_image).to(self.device), tuple(first.shape[1:]))
         width, height = self.video_size(settings, first)
         images = [first] if last is None else [first, last]
         clip = torch.cat([self.image_encoder.encode(img[None]) for img in images], dim=1)
