@@ -2,8 +2,9 @@
 
 Every attention in `wan/model.py` calls `attention(q, k, v)`. It runs PyTorch's scaled-dot-product
 attention, which picks the fastest kernel available (flash / memory-efficient / cuDNN on a GPU,
-a fused CPU kernel otherwise). Context parallelism replaces a module's `attn_op` with its own
-function of the same signature; the model code does not change.
+a fused CPU kernel otherwise). Context parallelism (`wan/distributed/context_parallel.py`) hands the
+self-attentions its own function of the same signature for each forward, through the model's generic
+`sequence_sharding` hook; the model code knows nothing of meshes.
 """
 
 from __future__ import annotations

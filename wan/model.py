@@ -11,6 +11,7 @@ float32; the linear layers and attention run in the weights' dtype (bf16 on a GP
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from wan.attention import AttentionOp, attention
 from wan.configs import DiTConfig
 from wan.rope import apply_rope, rope_frequencies
 
-__all__ = ["WanModel", "sinusoidal_embedding"]
+__all__ = ["SequenceSharding", "WanModel", "sinusoidal_embedding"]
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -28,6 +29,26 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     angles = torch.outer(t.to(torch.float64), freqs)
     return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+class SequenceSharding(Protocol):
+    """An optional hook that splits the token sequence over processes (set as `WanModel.sequence_sharding`).
+
+    The model calls `shard` after patch embedding, runs every block on the local tokens with the returned
+    self-attention op (which must see the whole sequence), applies the head per token and calls `gather`
+    before unpatchify. Cross-attention and the time modulation stay local. The model knows nothing else.
+    """
+
+    def shard(
+        self, tokens: torch.Tensor, rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionOp]:
+        """tokens: [B, L, C]; rope: complex [L, D/2] (global positions) -> (tokens [B, Ll, C], rope [Ll, D/2],
+        the self-attention op for this forward: local q, k, v [B, Ll, N, D] -> [B, Ll, N, D])."""
+        ...
+
+    def gather(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
+        """tokens: [B, Ll, P] local rows -> [B, length, P], the whole sequence in order."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -63,13 +84,17 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.attn_op: AttentionOp = attention
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, C]; rope: complex [L, D/2] rotations -> [B, L, C]."""
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, attn_op: AttentionOp | None = None
+    ) -> torch.Tensor:
+        """x: [B, L, C]; rope: complex [L, D/2] rotations -> [B, L, C]. `attn_op` overrides `self.attn_op`
+        for this call (a sequence-sharded forward passes its own)."""
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
         v = self.v(x).unflatten(-1, heads)
-        return self.o(self.attn_op(q, k, v).flatten(2))
+        op = self.attn_op if attn_op is None else attn_op
+        return self.o(op(q, k, v).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -133,11 +158,13 @@ class AttentionBlock(nn.Module):
         e0: torch.Tensor,
         context: torch.Tensor,
         rope: torch.Tensor,
+        attn_op: AttentionOp | None = None,
     ) -> torch.Tensor:
-        """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32; context: [B, Lc, C] -> [B, L, C]."""
+        """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32; context: [B, Lc, C] -> [B, L, C].
+        `attn_op`: the self-attention op for this call (None: the module's own)."""
         dtype = self.ffn[0].weight.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dtype), rope)
+        y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dtype), rope, attn_op)
         x = x + y.float() * gate1
         x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()
         y = self.ffn((self.norm2(x) * (1 + scale2) + shift2).to(dtype))
@@ -218,6 +245,8 @@ class WanModel(nn.Module):
         self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
         if cfg.image_dim is not None:
             self.img_emb = ImageEmbedding(cfg.image_dim, dim, cfg.image_tokens)
+        # Optional: splits the token sequence over processes (`wan.distributed.apply_context_parallel`).
+        self.sequence_sharding: SequenceSharding | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -294,9 +323,16 @@ class WanModel(nn.Module):
         e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, -1))
         ctx = self.embed_context(context, clip_features)
 
+        sharding = self.sequence_sharding
+        length = tokens.shape[1]
+        attn_op = None
+        if sharding is not None:  # local tokens [B, Ll, C] with their global rope rows
+            tokens, rope, attn_op = sharding.shard(tokens, rope)
         for block in self.blocks:
-            tokens = block(tokens, e0, ctx, rope)
-        out = self.head(tokens, e)
+            tokens = block(tokens, e0, ctx, rope, attn_op)
+        out = self.head(tokens, e)  # [B, L or Ll, P]: per token
+        if sharding is not None:
+            out = sharding.gather(out, length)
         return self.unpatchify(out.float(), grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
