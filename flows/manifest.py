@@ -179,7 +179,26 @@ _NUMERIC = ("seed", "num_seeds", "frame_num", "steps", "shift", "guide_scale")
 _TEXT = ("prompt", "negative_prompt", "image", "last_image", "model", "size", "solver")
 
 
-class GenerationRequest(BaseModel):
+class _SharedChecks(BaseModel):
+    """The checks of the fields a row and the run defaults share: model, size, solver."""
+
+    @field_validator("model", check_fields=False)
+    @classmethod
+    def _known_model(cls, value: str | None) -> str | None:
+        return _check_model(value)
+
+    @field_validator("size", check_fields=False)
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        return _normalize_size(value)
+
+    @field_validator("solver", check_fields=False)
+    @classmethod
+    def _solver(cls, value: str | None) -> str | None:
+        return _check_solver(value)
+
+
+class GenerationRequest(_SharedChecks):
     """One manifest row as the user wrote it. Unset fields fall back to the run defaults, then the preset.
 
     Accepted aliases: `id` for item_id, `task` for model, `sample_steps`, `sample_shift`,
@@ -250,23 +269,8 @@ class GenerationRequest(BaseModel):
     def _empty_negative(cls, value: str | None) -> str | None:
         return value or None  # "" means "the default negative prompt", as in the official code
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str | None) -> str | None:
-        return _check_model(value)
 
-    @field_validator("size")
-    @classmethod
-    def _size(cls, value: str | None) -> str | None:
-        return _normalize_size(value)
-
-    @field_validator("solver")
-    @classmethod
-    def _solver(cls, value: str | None) -> str | None:
-        return _check_solver(value)
-
-
-class RunDefaults(BaseModel):
+class RunDefaults(_SharedChecks):
     """Run-level parameters (CLI options / flow parameters): rows override them, they override the preset."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -281,21 +285,6 @@ class RunDefaults(BaseModel):
     guide_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
     solver: str | None = None
     negative_prompt: str | None = None
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str | None) -> str | None:
-        return _check_model(value)
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, value: str | None) -> str | None:
-        return _normalize_size(value)
-
-    @field_validator("solver")
-    @classmethod
-    def _solver(cls, value: str | None) -> str | None:
-        return _check_solver(value)
 
 
 def _aliases() -> dict[str, tuple[str, ...]]:
