@@ -130,7 +130,7 @@ def read_manifest(
     back from them lazily, so no process holds all its rows.
     """
     options = settings.storage_options_for(url)
-    if _size_of(url, options) <= settings.large_manifest_bytes:
+    if not is_large_manifest(url, settings):
         manifest = load_manifest(url, defaults, storage_options=options)
         if manifest.problems and not skip_invalid:
             raise ManifestError(url, manifest.problems, manifest.rows)
@@ -156,12 +156,15 @@ class LazyManifest(Manifest):
     model_names: list[str] = field(default_factory=list)
 
 
-def _size_of(url: str, options: dict[str, Any]) -> int:
+def is_large_manifest(url: str, settings: Settings) -> bool:
+    """Whether a manifest is over `settings.large_manifest_bytes` (then it is split with dask, never
+    loaded whole). An unreadable one counts as small: `load_manifest` reports it with its name."""
     try:
-        fs, path = fsspec.core.url_to_fs(url, **options)
-        return int(fs.size(path) or 0)
-    except Exception:  # unreadable: load_manifest reports it with the file's name
-        return 0
+        fs, path = fsspec.core.url_to_fs(url, **settings.storage_options_for(url))
+        size = int(fs.size(path) or 0)
+    except Exception:
+        return False
+    return size > settings.large_manifest_bytes
 
 
 def model_names(manifest: Manifest) -> list[str]:

@@ -188,6 +188,7 @@ def export(
 
 # ----------------------------------------------------------------------------------------- generation
 
+ManifestArg = Annotated[str, typer.Argument(help="JSON Lines, CSV or Parquet manifest: a path or URL")]
 Model = Annotated[str, typer.Option("--model", help="preset name: tiny-t2v, t2v-1.3B, t2v-14B, ...")]
 CkptDir = Annotated[str | None, typer.Option("--ckpt-dir", help="checkpoint directory of --model")]
 Out = Annotated[str | None, typer.Option("--out", help="storage root (dir or URL); WANFLOW_STORAGE_ROOT")]
@@ -356,7 +357,7 @@ def _ensure_catalog(catalog_url: str | None) -> None:
 
 @app.command()
 def generate(
-    manifest: Annotated[str, typer.Argument(help="JSON Lines, CSV or Parquet manifest: a path or URL")],
+    manifest: ManifestArg,
     model: Model = "tiny-t2v",
     ckpt_dir: CkptDir = None,
     out: Out = None,
@@ -379,10 +380,9 @@ def generate(
         _dry_run(manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out,
                  ckpt_dir=ckpt_dir, shard_size=shard_size, as_json=as_json)  # fmt: skip
         return
-    from flows.batch import _size_of
+    from flows.batch import is_large_manifest
 
-    settings = get_settings(catalog_url=catalog_url, storage_root=out)
-    if _size_of(manifest, settings.storage_options_for(manifest)) <= settings.large_manifest_bytes:
+    if not is_large_manifest(manifest, get_settings(catalog_url=catalog_url, storage_root=out)):
         # Check here first, for a quick and readable answer; a large manifest is checked by the run itself
         # as it is split, rather than read twice.
         loaded = _load(
@@ -433,7 +433,7 @@ def _dry_run(
 
 @app.command()
 def validate(
-    manifest: Annotated[str, typer.Argument(help="JSON Lines, CSV or Parquet manifest: a path or URL")],
+    manifest: ManifestArg,
     model: Model = "tiny-t2v",
     seeds: Seeds = None,
     as_json: AsJson = False,

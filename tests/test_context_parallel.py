@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_utils import run_gloo
+from twins import randomise_dit
 
 from wan.configs import get_preset
 from wan.distributed import ContextMesh
@@ -26,20 +27,10 @@ LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(2, 2), (4, 1), (1, 4)]}  # (ulysses_size, r
 TOL = 1e-5
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    """Give norms, biases and modulations random values too (PyTorch's init leaves them trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 or name.endswith("modulation"):
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-
-
 def _build(preset: str) -> WanModel:
     torch.manual_seed(0)
     model = WanModel(get_preset(preset).dit).eval()
-    _randomise(model, 1)
+    randomise_dit(model, 1)
     return model
 
 

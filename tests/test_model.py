@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from twins import randomise_dit
 
 from wan.configs import DiTConfig, get_preset
 from wan.dit_keys import (
@@ -20,16 +21,6 @@ from wan.rope import rope_split
 TINY = DiTConfig(dim=64, ffn_dim=96, num_heads=4, num_layers=2, text_dim=24)
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    """Keep PyTorch's default init for matrices; give norms, biases and modulations random values too."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 or name.endswith("modulation"):
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-
-
 def _diffusers_twin(cfg: DiTConfig, ours: WanModel):
     from diffusers import WanTransformer3DModel
 
@@ -42,7 +33,7 @@ def _diffusers_twin(cfg: DiTConfig, ours: WanModel):
 def test_dit_matches_diffusers(grid):
     torch.manual_seed(0)
     model = WanModel(TINY).eval()
-    _randomise(model, 1)
+    randomise_dit(model, 1)
     ref = _diffusers_twin(TINY, model)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 16, *grid, generator=g)
@@ -60,7 +51,7 @@ def test_dit_matches_diffusers(grid):
 def test_i2v_dit_matches_diffusers():
     cfg = dataclasses.replace(TINY, model_type="i2v", in_dim=36, image_dim=20)
     model = WanModel(cfg).eval()
-    _randomise(model, 3)
+    randomise_dit(model, 3)
     ref = _diffusers_twin(cfg, model)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 36, 3, 4, 6, generator=g)

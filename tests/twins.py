@@ -172,3 +172,14 @@ def round_text_encoder_to_bf16(pipe: WanPipeline) -> WanPipeline:
         for p in pipe.text_encoder.model.parameters():
             p.copy_(p.bfloat16().float())
     return pipe
+
+
+def randomise_dit(model: torch.nn.Module, seed: int) -> None:
+    """Keep PyTorch's default init for matrices; give norms, biases and modulations random values too
+    (its init leaves them trivial, which would hide mistakes in how they are used)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or name.endswith("modulation"):
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
