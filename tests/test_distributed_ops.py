@@ -134,9 +134,12 @@ def test_attention_world4(world4, ulysses, ring):
 
 def test_mesh_world_size_mismatch():
     with pytest.raises(
-        ValueError, match=r"ulysses_size \* ring_size = 2 \* 3 = 6 must equal the world size 4"
+        ValueError, match=r"ulysses_size 2 \* ring_size 3 = 6 must equal the world size 4 \(the number"
     ):
         validate_mesh(2, 3, 4)
+    with pytest.raises(ValueError, match=r"ring_size 1 \* cfg-parallel halves 2 = 8 must equal the world"):
+        validate_mesh(4, 1, 4, replicas=2)
+    validate_mesh(2, 1, 4, num_heads=12, replicas=2)
     with pytest.raises(ValueError, match="must equal the world size 1"):
         ContextMesh.build(2, 1)  # no process group: a world of one
 
@@ -147,6 +150,8 @@ def test_mesh_heads_not_divisible_suggests_ring():
     ):
         validate_mesh(8, 1, 8, num_heads=12)
     validate_mesh(4, 2, 8, num_heads=12)
+    with pytest.raises(ValueError, match=r"ulysses 2 x ring 2 for 4 processes"):  # per CFG half
+        validate_mesh(4, 1, 8, num_heads=6, replicas=2)
 
 
 def test_single_mesh_is_plain_attention():

@@ -6,6 +6,16 @@
 
 Writes an H.264 mp4 (yuv420p, 16 fps) with the ffmpeg binary that imageio-ffmpeg ships, streaming
 decoded chunks into the encoder as they come.
+
+One video on several GPUs (or CPU processes, gloo), as the official flags:
+
+    torchrun --nproc_per_node 8 -m wan.generate --task t2v-14B --ckpt_dir ./Wan2.1-T2V-14B \
+        --ulysses_size 4 --ring_size 1 --cfg_parallel --dit_zero3 --t5_zero3 --prompt "..."
+
+`--ulysses_size x --ring_size` (x 2 with `--cfg_parallel`) must equal the number of processes; ZeRO-3
+alone (no layout flags) shards the weights while every process runs the whole forward. With several
+processes and none of these flags, a layout is chosen (CFG halves, then Ulysses, then ring). Rank 0 writes
+the video; every rank must be given the same arguments.
 """
 
 from __future__ import annotations
@@ -22,10 +32,11 @@ from pathlib import Path
 import torch
 
 from wan.configs import PRESETS, get_preset, parse_size, validate_request
+from wan.distributed.parallel import ParallelConfig, auto_config, init_distributed, local_device, parallelize
 from wan.pipeline import WanPipeline
 from wan.weights import CheckpointError
 
-__all__ = ["build_parser", "main", "write_mp4"]
+__all__ = ["build_parser", "main", "parallel_config", "write_mp4"]
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -61,7 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="image-to-video: the image to animate")
     p.add_argument("--first_frame", default=None, help="first-last-frame-to-video: the first frame")
     p.add_argument("--last_frame", default=None, help="first-last-frame-to-video: the last frame")
+    g = p.add_argument_group("several processes (torchrun --nproc_per_node N)")
+    g.add_argument("--ulysses_size", type=int, default=None, help="Ulysses (all-to-all) group size")
+    g.add_argument("--ring_size", type=int, default=None, help="ring-attention group size")
+    g.add_argument("--cfg_parallel", action="store_true", help="conditional and unconditional passes on "
+                   "separate halves of the processes")  # fmt: skip
+    g.add_argument("--dit_zero3", action="store_true", help="shard the DiT's weights (DeepSpeed ZeRO-3)")
+    g.add_argument("--t5_zero3", action="store_true", help="shard the text encoder's weights (ZeRO-3)")
+    g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON for ZeRO-3 (default: built in; "
+                   "infra/deepspeed/zero3-inference.json is the tuned one)")  # fmt: skip
     return p
+
+
+def parallel_config(args: argparse.Namespace, world_size: int, num_heads: int) -> ParallelConfig | None:
+    """The layout the flags ask for, checked against `world_size` processes (None: one plain process)."""
+    zero3 = dict(dit_zero3=args.dit_zero3, t5_zero3=args.t5_zero3, deepspeed_config=args.deepspeed_config)
+    chosen = args.ulysses_size is not None or args.ring_size is not None or args.cfg_parallel
+    if world_size == 1 and not (chosen or args.dit_zero3 or args.t5_zero3):
+        return None
+    if chosen or args.dit_zero3 or args.t5_zero3:
+        config = ParallelConfig(args.ulysses_size or 1, args.ring_size or 1, args.cfg_parallel, **zero3)
+    else:
+        config = auto_config(world_size, num_heads, **zero3)
+    config.validate(world_size, num_heads)
+    return config
 
 
 def write_mp4(frames: Iterable[torch.Tensor], path: Path, size: tuple[int, int], fps: int) -> int:
@@ -134,9 +168,26 @@ def _default_name(task: str, size: tuple[int, int], seed: int, prompt: str) -> s
     return f"{task}_{size[0]}x{size[1]}_s{seed}_{slug}.mp4"
 
 
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, file=sys.stderr)
+
+
+def _shared_seed(seed: int, world_size: int) -> int:
+    """Rank 0's seed on every rank (a random one is drawn per process)."""
+    if world_size == 1:
+        return seed
+    import torch.distributed as dist
+
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     preset = get_preset(args.task)
+    rank, world_size = init_distributed()
     try:
         if args.prompt is None:
             raise ValueError("--prompt is required")
@@ -146,28 +197,33 @@ def main(argv: list[str] | None = None) -> int:
             )
         image, last_image = _images(args, preset.task)
         size = parse_size(args.size) if args.size else preset.sampling.size
-        # Refuse a bad size or frame count before loading (possibly 14B of) weights.
+        # Refuse a bad size, frame count or layout before loading (possibly 14B of) weights.
         frame_num = preset.sampling.frame_num if args.frame_num is None else args.frame_num
         steps = preset.sampling.steps if args.sample_steps is None else args.sample_steps
         validate_request(preset, size, frame_num, steps)
-        device = torch.device(args.device) if args.device else None
+        layout = parallel_config(args, world_size, preset.dit.num_heads)
+        if layout is not None and layout.zero3:
+            from wan.distributed.zero3 import load_config
+
+            load_config(layout.deepspeed_config)
+        device = torch.device(args.device) if args.device else (local_device() if world_size > 1 else None)
         dtype = _DTYPES[args.dtype] if args.dtype else None
         seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**63 - 1)
+        seed = _shared_seed(seed, world_size)
 
         start = time.perf_counter()
         if args.ckpt_dir is None:
-            print(
-                f"[wan] {args.task}: no --ckpt_dir, using RANDOM weights (the video is noise-like)",
-                file=sys.stderr,
-            )
+            _say(rank, f"[wan] {args.task}: no --ckpt_dir, using RANDOM weights (the video is noise-like)")
             pipe = WanPipeline.from_config(args.task, seed=0, device=device, dtype=dtype)
         else:
             pipe = WanPipeline.from_pretrained(args.ckpt_dir, task=args.task, device=device, dtype=dtype)
-        print(
-            f"[wan] loaded {pipe.source} on {pipe.device} ({pipe.dtype}) "
-            f"in {time.perf_counter() - start:.1f}s",
-            file=sys.stderr,
-        )
+        if layout is not None:
+            parallelize(pipe, layout)
+            _say(rank, f"[wan] {world_size} processes: ulysses {layout.ulysses_size} x ring "
+                       f"{layout.ring_size} x cfg {layout.cfg_size}, ZeRO-3 dit {layout.dit_zero3} "
+                       f"t5 {layout.t5_zero3}")  # fmt: skip
+        _say(rank, f"[wan] loaded {pipe.source} on {pipe.device} ({pipe.dtype}) "
+                   f"in {time.perf_counter() - start:.1f}s")  # fmt: skip
         settings = dict(
             negative_prompt=args.negative_prompt,
             size=size,
@@ -180,22 +236,26 @@ def main(argv: list[str] | None = None) -> int:
         resolved = pipe.settings(**settings)  # validate before any work
         video_size = pipe.video_size(resolved, image)  # image-to-video: the image's aspect ratio
         out = Path(args.save_file or _default_name(args.task, video_size, seed, args.prompt))
-        out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        frames = write_mp4(
-            pipe.generate_stream(args.prompt, seed=seed, image=image, last_image=last_image, **settings),
-            out,
-            video_size,
-            args.fps or preset.sampling.fps,
-        )
+        frames = 0
+        stream = pipe.generate_stream(args.prompt, seed=seed, image=image, last_image=last_image, **settings)
+        if pipe.is_writer:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            frames = write_mp4(stream, out, video_size, args.fps or preset.sampling.fps)
+        else:
+            for _ in stream:  # samples with the others; rank 0 decodes and writes
+                pass
     except (ValueError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}" if world_size == 1 else f"error (rank {rank}): {exc}", file=sys.stderr)
         return 2
-    print(
-        f"[wan] seed {seed}: {frames} frames {video_size[0]}x{video_size[1]}, "
-        f"{resolved.steps} {resolved.solver} steps, {time.perf_counter() - start:.1f}s -> {out}",
-        file=sys.stderr,
-    )
+    finally:
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    seconds = time.perf_counter() - start
+    _say(rank, f"[wan] seed {seed}: {frames} frames {video_size[0]}x{video_size[1]}, "
+               f"{resolved.steps} {resolved.solver} steps, {seconds:.1f}s -> {out}")  # fmt: skip
     return 0
 
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict, Unpack
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +31,9 @@ from wan.model import WanModel
 from wan.sampling import SOLVERS, FlowSampler, guide, initial_noise, latent_shape
 from wan.text_encoder import WanTextEncoder
 from wan.vae import WanVAE
+
+if TYPE_CHECKING:
+    from wan.distributed.parallel import ParallelState
 
 __all__ = [
     "GenerationSettings",
@@ -131,6 +134,14 @@ class WanPipeline:
         self.image_encoder = (
             image_encoder.to(self.device, clip_dtype).eval().requires_grad_(False) if image_encoder else None
         )
+        # Set by `wan.distributed.parallel.parallelize` when one video runs on several processes.
+        self.parallel: ParallelState | None = None
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process decodes and hands out the videos: always, except on ranks other than 0 of
+        a parallel pipeline (they sample with the others and decode nothing)."""
+        return self.parallel is None or self.parallel.rank == 0
 
     @property
     def takes_images(self) -> bool:
@@ -326,11 +337,19 @@ class WanPipeline:
             inputs = torch.cat([latents, y.repeat(copies, 1, 1, 1, 1)], dim=1)
             return self.dit(inputs, tb, ctx, clip_features=clip.repeat(copies, 1, 1))
 
+        # CFG parallelism: this rank runs one branch; the other half of the world runs the other one.
+        split = self.parallel.cfg if self.parallel is not None else None
+        if split is not None and use_cfg:
+            branch_context = context if split.branch == 0 else uncond
         sampler = FlowSampler(settings.solver, settings.steps, settings.shift)
-        steps = tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False)
+        show = progress and self.is_writer
+        steps = tqdm(sampler.timesteps, desc="sampling", disable=not show, leave=False)
         for i, t in enumerate(steps):
             tb = t.to(self.device).expand(x.shape[0])
-            if use_cfg and batch_cfg:
+            if use_cfg and split is not None:
+                v_cond, v_uncond = split.exchange(velocity(x, tb, branch_context))
+                v = guide(v_cond, v_uncond, settings.guide_scale)
+            elif use_cfg and batch_cfg:
                 v_cond, v_uncond = velocity(
                     torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([context, uncond]), copies=2
                 ).chunk(2)
@@ -412,7 +431,10 @@ class WanPipeline:
         **settings: Unpack[SettingsArgs],
     ) -> Iterator[torch.Tensor]:
         """Like `generate`, but yields uint8 frame chunks [n, H, W, 3] as the VAE decodes them
-        (1 frame, then 4 per latent frame); no whole-video tensor is held."""
+        (1 frame, then 4 per latent frame); no whole-video tensor is held.
+
+        A parallel pipeline's ranks other than 0 (`is_writer` False) take part in the sampling and yield
+        nothing: rank 0 decodes."""
         resolved = self.settings(**settings)
         conditions = self._conditions(
             1, resolved, None if image is None else [image], None if last_image is None else [last_image]
@@ -420,6 +442,8 @@ class WanPipeline:
         latents = self.sample_latents(
             [prompt], [seed], resolved, conditions=conditions, batch_cfg=batch_cfg, progress=progress
         )
+        if not self.is_writer:
+            return
         for chunk in self.vae.decode_stream(latents):
             yield to_uint8_frames(chunk[0])
 

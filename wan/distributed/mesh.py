@@ -28,28 +28,34 @@ from .ulysses import group_size, heads_to_seq, seq_to_heads
 __all__ = ["ContextMesh", "context_attention", "validate_mesh"]
 
 
-def validate_mesh(ulysses_size: int, ring_size: int, world_size: int, num_heads: int | None = None) -> None:
+def validate_mesh(
+    ulysses_size: int, ring_size: int, world_size: int, num_heads: int | None = None, replicas: int = 1
+) -> None:
     """Raise ``ValueError`` with a clear message when the layout cannot work.
 
-    Checks: sizes positive, ``ulysses_size * ring_size == world_size``, and (when given) ``num_heads``
-    divisible by ``ulysses_size``.
+    Checks: sizes positive, ``replicas * ulysses_size * ring_size == world_size`` (``replicas`` = 2 with
+    CFG parallelism: one mesh per half of the world), and (when given) ``num_heads`` divisible by
+    ``ulysses_size``.
     """
     if ulysses_size < 1 or ring_size < 1:
         raise ValueError(
             f"ulysses_size and ring_size must be >= 1, got ulysses {ulysses_size}, ring {ring_size}"
         )
-    if ulysses_size * ring_size != world_size:
+    if replicas * ulysses_size * ring_size != world_size:
+        factors = [f"ulysses_size {ulysses_size}", f"ring_size {ring_size}"]
+        factors += [f"cfg-parallel halves {replicas}"] if replicas > 1 else []
         raise ValueError(
-            f"context-parallel mesh: ulysses_size * ring_size = {ulysses_size} * {ring_size} = "
-            f"{ulysses_size * ring_size} must equal the world size {world_size}"
+            f"context-parallel mesh: {' * '.join(factors)} = {replicas * ulysses_size * ring_size} must "
+            f"equal the world size {world_size} (the number of processes, torchrun --nproc_per_node)"
         )
     if num_heads is not None and num_heads % ulysses_size != 0:
-        fits = [u for u in range(1, world_size + 1) if world_size % u == 0 and num_heads % u == 0]
+        per_mesh = world_size // replicas
+        fits = [u for u in range(1, per_mesh + 1) if per_mesh % u == 0 and num_heads % u == 0]
         best = max(fits)
         raise ValueError(
             f"context-parallel mesh: the model's {num_heads} attention heads are not divisible by "
             f"ulysses_size {ulysses_size}; use more ring instead, e.g. ulysses {best} x ring "
-            f"{world_size // best} for {world_size} processes"
+            f"{per_mesh // best} for {per_mesh} processes"
         )
 
 
@@ -62,7 +68,7 @@ class ContextMesh:
 
     ulysses_size: int
     ring_size: int
-    rank: int
+    rank: int  # inside the mesh (with replicas, the global rank modulo the mesh size): the shard index
     ulysses_group: ProcessGroup | None
     ring_group: ProcessGroup | None
 
@@ -86,31 +92,40 @@ class ContextMesh:
         return cls(ulysses_size=1, ring_size=1, rank=0, ulysses_group=None, ring_group=None)
 
     @classmethod
-    def build(cls, ulysses_size: int, ring_size: int, num_heads: int | None = None) -> ContextMesh:
+    def build(
+        cls, ulysses_size: int, ring_size: int, num_heads: int | None = None, *, replicas: int = 1
+    ) -> ContextMesh:
         """Build the mesh over the default process group (or the 1x1 mesh when none is initialised).
 
+        ``replicas`` > 1 splits the world into that many contiguous blocks of ``ulysses_size * ring_size``
+        ranks, each its own mesh (CFG parallelism: one per guidance branch); this rank gets its block's.
         Collective: every rank must call it with the same arguments, in the same order relative to other
         ``dist.new_group`` calls, since every rank creates every group.
         """
         initialized = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if initialized else 1
         rank = dist.get_rank() if initialized else 0
-        validate_mesh(ulysses_size, ring_size, world_size, num_heads)
-        if world_size == 1:
+        validate_mesh(ulysses_size, ring_size, world_size, num_heads, replicas)
+        size = ulysses_size * ring_size
+        if size == 1:
             return cls.single()
 
         ulysses_group = ring_group = None
-        if ulysses_size > 1:
-            for p in range(ring_size):
-                group = dist.new_group(list(range(p * ulysses_size, (p + 1) * ulysses_size)))
-                if rank // ulysses_size == p:
-                    ulysses_group = group
-        if ring_size > 1:
-            for u in range(ulysses_size):
-                group = dist.new_group(list(range(u, world_size, ulysses_size)))
-                if rank % ulysses_size == u:
-                    ring_group = group
-        return cls(ulysses_size, ring_size, rank, ulysses_group, ring_group)
+        for block in range(replicas):
+            base = block * size
+            if ulysses_size > 1:
+                for p in range(ring_size):
+                    ranks = list(range(base + p * ulysses_size, base + (p + 1) * ulysses_size))
+                    group = dist.new_group(ranks)
+                    if rank in ranks:
+                        ulysses_group = group
+            if ring_size > 1:
+                for u in range(ulysses_size):
+                    ranks = list(range(base + u, base + size, ulysses_size))
+                    group = dist.new_group(ranks)
+                    if rank in ranks:
+                        ring_group = group
+        return cls(ulysses_size, ring_size, rank % size, ulysses_group, ring_group)
 
 
 def _gather_key_mask(key_mask: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""One video on many processes: context parallelism, CFG parallelism and ZeRO-3, set up on a pipeline.
+
+    torchrun --nproc_per_node 8 -m wan.generate ... --ulysses_size 4 --ring_size 1 --cfg_parallel --dit_zero3
+
+The world of W processes is laid out as ``cfg x ring x ulysses`` (ranks in that order, Ulysses fastest):
+
+- CFG parallelism (``cfg_parallel``, 2 halves): ranks ``[0, W/2)`` run the conditional DiT pass and ranks
+  ``[W/2, W)`` the unconditional one, at the same time; rank r and rank r + W/2 swap their velocities
+  (one all-gather of a latent-sized tensor per step) and every rank applies the guidance and the solver
+  step itself, so all ranks keep identical latents.
+- Each half is a `ContextMesh` of ``ulysses_size x ring_size`` ranks splitting the token sequence.
+- ZeRO-3 (``dit_zero3`` / ``t5_zero3``) shards those models' weights over all W ranks.
+
+Every rank loads the same weights and runs the same sampling loop; rank 0 alone decodes and writes the
+video (`WanPipeline.is_writer`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .mesh import ContextMesh, validate_mesh
+
+if TYPE_CHECKING:
+    from wan.pipeline import WanPipeline
+
+__all__ = [
+    "CfgSplit",
+    "ParallelConfig",
+    "ParallelState",
+    "auto_config",
+    "init_distributed",
+    "parallelize",
+    "world",
+]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one video is spread over the world (the `wan.generate` flags of the same names)."""
+
+    ulysses_size: int = 1
+    ring_size: int = 1
+    cfg_parallel: bool = False
+    dit_zero3: bool = False
+    t5_zero3: bool = False
+    deepspeed_config: str | None = None  # a DeepSpeed JSON file; None: `wan.distributed.zero3.DEFAULT_CONFIG`
+
+    @property
+    def cfg_size(self) -> int:
+        return 2 if self.cfg_parallel else 1
+
+    @property
+    def zero3(self) -> bool:
+        return self.dit_zero3 or self.t5_zero3
+
+    def replicas(self, world_size: int) -> int:
+        """How many copies of the context mesh the world holds: the CFG halves, or with ZeRO-3 alone (no
+        context or CFG parallelism) every rank, each running the whole forward on its gathered weights."""
+        if self.zero3 and self.cfg_size * self.ulysses_size * self.ring_size == 1:
+            return world_size
+        return self.cfg_size
+
+    def validate(self, world_size: int, num_heads: int | None = None) -> None:
+        """`ValueError` naming the flags when the layout does not fit `world_size` processes or the heads."""
+        replicas = self.replicas(world_size)
+        validate_mesh(self.ulysses_size, self.ring_size, world_size, num_heads, replicas=replicas)
+        if self.zero3 and world_size == 1:
+            raise ValueError("ZeRO-3 (--dit_zero3 / --t5_zero3) shards weights over several processes: "
+                             "launch with torchrun --nproc_per_node N, N > 1")  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        """For logs and the catalog's record of a run."""
+        return {
+            "ulysses_size": self.ulysses_size,
+            "ring_size": self.ring_size,
+            "cfg_parallel": self.cfg_parallel,
+            "dit_zero3": self.dit_zero3,
+            "t5_zero3": self.t5_zero3,
+        }
+
+
+def auto_config(
+    world_size: int, num_heads: int, *, cfg_parallel: bool = True, **zero3: Any
+) -> ParallelConfig:
+    """A layout for `world_size` processes: CFG halves when the world is even (and `cfg_parallel`), then
+    the largest Ulysses group that divides both the rest and the heads, the remainder as ring."""
+    cfg = 2 if cfg_parallel and world_size % 2 == 0 else 1
+    per_mesh = world_size // cfg
+    ulysses = max(u for u in range(1, per_mesh + 1) if per_mesh % u == 0 and num_heads % u == 0)
+    return ParallelConfig(ulysses, per_mesh // ulysses, cfg == 2, **zero3)
+
+
+@dataclass
+class CfgSplit:
+    """This rank's guidance branch under CFG parallelism and the group that swaps velocities.
+
+    branch 0: the conditional pass (the prompt); branch 1: the unconditional one (the negative prompt).
+    """
+
+    branch: int
+    group: Any  # the 2-rank ProcessGroup {r, r + W/2}
+
+    def exchange(self, velocity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """velocity: [B, C, T, H, W] of this rank's branch -> (v_cond, v_uncond), both on every rank."""
+        local = velocity.contiguous()
+        parts = [torch.empty_like(local) for _ in range(2)]
+        dist.all_gather(parts, local, group=self.group)  # group rank 0 holds branch 0
+        return parts[0], parts[1]
+
+
+@dataclass
+class ParallelState:
+    """What `parallelize` set up on a pipeline (kept on it as `pipe.parallel`)."""
+
+    config: ParallelConfig
+    rank: int
+    world_size: int
+    mesh: ContextMesh
+    cfg: CfgSplit | None
+    zero3: list[Any] = field(default_factory=list)  # `Zero3Handle`s, alive as long as the pipeline
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), once.
+
+    NCCL with one GPU per process (`cuda:LOCAL_RANK`) when CUDA is there, gloo on the CPU. Without
+    torchrun's variables (one plain process) nothing is initialised. Returns (rank, world size).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return world()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return world()
+
+
+def local_device() -> torch.device:
+    """This process's device: `cuda:LOCAL_RANK` when CUDA is there, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def parallelize(pipe: WanPipeline, config: ParallelConfig) -> WanPipeline:
+    """Spread `pipe` over the default process group as `config` says (in place; returns the pipeline).
+
+    Collective: every rank calls it with the same pipeline (same weights) and config. Raises `ValueError`
+    for a layout that does not fit the world or the model's heads, or an invalid DeepSpeed config.
+    """
+    from .context_parallel import apply_context_parallel
+
+    rank, world_size = world()
+    config.validate(world_size, pipe.dit.cfg.num_heads)
+    zero3_config = None
+    if config.zero3:
+        from .zero3 import load_config
+
+        zero3_config = load_config(config.deepspeed_config)  # a bad file fails before any collective
+
+    mesh = ContextMesh.build(
+        config.ulysses_size, config.ring_size, pipe.dit.cfg.num_heads, replicas=config.replicas(world_size)
+    )
+    cfg = None
+    if config.cfg_parallel:
+        half = world_size // 2
+        for r in range(half):  # every rank creates every pair's group, in the same order
+            group = dist.new_group([r, r + half])
+            if rank in (r, r + half):
+                cfg = CfgSplit(branch=rank // half, group=group)
+    if mesh.world_size > 1:
+        apply_context_parallel(pipe.dit, mesh)
+
+    state = ParallelState(config=config, rank=rank, world_size=world_size, mesh=mesh, cfg=cfg)
+    if zero3_config is not None:
+        from .zero3 import shard_zero3
+
+        if config.dit_zero3:
+            state.zero3.append(shard_zero3(pipe.dit, zero3_config))
+        if config.t5_zero3:
+            state.zero3.append(shard_zero3(pipe.text_encoder.model, zero3_config))
+    pipe.parallel = state
+    return pipe
