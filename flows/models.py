@@ -9,6 +9,7 @@ checkpoint run on seeded random weights, fingerprinted by preset and seed.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import threading
@@ -93,21 +94,34 @@ def _file_digest(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-_pipelines: dict[tuple[str, str | None, str | None, str | None], Any] = {}
+_pipelines: dict[tuple, Any] = {}
 _lock = threading.Lock()
 
 
-def load_pipeline(source: ModelSource, *, device: str | None = None, dtype: str | None = None) -> Any:
-    """The `WanPipeline` for `source`, loaded once per process and kept for every later job."""
-    key = (source.model, source.ckpt_dir, device, dtype)
+def load_pipeline(
+    source: ModelSource, *, device: str | None = None, dtype: str | None = None, gpus_per_job: int = 1,
+    layout: dict[str, Any] | None = None,
+) -> Any:  # fmt: skip
+    """The `WanPipeline` for `source`, loaded once per process and kept for every later job.
+
+    With `gpus_per_job` > 1, a `flows.group.GroupPipeline`: a `torchrun` group of that many processes
+    (one GPU each) holding the model, laid out by `layout` (`Settings.parallel_layout()`), started once.
+    """
+    key = (source.model, source.ckpt_dir, device, dtype, gpus_per_job, tuple(sorted((layout or {}).items())))
     with _lock:
         if key not in _pipelines:
             import torch
 
             # One model in memory at a time: a worker serves one shard's model. Free the old one first.
-            _pipelines.clear()
+            _release_all()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if gpus_per_job > 1:
+                from flows.group import GroupPipeline, WorkerGroup
+
+                group = WorkerGroup(source.model, source.ckpt_dir, gpus_per_job, dtype=dtype, layout=layout)
+                _pipelines[key] = GroupPipeline(group)
+                return _pipelines[key]
 
             from wan.pipeline import WanPipeline
 
@@ -124,7 +138,19 @@ def load_pipeline(source: ModelSource, *, device: str | None = None, dtype: str 
         return _pipelines[key]
 
 
+def _release_all() -> None:
+    """Drop every cached pipeline; worker groups are stopped (their processes hold the weights)."""
+    for pipe in _pipelines.values():
+        group = getattr(pipe, "group", None)
+        if group is not None:
+            group.close()
+    _pipelines.clear()
+
+
 def clear_pipelines() -> None:
     """Drop the cached pipelines (tests; or to free memory between models)."""
     with _lock:
-        _pipelines.clear()
+        _release_all()
+
+
+atexit.register(clear_pipelines)

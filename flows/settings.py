@@ -13,6 +13,11 @@
 | `WANFLOW_RETRY_DELAY_S` | `10` | first retry delay; doubles each retry, with jitter |
 | `WANFLOW_LARGE_MANIFEST_BYTES` | `67108864` | larger manifests are split with dask, never loaded whole |
 | `WANFLOW_CLAIM_TIMEOUT_S` | `21600` | a claim older than this whose worker never reported is requeued |
+| `WANFLOW_GPUS_PER_JOB` | `1` | GPUs (processes) per video: above 1, a shard starts one `torchrun` group |
+| `WANFLOW_ULYSSES_SIZE` / `WANFLOW_RING_SIZE` | auto | that group's context-parallel layout |
+| `WANFLOW_CFG_PARALLEL` | auto | conditional and unconditional passes on separate halves (auto: when even) |
+| `WANFLOW_DIT_ZERO3` / `WANFLOW_T5_ZERO3` | `false` | shard the DiT's / text encoder's weights (ZeRO-3) |
+| `WANFLOW_DEEPSPEED_CONFIG` | built in | DeepSpeed JSON (`infra/deepspeed/zero3-inference.json`) |
 
 S3 credentials come from the usual AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_PROFILE`, ...), read by the S3 client itself; they are never stored in the catalog or sidecars.
@@ -45,6 +50,19 @@ class Settings(BaseSettings):
     retry_delay_s: float = Field(10.0, ge=0)
     claim_timeout_s: float = Field(6 * 3600, gt=0)
     large_manifest_bytes: int = Field(64 << 20, ge=0)
+    gpus_per_job: int = Field(1, ge=1, le=1024)
+    ulysses_size: int | None = Field(None, ge=1)
+    ring_size: int | None = Field(None, ge=1)
+    cfg_parallel: bool | None = None
+    dit_zero3: bool = False
+    t5_zero3: bool = False
+    deepspeed_config: str | None = None
+
+    def parallel_layout(self) -> dict[str, Any]:
+        """The worker group's layout flags (`flows.group_worker`), for jobs on `gpus_per_job` > 1."""
+        return {"ulysses_size": self.ulysses_size, "ring_size": self.ring_size,
+                "cfg_parallel": self.cfg_parallel, "dit_zero3": self.dit_zero3, "t5_zero3": self.t5_zero3,
+                "deepspeed_config": self.deepspeed_config}  # fmt: skip
 
     def resolved_storage_options(self) -> dict[str, Any]:
         """fsspec options for the storage root, with the S3 endpoint folded in when set."""

@@ -175,7 +175,8 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     images = {name: read_image(params, name, ctx) for name in ("image", "last_image") if params.get(name)}
     width, height = pipe.video_size(settings, images.get("image"))  # image-to-video: the image's aspect
     device = torch.device(pipe.device)
-    if device.type == "cuda":
+    local = not getattr(pipe, "remote", False)  # a worker group measures nothing in this process
+    if local and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     frames = pipe.generate_stream(
         params["prompt"], seed=job.seed, progress=False, **images, **_settings_args(params)
@@ -192,8 +193,9 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         "noise": "torch CPU generator, float32",
         "device": str(device), "dtype": str(pipe.dtype).removeprefix("torch."),
         "worker": ctx.worker,
+        **({"parallel": pipe.describe()} if not local else {}),
     }  # fmt: skip
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) if local and device.type == "cuda" else None
     return store_job_output(
         ctx.catalog, job, frames, layout=ctx.layout, run_name=_objects_run_name(ctx, job), width=width,
         height=height,
@@ -290,8 +292,12 @@ def generate_shard(
     progress_artifact_id: str | None = None,
     label: str | None = None,
     run_name: str | None = None,
+    gpus_per_job: int | None = None,
 ) -> dict[str, Any]:
     """Run the given jobs of run `run_id` on one loaded pipeline; returns counts and per-job results.
+
+    `gpus_per_job` (default `WANFLOW_GPUS_PER_JOB`, 1) above 1 runs each video on that many processes: one
+    `torchrun` group for the shard loads the model once and serves every job (`flows.group`).
 
     `catalog_url` and `storage_root` default to this worker's `WANFLOW_*` settings (credentials stay in
     the worker's environment, out of flow parameters); `ckpt_dir` defaults to `WANFLOW_CHECKPOINTS[model]`.
@@ -300,7 +306,7 @@ def generate_shard(
     """
     check_secret_free(catalog_url)
     logger = get_run_logger()
-    settings = get_settings(catalog_url=catalog_url, storage_root=storage_root)
+    settings = get_settings(catalog_url=catalog_url, storage_root=storage_root, gpus_per_job=gpus_per_job)
     catalog = Catalog(settings.catalog_url)
     try:
         catalog.check_schema()
@@ -318,7 +324,13 @@ def generate_shard(
             (j.model_id, j.model_fingerprint) == (source.model, source.fingerprint) for j in jobs.values()
         ):
             start = time.perf_counter()
-            pipeline = load_pipeline(source, device=settings.device, dtype=settings.dtype)
+            pipeline = load_pipeline(
+                source,
+                device=settings.device,
+                dtype=settings.dtype,
+                gpus_per_job=settings.gpus_per_job,
+                layout=settings.parallel_layout(),
+            )
             logger.info("model %s ready on %s in %.1f s", model, pipeline.device, time.perf_counter() - start)
         ctx = _context(settings, catalog, run_id, run.name, source, pipeline)
         results = _run_jobs(ctx, job_ids, jobs, settings, progress_artifact_id)

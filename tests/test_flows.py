@@ -363,3 +363,74 @@ def test_an_image_that_is_missing_or_changed_fails_without_retry(tmp_path):
     with pytest.raises(BadImage, match="cannot be read: FileNotFoundError"):
         read_image({"image": str(tmp_path / "gone.png"), "image_sha256": sha}, "image", ctx)
     assert not flows.shard.is_transient(BadImage("x"))
+
+
+# ------------------------------------------------------------------------- jobs on several processes
+
+
+def _group_pipeline():
+    from flows.group import GroupPipeline
+    from flows.models import _pipelines
+
+    return next((p for p in list(_pipelines.values()) if isinstance(p, GroupPipeline)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_shard_with_two_gpus_per_job_runs_on_one_torchrun_group(
+    harness, fast_retries, tmp_path, monkeypatch
+):
+    """gpus_per_job = 2 on the CPU (gloo): one group loads the model once and serves the shard's 3 jobs;
+    then a rank SIGKILLed mid-job fails that job, its retry starts a new group, and the shard completes."""
+    import signal
+    import threading
+    import time
+
+    from flows.models import clear_pipelines
+
+    monkeypatch.setenv("WANFLOW_GPUS_PER_JOB", "2")
+    catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(catalog_url).upgrade()
+    clear_pipelines()
+    try:
+        manifest = write_manifest(tmp_path / "group.jsonl")
+        summary = generate_batch(manifest, out=str(tmp_path / "out"), catalog_url=catalog_url, shard_size=4)
+        assert summary["by_status"]["succeeded"] == 3, summary
+        pipe = _group_pipeline()
+        assert pipe is not None and pipe.group.starts == 1 and pipe.group.generations == 3
+        assert pipe.describe() == {"processes": 2, "ulysses_size": 1, "ring_size": 1, "cfg_parallel": True,
+                                   "dit_zero3": False, "t5_zero3": False}  # fmt: skip
+        with Catalog(catalog_url) as catalog:
+            outputs = catalog.outputs(summary["run_id"])
+            assert len(outputs) == 3 and all(verifier()(o) for o in outputs)
+        with pytest.raises(ValueError, match="frame_num 8"):  # a bad request: answered, the group lives on
+            pipe.settings(frame_num=8)
+        assert pipe.group.alive and pipe.group.starts == 1
+
+        # Kill rank 1 as the second job starts sampling (20 steps: long enough to land mid-job).
+        slow = tmp_path / "slow.jsonl"
+        slow.write_text("".join(json.dumps({"item_id": f"k{i}", "prompt": f"clip {i}", **FAST, "steps": 20})
+                                + "\n" for i in range(3)))  # fmt: skip
+        killed: list[int] = []
+
+        def kill_second_job() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not killed:
+                if pipe.group.generations >= 5 and pipe.group.alive:  # 3 before, this run's 2nd job
+                    killed.append(pipe.group.pids()[1])
+                    os.kill(killed[0], signal.SIGKILL)
+                time.sleep(0.005)
+
+        thread = threading.Thread(target=kill_second_job, daemon=True)
+        thread.start()
+        again = generate_batch(str(slow), out=str(tmp_path / "out"), catalog_url=catalog_url, shard_size=4)
+        thread.join(5)
+        assert killed, "the test never saw the second job start"
+        assert again["by_status"]["succeeded"] == 3, again
+        assert _group_pipeline() is pipe and pipe.group.starts == 2
+        with Catalog(catalog_url) as catalog:
+            attempts = sorted(j.attempts for j in catalog.jobs(again["run_id"]))
+            assert attempts == [1, 1, 2]
+            assert all(verifier()(o) for o in catalog.outputs(again["run_id"]))
+    finally:
+        clear_pipelines()

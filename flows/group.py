@@ -1,0 +1,245 @@
+"""Jobs that each run on several GPUs: one `torchrun` worker group per shard, driven from the flow process.
+
+`GroupPipeline` stands in for a `WanPipeline` in `flows.shard` when `gpus_per_job > 1`. It starts
+`torchrun --standalone --nproc_per_node N -m flows.group_worker` once (every rank loads the model once and
+spreads it over the group: context parallelism, CFG halves, ZeRO-3), then sends it one job at a time over
+an authenticated local connection. Rank 0 decodes and streams the frames back; the flow process writes
+the video and the catalog row exactly as for a one-GPU job (one writer, credentials only here).
+
+A rank that dies makes torchrun end the group: the job in flight fails with `WorkerGroupDied` (transient,
+so the job task's retry runs it again), and the next request starts a fresh group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flows.group_worker import ADDRESS_ENV, AUTHKEY_ENV
+
+__all__ = ["GroupPipeline", "WorkerGroup", "WorkerGroupDied"]
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 1800.0  # loading 14B of weights on every rank can take minutes
+POLL_S = 0.5
+
+
+class WorkerGroupDied(RuntimeError):
+    """The worker group ended (a rank died or was killed): the job in flight is retried on a new group."""
+
+
+class WorkerGroup:
+    """One `torchrun` process group serving one model; `request`/`stream` talk to its rank 0."""
+
+    def __init__(
+        self, model: str, ckpt_dir: str | None, nproc: int, *, dtype: str | None = None,
+        layout: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        self.model, self.ckpt_dir, self.nproc, self.dtype = model, ckpt_dir, nproc, dtype
+        self.layout = dict(layout or {})
+        self.starts = 0  # how many times the group was started (the model loaded)
+        self.generations = 0  # how many generations were sent to it
+        self.info: dict[str, Any] = {}
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._log: Path | None = None
+
+    # ------------------------------------------------------------------------------------- lifecycle
+    def command(self) -> list[str]:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd = [*launcher, f"--nproc_per_node={self.nproc}", "-m", "flows.group_worker", "--model", self.model]
+        if self.ckpt_dir:
+            cmd += ["--ckpt-dir", self.ckpt_dir]
+        if self.dtype:
+            cmd += ["--dtype", self.dtype]
+        for key, value in sorted(self.layout.items()):
+            flag = "--" + key.replace("_", "-")
+            if value is None or value is False:
+                continue
+            if key == "cfg_parallel":
+                cmd += [flag, "on" if value else "off"]
+            elif value is True:
+                cmd.append(flag)
+            else:
+                cmd += [flag, str(value)]
+        return cmd
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None and self._conn is not None
+
+    def start(self) -> None:
+        """Start the group and wait until every rank has loaded the model (rank 0 says "ready")."""
+        self.close()
+        key = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=key)
+        host, port = listener.address
+        fd, log_path = tempfile.mkstemp(prefix=f"wanflow-group-{self.model}-", suffix=".log")
+        self._log = Path(log_path)
+        env = {**os.environ, ADDRESS_ENV: f"{host}:{port}", AUTHKEY_ENV: key.hex()}
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))
+        with os.fdopen(fd, "w") as out:
+            self._proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)  # fmt: skip
+        self.starts += 1
+        log.info("worker group %d for %s: %d processes, log %s", self.starts, self.model, self.nproc,
+                 log_path)  # fmt: skip
+        accepted: list[Connection] = []
+        thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while thread.is_alive():
+            thread.join(POLL_S)
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                listener.close()
+                self.close()
+                raise WorkerGroupDied(f"the worker group for {self.model} did not start: {self._tail()}")
+        listener.close()
+        self._conn = accepted[0]
+        message = self._recv()
+        if message[0] != "ready":
+            raise WorkerGroupDied(f"unexpected first message from the worker group: {message[0]!r}")
+        self.info = message[1]
+        log.info("worker group ready: %s", self.info)
+
+    def close(self) -> None:
+        """Ask the group to stop, then make sure every process of it is gone."""
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(("stop",))
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, 9)
+                self._proc.wait()
+            self._proc = None
+
+    def pids(self) -> list[int]:
+        """The ranks' process ids, rank order (empty before the group is ready)."""
+        return list(self.info.get("pids", []))
+
+    # ---------------------------------------------------------------------------------------- talking
+    def _tail(self, lines: int = 15) -> str:
+        code = self._proc.poll() if self._proc is not None else None
+        text = self._log.read_text(errors="replace") if self._log and self._log.exists() else ""
+        tail = "\n".join(line for line in text.splitlines() if "Warning" not in line)
+        tail = "\n".join(tail.splitlines()[-lines:])
+        return f"torchrun exit code {code}; last log lines ({self._log}):\n{tail}"
+
+    def _recv(self) -> tuple:
+        """The next message from rank 0; `WorkerGroupDied` when the group ends first."""
+        assert self._conn is not None
+        while True:
+            try:
+                if self._conn.poll(POLL_S):
+                    return self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if self._proc is None or self._proc.poll() is not None:
+                break
+        if self._proc is not None:  # torchrun is ending the other ranks: let it finish, for its log
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=30)
+        message = f"the worker group for {self.model} ended mid-request: {self._tail()}"
+        self._conn.close()
+        self._conn = None
+        raise WorkerGroupDied(message)
+
+    def request(self, message: tuple) -> Any:
+        """Send one request and return rank 0's answer ("ok", value); a bad request raises ValueError."""
+        if not self.alive:
+            self.start()
+        assert self._conn is not None
+        self._conn.send(message)
+        reply = self._recv()
+        if reply[0] == "error":
+            raise ValueError(reply[2])
+        return reply[1]
+
+    def stream(self, request: dict[str, Any]) -> Iterator[torch.Tensor]:
+        """Run one generation on the group; yields uint8 frame chunks [n, H, W, 3] as rank 0 decodes."""
+        if not self.alive:
+            self.start()
+        assert self._conn is not None
+        self._conn.send(("generate", request))
+        self.generations += 1
+        while True:
+            reply = self._recv()
+            if reply[0] == "chunk":
+                yield torch.from_numpy(reply[1])
+            elif reply[0] == "done":
+                return
+            elif reply[0] == "error":
+                raise ValueError(reply[2])
+            else:
+                raise WorkerGroupDied(f"unexpected message from the worker group: {reply[0]!r}")
+
+
+class GroupPipeline:
+    """The slice of `WanPipeline` that `flows.shard` uses, served by a `WorkerGroup` of `nproc` processes."""
+
+    remote = True
+
+    def __init__(self, group: WorkerGroup) -> None:
+        self.group = group
+        if not group.alive:
+            group.start()
+
+    @property
+    def device(self) -> torch.device:
+        """Rank 0's device type (the group spans one device per rank)."""
+        return torch.device(self.group.info.get("device", "cpu").split(":")[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.group.info.get("dtype", "torch.float32").removeprefix("torch."))
+
+    def describe(self) -> dict[str, Any]:
+        """For the sidecars: how the group ran the job."""
+        return {"processes": self.group.nproc, **self.group.info.get("layout", {})}
+
+    def settings(self, **kwargs: Any) -> Any:
+        from wan.pipeline import GenerationSettings
+
+        values = self.group.request(("settings", kwargs))
+        values["size"] = tuple(values["size"])
+        return GenerationSettings(**values)
+
+    def video_size(self, settings: Any, image: Any | None = None) -> tuple[int, int]:
+        if image is None:
+            return settings.size
+        import dataclasses
+
+        from wan.conditioning import image_tensor
+
+        height, width = image_tensor(image).shape[1:]
+        return tuple(self.group.request(("video_size", dataclasses.asdict(settings), (height, width))))
+
+    def generate_stream(
+        self, prompt: str, *, seed: int = 0, image: Any = None, last_image: Any = None,
+        progress: bool = False, **settings: Any,
+    ) -> Iterator[torch.Tensor]:  # fmt: skip
+        given = {"image": image, "last_image": last_image}
+        images = {name: np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)
+                  for name, img in given.items() if img is not None}  # fmt: skip
+        return self.group.stream({"prompt": prompt, "seed": seed, "images": images, "settings": settings})
