@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/vae_decode.py
 	$(PY) benchmarks/storage_stream.py
 	$(PY) benchmarks/orchestration.py
+	$(PY) benchmarks/context_parallel.py
 
 clean:
 	rm -rf $(VENV) outputs .wanflow .prefect .pytest_cache

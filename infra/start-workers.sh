@@ -9,6 +9,11 @@
 # One GPU per flow run: GPU i gets its own worker on the GPU pool with CUDA_VISIBLE_DEVICES=i and
 # `--limit 1`, so each generate-shard run sees exactly one GPU and a GPU never runs two shards. The
 # pool's concurrency limit (infra/create-pools.sh, GPU_POOL_LIMIT) is the fleet's total GPU count.
+# With GPUS_PER_JOB=N > 1 (videos that each run on N GPUs: the 14B models at 720P), the GPUs are taken N
+# at a time instead: one worker per group of N, CUDA_VISIBLE_DEVICES listing them and
+# WANFLOW_GPUS_PER_JOB=N, so each shard starts one torchrun group of N processes (flows/group.py); the
+# pool's concurrency limit then counts groups. The layout comes from WANFLOW_ULYSSES_SIZE / _RING_SIZE /
+# _CFG_PARALLEL / _DIT_ZERO3 / _T5_ZERO3 (auto when unset).
 # `--cpu` also starts a worker on the CPU pool, for generate-batch runs (one such worker in the fleet
 # is enough). Workers run from this checkout, which the deployments' pull step enters through
 # WANFLOW_HOME. Everything else the flows need comes from this environment, so export it first (the
@@ -19,6 +24,7 @@
 # Settings (environment variables, defaults in brackets):
 #   PREFECT_API_URL    the server's API (required unless a Prefect profile sets it)
 #   GPUS               [every GPU `nvidia-smi -L` lists]  GPU indices to serve, e.g. "0,1,2,3"; "" for none
+#   GPUS_PER_JOB       [1]  GPUs per video; GPUS is split into consecutive groups of this many
 #   GPU_POOL [wanflow-gpu]  CPU_POOL [wanflow-cpu]  CPU_WORKER_LIMIT [4]  batch runs this worker takes at once
 #   RUN_DIR            [$WANFLOW_HOME/run]  logs (worker-gpu<i>.log, worker-cpu.log) and PID files
 #   STOP_TIMEOUT       [30]  seconds `stop` gives flow runs to exit after SIGTERM before killing them
@@ -137,10 +143,17 @@ if (( gpu )); then
     echo "start-workers: no GPU found (nvidia-smi -L) and GPUS is empty: no GPU-pool worker started" >&2
   fi
   IFS=, read -r -a gpu_list <<<"$GPUS"
-  for i in "${gpu_list[@]}"; do
-    start_one "gpu$i" "$RUN_DIR/worker-gpu$i.pid" "$RUN_DIR/worker-gpu$i.log" \
-      CUDA_VISIBLE_DEVICES="$i" \
-      "$PREFECT" worker start --pool "$GPU_POOL" --name "$host-gpu$i" --limit 1
+  per_job="${GPUS_PER_JOB:-1}"
+  if (( ${#gpu_list[@]} % per_job )); then
+    echo "start-workers: ${#gpu_list[@]} GPUs ($GPUS) do not split into groups of GPUS_PER_JOB=$per_job" >&2
+    exit 2
+  fi
+  for (( g = 0; g < ${#gpu_list[@]}; g += per_job )); do
+    devices="$(IFS=,; echo "${gpu_list[*]:g:per_job}")"
+    name="gpu${devices//,/-}"
+    start_one "$name" "$RUN_DIR/worker-$name.pid" "$RUN_DIR/worker-$name.log" \
+      CUDA_VISIBLE_DEVICES="$devices" WANFLOW_GPUS_PER_JOB="$per_job" \
+      "$PREFECT" worker start --pool "$GPU_POOL" --name "$host-$name" --limit 1
   done
 fi
 if (( cpu )); then

@@ -9,6 +9,11 @@ concatenated sequence.
 
 Padding: ``key_mask`` ([B, Lk_local] bool, True = a real key) travels around the ring with its K/V block;
 masked keys are never attended to.
+
+Per-block attention: `block_attention_kernel` (the default) runs PyTorch's fused flash-attention kernels,
+which return the log-sum-exp: `_scaled_dot_product_flash_attention` on a GPU (fp16 / bf16), the
+memory-efficient kernel there otherwise, and the fused CPU kernel on the CPU. `block_attention_reference`
+is the exact fp32 computation it is tested against.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from torch.distributed import ProcessGroup
 
 from .ulysses import group_size
 
-__all__ = ["BlockAttention", "block_attention_reference", "merge_partial", "ring_attention"]
+__all__ = [
+    "BlockAttention",
+    "block_attention_kernel",
+    "block_attention_reference",
+    "merge_partial",
+    "ring_attention",
+]
 
 # (q [B, Lq, H, D], k [B, Lk, H, D], v [B, Lk, H, D], key_mask [B, Lk] bool | None)
 #     -> (out fp32 [B, Lq, H, D], lse fp32 [B, H, Lq])
@@ -48,6 +59,54 @@ def block_attention_reference(
     return out, lse
 
 
+def _real_prefix(key_mask: torch.Tensor) -> int | None:
+    """How many keys are real when `key_mask` [B, Lk] is the same run of True then False in every row (the
+    context-parallel padding is); None for any other mask."""
+    first = key_mask[0]
+    n = int(first.sum())
+    if bool(first[:n].all()) and bool((key_mask == first).all()):
+        return n
+    return None
+
+
+def block_attention_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block's softmax attention through a fused kernel that returns its log-sum-exp.
+
+    Same contract as `block_attention_reference`: q [B, Lq, H, D], k and v [B, Lk, H, D], key_mask [B, Lk]
+    bool or None -> (out fp32 [B, Lq, H, D], lse fp32 [B, H, Lq]). A padding mask (real keys first, the
+    same in every row) is applied by leaving the padded keys out, so every kernel can take it; another mask
+    goes to the kernel as an additive bias (the CPU and memory-efficient kernels).
+    """
+    b, lq, h, _ = q.shape
+    bias = None
+    if key_mask is not None:
+        n_real = _real_prefix(key_mask)
+        if n_real == 0:
+            empty = torch.full((b, h, lq), float("-inf"), device=q.device)
+            return torch.zeros(q.shape, dtype=torch.float32, device=q.device), empty
+        if n_real is not None:
+            k, v = k[:, :n_real], v[:, :n_real]
+        elif not bool(key_mask.any(dim=1).all()):  # a row with no key at all: kernels would give NaN
+            return block_attention_reference(q, k, v, key_mask)
+        else:
+            bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :].expand(b, h, lq, -1)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+    if q.device.type == "cuda":
+        if bias is None and q.dtype in (torch.float16, torch.bfloat16):
+            out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)
+        else:
+            out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
+                qt, kt, vt, bias, compute_log_sumexp=True
+            )
+            lse = lse[..., :lq]  # the kernel pads its log-sum-exp rows to a multiple of 32
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, attn_mask=bias)
+    return out.transpose(1, 2).float(), lse.float()
+
+
 def merge_partial(
     out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +128,7 @@ def ring_attention(
     group: ProcessGroup | None,
     *,
     key_mask: torch.Tensor | None = None,
-    block_attention: BlockAttention = block_attention_reference,
+    block_attention: BlockAttention = block_attention_kernel,
 ) -> torch.Tensor:
     """Softmax attention of this rank's queries over the keys of every rank in the ring ``group``.
 
