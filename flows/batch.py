@@ -52,7 +52,7 @@ from flows.manifest import (
     read_shard,
     split_manifest,
 )
-from flows.models import ModelSource, model_source
+from flows.models import ModelSource, memory_options, model_source
 from flows.settings import Settings, check_secret_free, get_settings
 from flows.shard import _notify, generate_shard
 from storage.catalog import Catalog, CatalogError, JobGroupRow, JobSpec, JobStatus, RunStatus, spec_key
@@ -573,6 +573,7 @@ def generate_batch(
     skip_invalid: bool = False,
     shard_deployment: str | None = None,
     defaults: dict[str, Any] | None = None,
+    memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate every (row, seed) of `manifest` that is not done yet; returns the run's summary.
 
@@ -580,12 +581,15 @@ def generate_batch(
     password is refused as a parameter: flow parameters are visible in Prefect); `defaults` holds run-wide
     generation parameters (size, frame_num, steps, shift, guide_scale, solver, negative_prompt) that rows
     override. With `shard_deployment` (or `WANFLOW_SHARD_DEPLOYMENT`), shards run as flow runs of that
-    deployment on its work pool; otherwise in this process. Raises `BatchFailed` (the flow run ends
-    Failed) when any job failed or did not finish; its `summary` is the same dict.
+    deployment on its work pool; otherwise in this process. `memory` holds GPU-memory options for every
+    shard (offload_model, t5_cpu, vae_tiling; default each worker's `WANFLOW_*` settings), recorded with
+    the run. Raises `BatchFailed` (the flow run ends Failed) when any job failed or did not finish; its
+    `summary` is the same dict.
     """
     check_secret_free(catalog_url)
     logger = get_run_logger()
     settings = get_settings(catalog_url=catalog_url, storage_root=out, shard_deployment=shard_deployment)
+    memory = None if memory is None else memory_options(memory, "memory")
     run_defaults = RunDefaults(model=model, base_seed=base_seed, **({"num_seeds": seeds} if seeds else {}),
                                **(defaults or {}))  # fmt: skip
     loaded = read_manifest(manifest, run_defaults, settings, skip_invalid=skip_invalid)
@@ -597,7 +601,8 @@ def generate_batch(
         catalog.check_schema()
         return _run(catalog, loaded, sources, settings, run_defaults, shard_size=shard_size, extra_settings={
             "ckpt_dir": ckpt_dir, "skip_invalid": skip_invalid, "shard_deployment": settings.shard_deployment,
-        })  # fmt: skip
+            "memory": memory if memory is not None else {"workers": settings.memory_options()},
+        }, memory=memory)  # fmt: skip
     finally:
         catalog.close()
 
@@ -611,6 +616,7 @@ def _run(
     *,
     shard_size: int,
     extra_settings: dict[str, Any],
+    memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     logger = get_run_logger()
     plan = plan_run(
@@ -631,7 +637,7 @@ def _run(
             progress=0.0 if plan.to_generate else 100.0, description=f"{plan.run_name}: jobs finished"
         )
         if settings.shard_deployment:
-            _run_deployed(plan, settings, catalog, str(progress_id))
+            _run_deployed(plan, settings, catalog, str(progress_id), memory)
         else:
             for shard in plan.shards:
                 with tags(*shard.tags):
@@ -639,7 +645,7 @@ def _run(
                         plan.run_id, shard.job_ids, shard.model, ckpt_dir=sources[shard.model].ckpt_dir,
                         catalog_url=settings.catalog_url, storage_root=settings.storage_root,
                         progress_artifact_id=str(progress_id), label=shard.label, run_name=plan.run_name,
-                        return_state=True,
+                        memory=memory, return_state=True,
                     )  # fmt: skip
                 if not state.is_completed():
                     logger.error("shard %s ended %s: %s", shard.label, state.type.value, state.message)
@@ -669,7 +675,9 @@ def _run(
     return summary
 
 
-def _run_deployed(plan: BatchPlan, settings: Settings, catalog: Catalog, progress_id: str) -> None:
+def _run_deployed(
+    plan: BatchPlan, settings: Settings, catalog: Catalog, progress_id: str, memory: dict[str, Any] | None
+) -> None:
     """Submit every shard as a run of the shard deployment, then wait for all, updating the progress
     artifact. Shards get the storage root (not secret) and the run's name; the catalog URL and every
     credential come from the workers' own environment."""
@@ -686,7 +694,7 @@ def _run_deployed(plan: BatchPlan, settings: Settings, catalog: Catalog, progres
             deployment, timeout=0, tags=shard.tags, as_subflow=True,
             parameters={"run_id": plan.run_id, "job_ids": shard.job_ids, "model": shard.model,
                         "storage_root": settings.storage_root, "progress_artifact_id": progress_id,
-                        "label": shard.label, "run_name": plan.run_name},
+                        "label": shard.label, "run_name": plan.run_name, "memory": memory},
         ))  # fmt: skip
     logger.info("submitted %d shard runs to %s", len(runs), deployment)
     pending = {r.id for r in runs}

@@ -276,6 +276,7 @@ def _run_batch(
     shard_size: int,
     skip_invalid: bool,
     verbose: bool,
+    memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run `generate_batch` in this process with a progress bar fed by the shards' job events. The catalog
     URL reaches the flow through the environment, never as a (stored, displayed) flow parameter."""
@@ -308,7 +309,7 @@ def _run_batch(
                 seeds=defaults.num_seeds, base_seed=defaults.base_seed, shard_size=shard_size,
                 skip_invalid=skip_invalid,
                 defaults=defaults.model_dump(exclude={"model", "num_seeds", "base_seed"}, exclude_none=True),
-                return_state=True,
+                memory=memory, return_state=True,
             )  # fmt: skip
     result = state.result(raise_on_failure=False)
     if isinstance(result, BatchFailed):
@@ -369,6 +370,13 @@ def generate(
     frame_num: Annotated[int | None, typer.Option(help="default frame count (4n+1)")] = None,
     steps: Annotated[int | None, typer.Option(help="default sampling steps")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="leave bad rows out (recorded in the catalog)")] = False,
+    offload_model: Annotated[
+        bool | None, typer.Option(help="GPU memory: models on the GPU only while they run")
+    ] = None,
+    t5_cpu: Annotated[bool | None, typer.Option(help="GPU memory: the text encoder runs on the CPU")] = None,
+    vae_tiling: Annotated[
+        str | None, typer.Option(help="GPU memory: tiled VAE decode, TILE:OVERLAP latent cells, 'on' = 32:8")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="print the plan; generate nothing, write nothing")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's log lines")] = False,
     as_json: AsJson = False,
@@ -376,6 +384,7 @@ def generate(
     """Generate every (row, seed) of MANIFEST not already in the catalog with a verified video."""
     _quiet_prefect(verbose)  # before anything imports Prefect
     defaults = _defaults(model, seeds, base_seed, size=size, frame_num=frame_num, steps=steps)
+    memory = _memory(offload_model, t5_cpu, vae_tiling)
     if dry_run:
         _dry_run(manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out,
                  ckpt_dir=ckpt_dir, shard_size=shard_size, as_json=as_json)  # fmt: skip
@@ -393,11 +402,26 @@ def generate(
     _ensure_catalog(catalog_url)
     summary = _run_batch(
         manifest, defaults, ckpt_dir=ckpt_dir, out=out, catalog_url=catalog_url, shard_size=shard_size,
-        skip_invalid=skip_invalid, verbose=verbose,
+        skip_invalid=skip_invalid, verbose=verbose, memory=memory,
     )  # fmt: skip
     _print_summary(summary, as_json)
     if summary["status"] != "succeeded":
         raise typer.Exit(code=1)
+
+
+def _memory(offload_model: bool | None, t5_cpu: bool | None, vae_tiling: str | None) -> dict[str, Any] | None:
+    """The run's GPU-memory options when any flag was given (the rest from the worker's settings), else
+    None: each worker's own `WANFLOW_*` settings apply."""
+    if offload_model is None and t5_cpu is None and vae_tiling is None:
+        return None
+    from flows.models import memory_options
+
+    worker = get_settings().memory_options()
+    given = {"offload_model": offload_model, "t5_cpu": t5_cpu, "vae_tiling": vae_tiling}
+    try:
+        return memory_options({**worker, **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
 
 
 def _dry_run(

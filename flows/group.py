@@ -201,7 +201,12 @@ class GroupPipeline:
     remote = True
 
     def __init__(self, group: WorkerGroup) -> None:
+        from wan.pipeline import MemoryOptions, parse_vae_tiling
+
         self.group = group
+        flags = group.layout
+        self.memory = MemoryOptions(bool(flags.get("offload_model")), bool(flags.get("t5_cpu")),
+                                    parse_vae_tiling(flags.get("vae_tiling")))  # fmt: skip
         if not group.alive:
             group.start()
 
@@ -215,7 +220,7 @@ class GroupPipeline:
         return getattr(torch, self.group.info.get("dtype", "torch.float32").removeprefix("torch."))
 
     def describe(self) -> dict[str, Any]:
-        """For the sidecars: how the group ran the job."""
+        """For the sidecars: how the group ran the job (the memory options are recorded apart)."""
         return {"processes": self.group.nproc, **self.group.info.get("layout", {})}
 
     def settings(self, **kwargs: Any) -> Any:

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-zero3", action="store_true")
     p.add_argument("--t5-zero3", action="store_true")
     p.add_argument("--deepspeed-config", default=None)
+    p.add_argument("--offload-model", action="store_true")
+    p.add_argument("--t5-cpu", action="store_true")
+    p.add_argument("--vae-tiling", default=None)
     return p
 
 
@@ -63,16 +66,21 @@ def layout(args: argparse.Namespace, world_size: int, num_heads: int) -> Any:
 def load(args: argparse.Namespace) -> Any:
     """The pipeline on this rank's device, parallelised over the group."""
     from wan.distributed.parallel import local_device, parallelize
-    from wan.pipeline import WanPipeline
+    from wan.pipeline import MemoryOptions, WanPipeline, parse_vae_tiling
 
     device = local_device()
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    memory = MemoryOptions(args.offload_model, args.t5_cpu, parse_vae_tiling(args.vae_tiling))
     if args.ckpt_dir is None:
         from flows.models import RANDOM_SEED
 
-        pipe = WanPipeline.from_config(args.model, seed=RANDOM_SEED, device=device, dtype=dtype)
+        pipe = WanPipeline.from_config(
+            args.model, seed=RANDOM_SEED, device=device, dtype=dtype, memory=memory
+        )
     else:
-        pipe = WanPipeline.from_pretrained(args.ckpt_dir, task=args.model, device=device, dtype=dtype)
+        pipe = WanPipeline.from_pretrained(
+            args.ckpt_dir, task=args.model, device=device, dtype=dtype, memory=memory
+        )
     return parallelize(pipe, layout(args, dist.get_world_size(), pipe.dit.cfg.num_heads))
 
 

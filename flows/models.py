@@ -19,7 +19,17 @@ from typing import Any
 
 from wan.configs import get_preset
 
-__all__ = ["ModelSource", "checkpoint_fingerprint", "clear_pipelines", "load_pipeline", "model_source"]
+__all__ = [
+    "MEMORY_KEYS",
+    "ModelSource",
+    "checkpoint_fingerprint",
+    "clear_pipelines",
+    "load_pipeline",
+    "memory_options",
+    "model_source",
+]
+
+MEMORY_KEYS = ("offload_model", "t5_cpu", "vae_tiling")
 
 RANDOM_SEED = 0
 _SAMPLE = 1 << 20
@@ -94,20 +104,47 @@ def _file_digest(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def memory_options(values: dict[str, Any] | None, where: str = "memory") -> dict[str, Any]:
+    """Check a run's GPU-memory options ({"offload_model": bool, "t5_cpu": bool, "vae_tiling": "32:8"});
+    returns them normalised (`MemoryOptions.describe()`), ValueError naming the key otherwise."""
+    from wan.pipeline import MemoryOptions, parse_vae_tiling
+
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(MEMORY_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown option {', '.join(map(repr, unknown))}; known: {', '.join(MEMORY_KEYS)}"
+        )
+    for key in ("offload_model", "t5_cpu"):
+        if not isinstance(values.get(key, False), bool):
+            raise ValueError(f"{where}.{key}: expected true or false, got {values[key]!r}")
+    tiling = values.get("vae_tiling")
+    try:
+        parsed = parse_vae_tiling(None if tiling is None else str(tiling))
+    except ValueError as exc:
+        raise ValueError(f"{where}.{exc}") from None
+    options = MemoryOptions(bool(values.get("offload_model")), bool(values.get("t5_cpu")), parsed)
+    return options.describe()
+
+
 _pipelines: dict[tuple, Any] = {}
 _lock = threading.Lock()
 
 
 def load_pipeline(
     source: ModelSource, *, device: str | None = None, dtype: str | None = None, gpus_per_job: int = 1,
-    layout: dict[str, Any] | None = None,
+    layout: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
 ) -> Any:  # fmt: skip
     """The `WanPipeline` for `source`, loaded once per process and kept for every later job.
+
+    `memory`: GPU-memory options (`memory_options`: offload_model, t5_cpu, vae_tiling).
 
     With `gpus_per_job` > 1, a `flows.group.GroupPipeline`: a `torchrun` group of that many processes
     (one GPU each) holding the model, laid out by `layout` (`Settings.parallel_layout()`), started once.
     """
-    key = (source.model, source.ckpt_dir, device, dtype, gpus_per_job, tuple(sorted((layout or {}).items())))
+    memory = memory_options(memory)
+    key = (source.model, source.ckpt_dir, device, dtype, gpus_per_job, tuple(sorted((layout or {}).items())),
+           tuple(sorted(memory.items())))  # fmt: skip
     with _lock:
         if key not in _pipelines:
             import torch
@@ -119,20 +156,24 @@ def load_pipeline(
             if gpus_per_job > 1:
                 from flows.group import GroupPipeline, WorkerGroup
 
-                group = WorkerGroup(source.model, source.ckpt_dir, gpus_per_job, dtype=dtype, layout=layout)
+                group = WorkerGroup(source.model, source.ckpt_dir, gpus_per_job, dtype=dtype,
+                                    layout={**(layout or {}), **memory})  # fmt: skip
                 _pipelines[key] = GroupPipeline(group)
                 return _pipelines[key]
 
-            from wan.pipeline import WanPipeline
+            from wan.pipeline import MemoryOptions, WanPipeline, parse_vae_tiling
 
             torch_dtype = getattr(torch, dtype) if dtype else None
+            options = MemoryOptions(
+                memory["offload_model"], memory["t5_cpu"], parse_vae_tiling(memory["vae_tiling"])
+            )
             if source.ckpt_dir is None:
                 pipe = WanPipeline.from_config(
-                    source.model, seed=RANDOM_SEED, device=device, dtype=torch_dtype
+                    source.model, seed=RANDOM_SEED, device=device, dtype=torch_dtype, memory=options
                 )
             else:
                 pipe = WanPipeline.from_pretrained(
-                    source.ckpt_dir, task=source.model, device=device, dtype=torch_dtype
+                    source.ckpt_dir, task=source.model, device=device, dtype=torch_dtype, memory=options
                 )
             _pipelines[key] = pipe
         return _pipelines[key]

@@ -18,6 +18,9 @@
 | `WANFLOW_CFG_PARALLEL` | auto | conditional and unconditional passes on separate halves (auto: when even) |
 | `WANFLOW_DIT_ZERO3` / `WANFLOW_T5_ZERO3` | `false` | shard the DiT's / text encoder's weights (ZeRO-3) |
 | `WANFLOW_DEEPSPEED_CONFIG` | built in | DeepSpeed JSON (`infra/deepspeed/zero3-inference.json`) |
+| `WANFLOW_OFFLOAD_MODEL` | `false` | GPU memory: each model on the GPU only while it runs |
+| `WANFLOW_T5_CPU` | `false` | GPU memory: the text encoder runs on the CPU |
+| `WANFLOW_VAE_TILING` | off | tiled VAE decode, `TILE:OVERLAP` in latent cells (`on` = 32:8) |
 
 S3 credentials come from the usual AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_PROFILE`, ...), read by the S3 client itself; they are never stored in the catalog or sidecars.
@@ -57,6 +60,13 @@ class Settings(BaseSettings):
     dit_zero3: bool = False
     t5_zero3: bool = False
     deepspeed_config: str | None = None
+    offload_model: bool = False
+    t5_cpu: bool = False
+    vae_tiling: str | None = None
+
+    def memory_options(self) -> dict[str, Any]:
+        """This worker's default GPU-memory options (a run's `memory` parameter overrides them)."""
+        return {"offload_model": self.offload_model, "t5_cpu": self.t5_cpu, "vae_tiling": self.vae_tiling}
 
     def parallel_layout(self) -> dict[str, Any]:
         """The worker group's layout flags (`flows.group_worker`), for jobs on `gpus_per_job` > 1."""

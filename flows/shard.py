@@ -194,6 +194,7 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         "device": str(device), "dtype": str(pipe.dtype).removeprefix("torch."),
         "worker": ctx.worker,
         **({"parallel": pipe.describe()} if not local else {}),
+        "memory": pipe.memory.describe(),
     }  # fmt: skip
     peak = torch.cuda.max_memory_allocated(device) if local and device.type == "cuda" else None
     return store_job_output(
@@ -293,11 +294,14 @@ def generate_shard(
     label: str | None = None,
     run_name: str | None = None,
     gpus_per_job: int | None = None,
+    memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the given jobs of run `run_id` on one loaded pipeline; returns counts and per-job results.
 
     `gpus_per_job` (default `WANFLOW_GPUS_PER_JOB`, 1) above 1 runs each video on that many processes: one
-    `torchrun` group for the shard loads the model once and serves every job (`flows.group`).
+    `torchrun` group for the shard loads the model once and serves every job (`flows.group`). `memory`
+    (offload_model, t5_cpu, vae_tiling; default this worker's `WANFLOW_*` settings) trades speed for GPU
+    memory.
 
     `catalog_url` and `storage_root` default to this worker's `WANFLOW_*` settings (credentials stay in
     the worker's environment, out of flow parameters); `ckpt_dir` defaults to `WANFLOW_CHECKPOINTS[model]`.
@@ -330,6 +334,7 @@ def generate_shard(
                 dtype=settings.dtype,
                 gpus_per_job=settings.gpus_per_job,
                 layout=settings.parallel_layout(),
+                memory=settings.memory_options() if memory is None else memory,
             )
             logger.info("model %s ready on %s in %.1f s", model, pipeline.device, time.perf_counter() - start)
         ctx = _context(settings, catalog, run_id, run.name, source, pipeline)

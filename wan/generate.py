@@ -7,6 +7,9 @@
 Writes an H.264 mp4 (yuv420p, 16 fps) with the ffmpeg binary that imageio-ffmpeg ships, streaming
 decoded chunks into the encoder as they come.
 
+GPU memory, as the official flags: `--offload_model True` (models on the GPU only while they run),
+`--t5_cpu` (the text encoder on the CPU), and `--vae_tiling [TILE:OVERLAP]` (tiled decode).
+
 One video on several GPUs (or CPU processes, gloo), as the official flags:
 
     torchrun --nproc_per_node 8 -m wan.generate --task t2v-14B --ckpt_dir ./Wan2.1-T2V-14B \
@@ -33,7 +36,7 @@ import torch
 
 from wan.configs import PRESETS, get_preset, parse_size, validate_request
 from wan.distributed.parallel import ParallelConfig, auto_config, init_distributed, local_device, parallelize
-from wan.pipeline import WanPipeline
+from wan.pipeline import MemoryOptions, WanPipeline, parse_vae_tiling
 from wan.weights import CheckpointError
 
 __all__ = ["build_parser", "main", "parallel_config", "write_mp4"]
@@ -72,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="image-to-video: the image to animate")
     p.add_argument("--first_frame", default=None, help="first-last-frame-to-video: the first frame")
     p.add_argument("--last_frame", default=None, help="first-last-frame-to-video: the last frame")
+    m = p.add_argument_group("GPU memory")
+    m.add_argument("--offload_model", nargs="?", const=True, default=False, type=_flag, metavar="BOOL",
+                   help="keep models on the CPU, each on the GPU only while it runs")  # fmt: skip
+    m.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+    m.add_argument("--vae_tiling", nargs="?", const="on", default=None, metavar="TILE:OVERLAP",
+                   help="decode in overlapping spatial tiles (latent cells; default 32:8)")  # fmt: skip
     g = p.add_argument_group("several processes (torchrun --nproc_per_node N)")
     g.add_argument("--ulysses_size", type=int, default=None, help="Ulysses (all-to-all) group size")
     g.add_argument("--ring_size", type=int, default=None, help="ring-attention group size")
@@ -82,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON for ZeRO-3 (default: built in; "
                    "infra/deepspeed/zero3-inference.json is the tuned one)")  # fmt: skip
     return p
+
+
+def _flag(value: str) -> bool:
+    """'True' / 'False' (and yes/no, 1/0), as the official command's boolean options take."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 def parallel_config(args: argparse.Namespace, world_size: int, num_heads: int) -> ParallelConfig | None:
@@ -206,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             from wan.distributed.zero3 import load_config
 
             load_config(layout.deepspeed_config)
+        memory = MemoryOptions(args.offload_model, args.t5_cpu, parse_vae_tiling(args.vae_tiling))
+        if layout is not None and layout.zero3 and memory.offload_model:
+            raise ValueError("--offload_model cannot be combined with --dit_zero3 / --t5_zero3 (ZeRO-3 "
+                             "already keeps 1/N of the weights per GPU)")  # fmt: skip
         device = torch.device(args.device) if args.device else (local_device() if world_size > 1 else None)
         dtype = _DTYPES[args.dtype] if args.dtype else None
         seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**63 - 1)
@@ -214,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if args.ckpt_dir is None:
             _say(rank, f"[wan] {args.task}: no --ckpt_dir, using RANDOM weights (the video is noise-like)")
-            pipe = WanPipeline.from_config(args.task, seed=0, device=device, dtype=dtype)
+            pipe = WanPipeline.from_config(args.task, seed=0, device=device, dtype=dtype, memory=memory)
         else:
-            pipe = WanPipeline.from_pretrained(args.ckpt_dir, task=args.task, device=device, dtype=dtype)
+            pipe = WanPipeline.from_pretrained(
+                args.ckpt_dir, task=args.task, device=device, dtype=dtype, memory=memory
+            )
         if layout is not None:
             parallelize(pipe, layout)
             _say(rank, f"[wan] {world_size} processes: ulysses {layout.ulysses_size} x ring "

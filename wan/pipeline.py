@@ -16,11 +16,12 @@ takes the image's aspect ratio within it (`wan.conditioning.size_for_image`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +31,7 @@ from wan.configs import Preset, default_shift, get_preset, parse_size, validate_
 from wan.model import WanModel
 from wan.sampling import SOLVERS, FlowSampler, guide, initial_noise, latent_shape
 from wan.text_encoder import WanTextEncoder
-from wan.vae import WanVAE
+from wan.vae import VAETiling, WanVAE
 
 if TYPE_CHECKING:
     from wan.distributed.parallel import ParallelState
@@ -38,10 +39,12 @@ if TYPE_CHECKING:
 __all__ = [
     "GenerationSettings",
     "ImageCondition",
+    "MemoryOptions",
     "SettingsArgs",
     "WanPipeline",
     "default_device",
     "default_dtype",
+    "parse_vae_tiling",
     "to_uint8_frames",
 ]
 
@@ -104,9 +107,49 @@ class ImageCondition:
     size: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class MemoryOptions:
+    """How a pipeline trades speed for GPU memory (the official command's names where it has them).
+
+    offload_model: every model lives on the CPU and moves to the device only while it runs (text encoder,
+        CLIP, DiT for the sampling loop, VAE for encode / decode), then back; peak GPU memory is about the
+        largest single model plus its activations.
+    t5_cpu: the text encoder stays on the CPU and runs there (its output moves to the device).
+    vae_tiling: decode in overlapping spatial tiles with blended seams (`wan.vae.VAETiling`); None (the
+        default) decodes whole frames exactly.
+
+    None of them changes the sampled latents; only `vae_tiling` changes the decoded pixels, slightly.
+    """
+
+    offload_model: bool = False
+    t5_cpu: bool = False
+    vae_tiling: VAETiling | None = None
+
+    def describe(self) -> dict[str, object]:
+        """For logs, sidecars and the catalog's record of a run."""
+        tiling = self.vae_tiling
+        return {"offload_model": self.offload_model, "t5_cpu": self.t5_cpu,
+                "vae_tiling": None if tiling is None else f"{tiling.tile}:{tiling.overlap}"}  # fmt: skip
+
+
+def parse_vae_tiling(value: str | None) -> VAETiling | None:
+    """'TILE[:OVERLAP]' in latent cells (8 pixels each), 'on' for the defaults, '' / 'off' / None for none."""
+    if value is None or value.strip().lower() in ("", "off", "none", "false", "0"):
+        return None
+    if value.strip().lower() in ("on", "true", "1", "default"):
+        return VAETiling()
+    tile, _, overlap = value.partition(":")
+    try:
+        return VAETiling(int(tile), int(overlap) if overlap else VAETiling.overlap)
+    except ValueError as exc:
+        raise ValueError(
+            f"vae_tiling {value!r}: expected TILE[:OVERLAP] in latent cells, e.g. 32:8 ({exc})"
+        ) from None
+
+
 class WanPipeline:
     """Text encoder + DiT + VAE (+ CLIP image encoder for image-to-video) on one device, with the
-    preset's defaults."""
+    preset's defaults; `memory` (`MemoryOptions`) trades speed for GPU memory."""
 
     def __init__(
         self,
@@ -119,20 +162,24 @@ class WanPipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         source: str = "",
+        memory: MemoryOptions | None = None,
     ) -> None:
         self.preset = preset
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.source = source or preset.name
-        self.dit = _cast_dit(dit, self.dtype).to(self.device).eval().requires_grad_(False)
-        self.vae = vae.float().to(self.device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(self.device)
+        self.memory = memory or MemoryOptions()
+        cpu = torch.device("cpu")
+        home = cpu if self.memory.offload_model else self.device  # where models wait between uses
+        self.dit = _cast_dit(dit, self.dtype).to(home).eval().requires_grad_(False)
+        self.vae = vae.float().to(home).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(cpu if self.memory.t5_cpu else home)
         if self.takes_images and image_encoder is None:
             raise ValueError(f"{preset.name} is image-to-video: it needs a CLIP image encoder")
         # As the official code: CLIP in half precision on a GPU, float32 on the CPU.
         clip_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.image_encoder = (
-            image_encoder.to(self.device, clip_dtype).eval().requires_grad_(False) if image_encoder else None
+            image_encoder.to(home, clip_dtype).eval().requires_grad_(False) if image_encoder else None
         )
         # Set by `wan.distributed.parallel.parallelize` when one video runs on several processes.
         self.parallel: ParallelState | None = None
@@ -142,6 +189,24 @@ class WanPipeline:
         """Whether this process decodes and hands out the videos: always, except on ranks other than 0 of
         a parallel pipeline (they sample with the others and decode nothing)."""
         return self.parallel is None or self.parallel.rank == 0
+
+    @contextlib.contextmanager
+    def resident(self, *modules: Any) -> Iterator[None]:
+        """With `offload_model`: `modules` on the device for the block, back on the CPU after (and the
+        CUDA cache emptied). Otherwise nothing moves. The text encoder stays put under `t5_cpu`."""
+        moving = [m for m in modules if m is not None and not (m is self.text_encoder and self.memory.t5_cpu)]
+        if not self.memory.offload_model or self.device.type == "cpu" or not moving:
+            yield
+            return
+        for module in moving:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in moving:
+                module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @property
     def takes_images(self) -> bool:
@@ -161,6 +226,7 @@ class WanPipeline:
         task: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        memory: MemoryOptions | None = None,
     ) -> WanPipeline:
         """Load an official `Wan-AI/Wan2.1-*` or `*-Diffusers` checkpoint directory (text-, image- or
         first-last-frame-to-video; the CLIP image encoder comes with the latter two)."""
@@ -180,6 +246,7 @@ class WanPipeline:
             device=device,
             dtype=dtype,
             source=str(ckpt_dir),
+            memory=memory,
         )
 
     @classmethod
@@ -190,6 +257,7 @@ class WanPipeline:
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        memory: MemoryOptions | None = None,
     ) -> WanPipeline:
         """Random weights for a preset (tiny presets: tests and the demo; full ones: benchmarks)."""
         from wan.text_encoder import build_tiny_tokenizer, tiny_t5_config
@@ -218,7 +286,7 @@ class WanPipeline:
         image_encoder = _random_image_encoder(preset, seed) if preset.task != "t2v" else None
         return cls(
             preset, dit, vae, text_encoder, image_encoder=image_encoder, device=device, dtype=dtype,
-            source=f"{name} (random weights)",
+            source=f"{name} (random weights)", memory=memory,
         )  # fmt: skip
 
     # -------------------------------------------------------------------------------------- settings
@@ -283,9 +351,11 @@ class WanPipeline:
             last = crop_to_aspect(image_tensor(last_image).to(self.device), tuple(first.shape[1:]))
         width, height = self.video_size(settings, first)
         images = [first] if last is None else [first, last]
-        clip = torch.cat([self.image_encoder.encode(img[None]) for img in images], dim=1)
+        with self.resident(self.image_encoder):
+            clip = torch.cat([self.image_encoder.encode(img[None]) for img in images], dim=1)
         video = condition_video(first, (width, height), settings.frame_num, last=last)
-        latents = self.vae.encode(video[None].to(self.device))
+        with self.resident(self.vae):
+            latents = self.vae.encode(video[None].to(self.device))
         mask = frame_mask(settings.frame_num, tuple(latents.shape[-2:]), keep_last=last is not None,
                           temporal_stride=self.vae.stride[0])  # fmt: skip
         y = torch.cat([mask[None].to(latents), latents], dim=1)
@@ -323,11 +393,12 @@ class WanPipeline:
         shape = latent_shape(settings.frame_num, width, height, self.vae.z_dim, self.vae.stride)
         x = torch.stack([initial_noise(s, shape, device=self.device) for s in seeds])
 
-        context = self.text_encoder.encode_padded(list(prompts)).to(self.device)
         use_cfg = settings.guide_scale != 1.0
-        if use_cfg:
-            uncond = self.text_encoder.encode_padded([settings.negative_prompt]).to(self.device)
-            uncond = uncond.expand(len(prompts), -1, -1)
+        with self.resident(self.text_encoder):
+            context = self.text_encoder.encode_padded(list(prompts)).to(self.device)
+            if use_cfg:
+                uncond = self.text_encoder.encode_padded([settings.negative_prompt]).to(self.device)
+                uncond = uncond.expand(len(prompts), -1, -1)
 
         def velocity(
             latents: torch.Tensor, tb: torch.Tensor, ctx: torch.Tensor, copies: int = 1
@@ -343,22 +414,25 @@ class WanPipeline:
             branch_context = context if split.branch == 0 else uncond
         sampler = FlowSampler(settings.solver, settings.steps, settings.shift)
         show = progress and self.is_writer
-        steps = tqdm(sampler.timesteps, desc="sampling", disable=not show, leave=False)
-        for i, t in enumerate(steps):
-            tb = t.to(self.device).expand(x.shape[0])
-            if use_cfg and split is not None:
-                v_cond, v_uncond = split.exchange(velocity(x, tb, branch_context))
-                v = guide(v_cond, v_uncond, settings.guide_scale)
-            elif use_cfg and batch_cfg:
-                v_cond, v_uncond = velocity(
-                    torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([context, uncond]), copies=2
-                ).chunk(2)
-                v = guide(v_cond, v_uncond, settings.guide_scale)
-            elif use_cfg:
-                v = guide(velocity(x, tb, context), velocity(x, tb, uncond), settings.guide_scale)
-            else:
-                v = velocity(x, tb, context)
-            x = sampler.step(v, i, x)
+        # Every timestep goes to the device once, up front: a copy per step would wait for the GPU.
+        timesteps = sampler.timesteps.to(self.device)
+        steps = tqdm(range(len(timesteps)), desc="sampling", disable=not show, leave=False)
+        with self.resident(self.dit):  # offload_model: the DiT on the device for the loop only
+            for i in steps:
+                tb = timesteps[i].expand(x.shape[0])
+                if use_cfg and split is not None:
+                    v_cond, v_uncond = split.exchange(velocity(x, tb, branch_context))
+                    v = guide(v_cond, v_uncond, settings.guide_scale)
+                elif use_cfg and batch_cfg:
+                    v_cond, v_uncond = velocity(
+                        torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([context, uncond]), copies=2
+                    ).chunk(2)
+                    v = guide(v_cond, v_uncond, settings.guide_scale)
+                elif use_cfg:
+                    v = guide(velocity(x, tb, context), velocity(x, tb, uncond), settings.guide_scale)
+                else:
+                    v = velocity(x, tb, context)
+                x = sampler.step(v, i, x)
         return x
 
     def generate_batch(
@@ -380,8 +454,8 @@ class WanPipeline:
         latents = self.sample_latents(
             prompts, seeds, resolved, conditions=conditions, batch_cfg=batch_cfg, progress=progress
         )
-        with torch.no_grad():
-            return self.vae.decode(latents)
+        with torch.no_grad(), self.resident(self.vae):
+            return self.vae.decode(latents, self.memory.vae_tiling)
 
     def _conditions(
         self, n: int, settings: GenerationSettings, images: Sequence[object] | None,
@@ -444,8 +518,9 @@ class WanPipeline:
         )
         if not self.is_writer:
             return
-        for chunk in self.vae.decode_stream(latents):
-            yield to_uint8_frames(chunk[0])
+        with self.resident(self.vae):
+            for chunk in self.vae.decode_stream(latents, self.memory.vae_tiling):
+                yield to_uint8_frames(chunk[0])
 
 
 def _random_image_encoder(preset: Preset, seed: int) -> torch.nn.Module:

@@ -171,6 +171,12 @@ def parallelize(pipe: WanPipeline, config: ParallelConfig) -> WanPipeline:
 
     rank, world_size = world()
     config.validate(world_size, pipe.dit.cfg.num_heads)
+    if config.zero3 and pipe.memory.offload_model:
+        raise ValueError("offload_model cannot be combined with ZeRO-3: ZeRO-3 already keeps 1/N of the "
+                         "weights on each GPU")  # fmt: skip
+    if config.t5_zero3 and pipe.memory.t5_cpu:
+        raise ValueError("t5_cpu and t5_zero3 exclude each other: the text encoder runs on the CPU, or "
+                         "sharded over the GPUs")  # fmt: skip
     zero3_config = None
     if config.zero3:
         from .zero3 import load_config
