@@ -178,3 +178,49 @@ def test_a_run_records_its_memory_options(tmp_path, monkeypatch):
     with fsspec.open(output.sidecar_uri) as f:
         sidecar = json.load(f)
     assert sidecar["memory"] == run.settings["memory"]
+
+
+def test_compiled_blocks_give_the_same_output():
+    """`compile_blocks` keeps the state dict's names and the outputs (the eager backend here: the wiring,
+    not inductor's code generation, which the GPU benchmark exercises with `--compile`)."""
+    torch.manual_seed(0)
+    model = WanModel(get_preset("tiny-t2v").dit).eval()
+    keys = list(model.state_dict())
+    x = torch.randn(1, 16, 2, 4, 6)
+    t = torch.tensor([500.0])
+    context = torch.randn(1, model.cfg.text_len, model.cfg.text_dim)
+    with torch.no_grad():
+        expected = model(x, t, context)
+        out = model.compile_blocks(backend="eager")(x, t, context)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_attention_backend_on_the_cpu():
+    from wan.attention import attention, attention_backend
+
+    q = torch.randn(1, 5, 2, 8)
+    assert attention_backend(q) == "sdpa" and attention_backend(q.bfloat16()) == "sdpa"
+    reference = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, q) / 8**0.5, -1)
+    torch.testing.assert_close(attention(q, q, q), torch.einsum("bhqk,bkhd->bqhd", reference, q))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_sampling_loop_does_not_wait_for_the_gpu():
+    """No host-device synchronisation inside the sampling loop (text encoding and decoding excluded)."""
+    import warnings
+
+    pipe = WanPipeline.from_config("tiny-t2v", seed=0, device="cuda")
+    settings = pipe.settings(size=(64, 48), frame_num=5, sampling_steps=6)
+    pipe.sample_latents(["warm-up"], [0], settings, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pipe.sample_latents(["a fox"], [1], settings, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    print(f"{len(syncs)} synchronising calls", *syncs[:5], sep="\n")
+    assert len(syncs) <= 2  # the prompt's and the negative prompt's encodings hand their results over

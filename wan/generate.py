@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="image-to-video: the image to animate")
     p.add_argument("--first_frame", default=None, help="first-last-frame-to-video: the first frame")
     p.add_argument("--last_frame", default=None, help="first-last-frame-to-video: the last frame")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slower first step)")
     m = p.add_argument_group("GPU memory")
     m.add_argument("--offload_model", nargs="?", const=True, default=False, type=_flag, metavar="BOOL",
                    help="keep models on the CPU, each on the GPU only while it runs")  # fmt: skip
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe = WanPipeline.from_pretrained(
                 args.ckpt_dir, task=args.task, device=device, dtype=dtype, memory=memory
             )
+        if args.compile:
+            pipe.dit.compile_blocks()
         if layout is not None:
             parallelize(pipe, layout)
             _say(rank, f"[wan] {world_size} processes: ulysses {layout.ulysses_size} x ring "

@@ -289,6 +289,14 @@ class WanModel(nn.Module):
             )
         return torch.cat([image, context], dim=1)
 
+    def compile_blocks(self, **options: object) -> WanModel:
+        """`torch.compile` every block in place (`nn.Module.compile`: parameter names and the state dict are
+        unchanged); `options` go to `torch.compile` (e.g. `mode="max-autotune"`, `backend="eager"`). The
+        first forward of each new shape compiles. Returns the model."""
+        for block in self.blocks:
+            block.compile(**options)
+        return self
+
     def forward(
         self,
         x: torch.Tensor,
