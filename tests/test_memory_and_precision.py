@@ -208,19 +208,24 @@ def test_attention_backend_on_the_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_sampling_loop_does_not_wait_for_the_gpu():
-    """No host-device synchronisation inside the sampling loop (text encoding and decoding excluded)."""
+    """No host-device synchronisation per sampling step: runs of 2 and 8 steps synchronise equally often
+    (text encoding, noise and the set-up do it a fixed number of times)."""
     import warnings
 
     pipe = WanPipeline.from_config("tiny-t2v", seed=0, device="cuda")
-    settings = pipe.settings(size=(64, 48), frame_num=5, sampling_steps=6)
-    pipe.sample_latents(["warm-up"], [0], settings, progress=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            pipe.sample_latents(["a fox"], [1], settings, progress=False)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    print(f"{len(syncs)} synchronising calls", *syncs[:5], sep="\n")
-    assert len(syncs) <= 2  # the prompt's and the negative prompt's encodings hand their results over
+
+    def syncs(steps: int) -> list[str]:
+        settings = pipe.settings(size=(64, 48), frame_num=5, sampling_steps=steps)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                pipe.sample_latents(["a fox"], [1], settings, progress=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+
+    syncs(2)  # warm-up
+    short, long = syncs(2), syncs(8)
+    print(f"{len(short)} synchronisations with 2 steps, {len(long)} with 8", *long[:8], sep="\n")
+    assert len(long) == len(short)
