@@ -130,6 +130,10 @@ class FlowSampler:
             raise ValueError(f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}")
         # The scheduler steps by its own index counter (begin index 0); the timestep is only bookkeeping.
         t = self.scheduler.timesteps[index]
+        if self.scheduler.sigmas.device != sample.device:
+            # Its sigmas go to the sample's device once: it would otherwise copy one per step from host
+            # memory, and each such copy waits for the GPU to finish the step's forward.
+            self.scheduler.sigmas = self.scheduler.sigmas.to(sample.device)
         out = self.scheduler.step(velocity, t, sample, return_dict=False)[0]
         self._next += 1
         return out.to(sample.dtype)
