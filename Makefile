@@ -33,6 +33,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/storage_stream.py
 	$(PY) benchmarks/orchestration.py
 	$(PY) benchmarks/context_parallel.py
+	$(PY) benchmarks/gpu_step.py
+	$(PY) benchmarks/gpu_generate.py --offload_model --t5_cpu
+	$(PY) benchmarks/vae_gpu.py
 
 clean:
 	rm -rf $(VENV) outputs .wanflow .prefect .pytest_cache

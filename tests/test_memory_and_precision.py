@@ -229,3 +229,17 @@ def test_the_sampling_loop_does_not_wait_for_the_gpu():
     short, long = syncs(2), syncs(8)
     print(f"{len(short)} synchronisations with 2 steps, {len(long)} with 8", *long[:8], sep="\n")
     assert len(long) == len(short)
+
+
+def test_casting_twice_keeps_the_float32_parts_exact():
+    torch.manual_seed(0)
+    model = WanModel(get_preset("tiny-t2v").dit)
+    with torch.no_grad():
+        randomise_dit(model, 2)
+    modulation = model.blocks[0].modulation.detach().clone()
+    once = _cast_dit(model, torch.bfloat16)
+    twice = _cast_dit(once, torch.bfloat16)
+    assert torch.equal(twice.blocks[0].modulation, modulation)
+    assert twice.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    pipe = WanPipeline.from_config("tiny-t2v", seed=0, device="cpu", dtype=torch.bfloat16)
+    assert pipe.text_encoder.dtype == torch.bfloat16  # as from_pretrained loads it

@@ -283,6 +283,8 @@ class WanPipeline:
             d_ff=t5.d_ff,
         )
         text_encoder = WanTextEncoder.from_config(text_config, tokenizer, seed=seed)
+        # As loaded checkpoints are: the text encoder in the pipeline's dtype (bf16 on a GPU).
+        text_encoder.to(dtype=dtype or default_dtype(device if device is not None else default_device()))
         image_encoder = _random_image_encoder(preset, seed) if preset.task != "t2v" else None
         return cls(
             preset, dit, vae, text_encoder, image_encoder=image_encoder, device=device, dtype=dtype,
@@ -534,13 +536,20 @@ def _random_image_encoder(preset: Preset, seed: int) -> torch.nn.Module:
 
 
 def _cast_dit(dit: WanModel, dtype: torch.dtype) -> WanModel:
-    """Cast the DiT to `dtype`, keeping the time path and modulation tables in float32."""
+    """Cast the DiT to `dtype`, keeping the time path and modulation tables in float32.
+
+    Those float32 parameters never pass through `dtype`, so casting a DiT that is already mixed (a second
+    pipeline around the same model) leaves them exactly as they were.
+    """
+    if dtype == torch.float32:
+        return dit.float()
+    kept = {
+        name: param.detach().float().clone()
+        for name, param in dit.named_parameters()
+        if name.endswith("modulation") or name.split(".")[0] in _FP32_MODULES
+    }
     dit.to(dtype)
-    if dtype != torch.float32:
-        for name, module in dit.named_modules():
-            if name in _FP32_MODULES:
-                module.float()
-        for name, param in dit.named_parameters():
-            if name.endswith("modulation"):
-                param.data = param.data.float()
+    for name, param in dit.named_parameters():
+        if name in kept:
+            param.data = kept[name]
     return dit
