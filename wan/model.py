@@ -336,6 +336,7 @@ class WanModel(nn.Module):
         attn_op = None
         if sharding is not None:  # local tokens [B, Ll, C] with their global rope rows
             tokens, rope, attn_op = sharding.shard(tokens, rope)
+        rope = torch.view_as_real(rope)  # [L, D/2, 2] (cos, sin): the blocks see no complex tensor
         for block in self.blocks:
             tokens = block(tokens, e0, ctx, rope, attn_op)
         out = self.head(tokens, e)  # [B, L or Ll, P]: per token

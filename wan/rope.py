@@ -3,7 +3,9 @@
 A head of width d is split into three parts, d - 4*(d//6) channels for time and 2*(d//6) each for
 height and width (44/42/42 for d = 128). Channels rotate in adjacent pairs (GPT-J style), with
 frequencies theta^(-2j/part) per part. Angles are computed in float64; the rotations are stored as
-complex64 unit numbers and applied as one complex multiplication per channel pair.
+complex64 unit numbers. They are applied in real arithmetic, `(a cos - b sin, a sin + b cos)` per pair in
+float32, from the table's (cos, sin) view, so `torch.compile` can generate code for it (it has no
+complex code generation).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def rope_frequencies(
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs. x: [B, L, N, D]; freqs: complex [L, D/2] -> [B, L, N, D], x's dtype."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(-2).type_as(x)
+    """Rotate adjacent channel pairs. x: [B, L, N, D]; freqs: complex [L, D/2], or its real view
+    [L, D/2, 2] of (cos, sin) -> [B, L, N, D] in x's dtype."""
+    if freqs.is_complex():
+        freqs = torch.view_as_real(freqs)
+    cos, sin = freqs[:, None, :, 0], freqs[:, None, :, 1]  # [L, 1, D/2]: broadcast over heads
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
