@@ -54,6 +54,7 @@ class WorkerGroup:
         self.layout = dict(layout or {})
         self.starts = 0  # how many times the group was started (the model loaded)
         self.generations = 0  # how many generations were sent to it
+        self.last_done: dict[str, Any] = {}  # rank 0's report on the last finished generation
         self.info: dict[str, Any] = {}
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
@@ -188,6 +189,7 @@ class WorkerGroup:
             if reply[0] == "chunk":
                 yield torch.from_numpy(reply[1])
             elif reply[0] == "done":
+                self.last_done = reply[1] if len(reply) > 1 else {}
                 return
             elif reply[0] == "error":
                 raise ValueError(reply[2])
@@ -218,6 +220,11 @@ class GroupPipeline:
     @property
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.group.info.get("dtype", "torch.float32").removeprefix("torch."))
+
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        """Rank 0's peak GPU memory during the last generation (None on the CPU)."""
+        return self.group.last_done.get("peak_memory_bytes")
 
     def describe(self) -> dict[str, Any]:
         """For the sidecars: how the group ran the job (the memory options are recorded apart)."""

@@ -96,6 +96,8 @@ def _answer(pipe: Any, message: tuple) -> tuple:
 
 def _generate(pipe: Any, request: dict[str, Any], conn: Any) -> None:
     """Every rank: sample `request` together; rank 0 streams the frames to `conn`."""
+    if pipe.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipe.device)
     stream = pipe.generate_stream(request["prompt"], seed=request["seed"], progress=False,
                                   **request["images"], **request["settings"])  # fmt: skip
     for chunk in stream:  # rank 0 only gets chunks
@@ -127,7 +129,8 @@ def serve(pipe: Any, conn: Any | None) -> None:
                 conn.send(("error", "value", str(exc)))
             continue
         if rank == 0:
-            conn.send(("done",))
+            peak = torch.cuda.max_memory_allocated(pipe.device) if pipe.device.type == "cuda" else None
+            conn.send(("done", {"peak_memory_bytes": peak}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,7 +196,12 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         **({"parallel": pipe.describe()} if not local else {}),
         "memory": pipe.memory.describe(),
     }  # fmt: skip
-    peak = torch.cuda.max_memory_allocated(device) if local and device.type == "cuda" else None
+    if not local:
+        peak = lambda: pipe.peak_memory_bytes  # noqa: E731  rank 0's, reported with the last frames
+    elif device.type == "cuda":
+        peak = lambda: torch.cuda.max_memory_allocated(device)  # noqa: E731  read after the frames
+    else:
+        peak = None
     return store_job_output(
         ctx.catalog, job, frames, layout=ctx.layout, run_name=_objects_run_name(ctx, job), width=width,
         height=height,

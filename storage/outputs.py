@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import fsspec
@@ -42,14 +42,16 @@ def store_job_output(
     storage_options: dict | None = None,
     provenance: Mapping[str, Any] | None = None,
     device: str | None = None,
-    peak_memory_bytes: int | None = None,
+    peak_memory_bytes: int | Callable[[], int | None] | None = None,
     seconds: float | None = None,
 ) -> OutputRecord:
     """Stream `frames` (uint8 chunks [n, H, W, 3]) into the job's objects and record the output.
 
     `provenance` (request, model and fingerprint, sampler settings, noise device, timings, ...) goes into
     the JSON sidecar next to the video, credentials masked. `device`, `peak_memory_bytes` and `seconds`
-    (defaults to the time since the claim) go into the catalog. Only the worker holding the job's claim
+    (defaults to the time since the claim) go into the catalog; `peak_memory_bytes` may be a function, read
+    once every frame has been consumed (frames usually come from a lazy generator that does the work).
+    Only the worker holding the job's claim
     (`job.worker_id`) can record it. Returns the catalog's output record.
     """
     keys = layout.keys(run_name, job.item_id, job.seed)
@@ -96,7 +98,7 @@ def store_job_output(
     # when the job is redone.
     record = OutputRecord(
         **facts, thumbnail_uri=keys.thumbnail, sidecar_uri=keys.sidecar, device=device,
-        peak_memory_bytes=peak_memory_bytes,
+        peak_memory_bytes=peak_memory_bytes() if callable(peak_memory_bytes) else peak_memory_bytes,
     )  # fmt: skip
     return catalog.mark_succeeded(job.id, record, seconds=seconds, worker=job.worker_id)
 
