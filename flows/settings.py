@@ -6,6 +6,7 @@
 | `WANFLOW_STORAGE_ROOT` | `outputs` | where videos go: a directory or any fsspec URL (`s3://bucket/prefix`) |
 | `WANFLOW_STORAGE_OPTIONS` | `{}` | JSON fsspec options for that root |
 | `WANFLOW_S3_ENDPOINT_URL` | unset | S3-compatible endpoint (MinIO, a local test server) |
+| `WANFLOW_INPUT_STORAGE_OPTIONS` | unset | JSON fsspec options for inputs outside the storage root |
 | `WANFLOW_CHECKPOINTS` | `{}` | JSON map of model (preset) name to checkpoint directory on the workers |
 | `WANFLOW_DEVICE` / `WANFLOW_DTYPE` | auto | where the model runs (`cuda`, `cpu`); its dtype (`bfloat16`) |
 | `WANFLOW_SHARD_DEPLOYMENT` | unset | run shards on this deployment (`generate-shard/generate-shard`) |
@@ -44,6 +45,7 @@ class Settings(BaseSettings):
     catalog_url: str = "sqlite:///.wanflow/catalog.db"
     storage_root: str = "outputs"
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    input_storage_options: dict[str, Any] | None = None
     s3_endpoint_url: str | None = None
     checkpoints: dict[str, str] = Field(default_factory=dict)
     device: str | None = None
@@ -79,10 +81,15 @@ class Settings(BaseSettings):
         return self.storage_options_for(self.storage_root)
 
     def storage_options_for(self, url: str) -> dict[str, Any]:
-        """fsspec options for any URL: the root's options when it is on the same kind of storage as the
-        root, plus the S3 endpoint for s3:// URLs when one is set."""
-        same_kind = protocol(url) == protocol(self.storage_root)
-        options = dict(self.storage_options) if same_kind else {}
+        """fsspec options for any URL, plus the S3 endpoint for s3:// URLs when one is set: the root's own
+        options under the storage root; elsewhere `input_storage_options` when set (inputs in another
+        bucket or account), else the root's options when the URL is on the same kind of storage."""
+        root = self.storage_root.rstrip("/")
+        under_root = url.rstrip("/") == root or url.startswith(root + "/")
+        if not under_root and self.input_storage_options is not None:
+            options = dict(self.input_storage_options)
+        else:
+            options = dict(self.storage_options) if protocol(url) == protocol(self.storage_root) else {}
         if self.s3_endpoint_url and protocol(url) == "s3":
             client = dict(options.get("client_kwargs") or {})
             client.setdefault("endpoint_url", self.s3_endpoint_url)

@@ -434,3 +434,20 @@ def test_a_shard_with_two_gpus_per_job_runs_on_one_torchrun_group(
             assert all(verifier()(o) for o in catalog.outputs(again["run_id"]))
     finally:
         clear_pipelines()
+
+
+def test_inputs_outside_the_storage_root_take_their_own_options(monkeypatch):
+    from flows.settings import get_settings
+
+    monkeypatch.setenv("WANFLOW_STORAGE_ROOT", "s3://videos/out")
+    monkeypatch.setenv("WANFLOW_STORAGE_OPTIONS", '{"key": "writer"}')
+    monkeypatch.setenv("WANFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    settings = get_settings()
+    endpoint = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert settings.storage_options_for("s3://videos/out/run/a.mp4") == {"key": "writer", **endpoint}
+    assert settings.storage_options_for("s3://inputs/cat.png") == {"key": "writer", **endpoint}  # same kind
+    monkeypatch.setenv("WANFLOW_INPUT_STORAGE_OPTIONS", '{"anon": true}')
+    settings = get_settings()
+    assert settings.storage_options_for("s3://inputs/cat.png") == {"anon": True, **endpoint}
+    assert settings.storage_options_for("s3://videos/outside.png") == {"anon": True, **endpoint}
+    assert settings.storage_options_for("s3://videos/out/run/a.mp4") == {"key": "writer", **endpoint}
