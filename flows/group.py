@@ -16,12 +16,14 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ class WorkerGroup:
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._log: Path | None = None
+        self._dir: Path | None = None
 
     # ------------------------------------------------------------------------------------- lifecycle
     def command(self) -> list[str]:
@@ -70,10 +73,10 @@ class WorkerGroup:
             cmd += ["--dtype", self.dtype]
         for key, value in sorted(self.layout.items()):
             flag = "--" + key.replace("_", "-")
-            if value is None or value is False:
+            if key == "cfg_parallel":  # three states: None (auto), on, off
+                cmd += [flag, {None: "auto", True: "on", False: "off"}[value]]
+            elif value is None or value is False:
                 continue
-            if key == "cfg_parallel":
-                cmd += [flag, "on" if value else "off"]
             elif value is True:
                 cmd.append(flag)
             else:
@@ -85,43 +88,49 @@ class WorkerGroup:
         return self._proc is not None and self._proc.poll() is None and self._conn is not None
 
     def start(self) -> None:
-        """Start the group and wait until every rank has loaded the model (rank 0 says "ready")."""
+        """Start the group and wait until every rank has loaded the model (rank 0 says "ready").
+
+        Rank 0 connects back over a Unix socket in a private (0700) directory, with an HMAC key given in
+        its environment; the group's log lives beside it until the group is closed.
+        """
         self.close()
         key = secrets.token_bytes(32)
-        listener = Listener(("127.0.0.1", 0), authkey=key)
-        host, port = listener.address
-        fd, log_path = tempfile.mkstemp(prefix=f"wanflow-group-{self.model}-", suffix=".log")
-        self._log = Path(log_path)
-        env = {**os.environ, ADDRESS_ENV: f"{host}:{port}", AUTHKEY_ENV: key.hex()}
+        self._dir = Path(tempfile.mkdtemp(prefix=f"wanflow-group-{self.model}-"))
+        listener = Listener(str(self._dir / "socket"), family="AF_UNIX", authkey=key)
+        self._log = self._dir / "group.log"
+        env = {**os.environ, ADDRESS_ENV: str(self._dir / "socket"), AUTHKEY_ENV: key.hex()}
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))
-        with os.fdopen(fd, "w") as out:
+        with self._log.open("w") as out:
             self._proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)  # fmt: skip
         self.starts += 1
         log.info("worker group %d for %s: %d processes, log %s", self.starts, self.model, self.nproc,
-                 log_path)  # fmt: skip
+                 self._log)  # fmt: skip
         accepted: list[Connection] = []
-        thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+        thread = threading.Thread(target=_accept, args=(listener, accepted), daemon=True)
         thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
-        while thread.is_alive():
-            thread.join(POLL_S)
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                listener.close()
-                self.close()
-                raise WorkerGroupDied(f"the worker group for {self.model} did not start: {self._tail()}")
-        listener.close()
-        self._conn = accepted[0]
-        message = self._recv()
-        if message[0] != "ready":
-            raise WorkerGroupDied(f"unexpected first message from the worker group: {message[0]!r}")
+        try:
+            while not accepted:
+                thread.join(POLL_S)
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise WorkerGroupDied(f"the worker group for {self.model} did not start: {self._tail()}")
+            self._conn = accepted[0]
+            message = self._recv()
+            if message[0] != "ready":
+                raise WorkerGroupDied(f"unexpected first message from the worker group: {message[0]!r}")
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            listener.close()
         self.info = message[1]
         log.info("worker group ready: %s", self.info)
 
-    def close(self) -> None:
-        """Ask the group to stop, then make sure every process of it is gone."""
+    def close(self, *, grace_s: float = 30.0) -> None:
+        """Ask the group to stop, then make sure every process of it is gone and its files removed."""
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.send(("stop",))
@@ -129,11 +138,22 @@ class WorkerGroup:
             self._conn = None
         if self._proc is not None:
             try:
-                self._proc.wait(timeout=30)
+                self._proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, 9)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, 9)
                 self._proc.wait()
             self._proc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = self._log = None
+
+    def abort(self) -> None:
+        """End the group now, mid-request (its rank 0 may be sending frames nobody will read)."""
+        if self._conn is not None:
+            self._conn.close()  # rank 0's next send fails, and torchrun ends the other ranks
+            self._conn = None
+        self.close(grace_s=10.0)
 
     def pids(self) -> list[int]:
         """The ranks' process ids, rank order (empty before the group is ready)."""
@@ -184,17 +204,37 @@ class WorkerGroup:
         assert self._conn is not None
         self._conn.send(("generate", request))
         self.generations += 1
-        while True:
-            reply = self._recv()
-            if reply[0] == "chunk":
-                yield torch.from_numpy(reply[1])
-            elif reply[0] == "done":
-                self.last_done = reply[1] if len(reply) > 1 else {}
-                return
-            elif reply[0] == "error":
-                raise ValueError(reply[2])
-            else:
-                raise WorkerGroupDied(f"unexpected message from the worker group: {reply[0]!r}")
+        finished = False
+        try:
+            while True:
+                reply = self._recv()
+                if reply[0] == "chunk":
+                    yield torch.from_numpy(reply[1])
+                elif reply[0] == "done":
+                    self.last_done = reply[1] if len(reply) > 1 else {}
+                    finished = True
+                    return
+                elif reply[0] == "error":
+                    finished = True
+                    raise ValueError(reply[2])
+                else:
+                    raise WorkerGroupDied(f"unexpected message from the worker group: {reply[0]!r}")
+        finally:
+            if not finished and self._conn is not None:
+                # The caller stopped reading (a storage error mid-video): frames of this job are still on
+                # their way, and must never be read as the next job's. Start afresh next time.
+                self.abort()
+
+
+def _accept(listener: Listener, accepted: list[Connection]) -> None:
+    """Accept rank 0's connection; anything else that connects without the key is turned away."""
+    while not accepted:
+        try:
+            accepted.append(listener.accept())
+        except (AuthenticationError, EOFError, ConnectionError):
+            continue
+        except OSError:  # the listener was closed: the start gave up
+            return
 
 
 class GroupPipeline:

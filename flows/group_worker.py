@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-ADDRESS_ENV = "WANFLOW_GROUP_ADDRESS"
+ADDRESS_ENV = "WANFLOW_GROUP_ADDRESS"  # a Unix socket path (in a private directory)
+IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 AUTHKEY_ENV = "WANFLOW_GROUP_AUTHKEY"
 
 
@@ -50,17 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def layout(args: argparse.Namespace, world_size: int, num_heads: int) -> Any:
-    """The group's `ParallelConfig`: the sizes given, or `auto_config` for what is left unset."""
-    from wan.distributed.parallel import ParallelConfig, auto_config
+    """The group's `ParallelConfig`: the sizes given, the rest chosen (`resolve_config`)."""
+    from wan.distributed.parallel import resolve_config
 
-    zero3 = dict(dit_zero3=args.dit_zero3, t5_zero3=args.t5_zero3, deepspeed_config=args.deepspeed_config)
-    cfg = {"auto": None, "on": True, "off": False}[args.cfg_parallel]
-    if args.ulysses_size is None and args.ring_size is None:
-        config = auto_config(world_size, num_heads, cfg_parallel=cfg is not False, **zero3)
-    else:
-        config = ParallelConfig(args.ulysses_size or 1, args.ring_size or 1, bool(cfg), **zero3)
-    config.validate(world_size, num_heads)
-    return config
+    return resolve_config(
+        world_size, num_heads, ulysses_size=args.ulysses_size, ring_size=args.ring_size,
+        cfg_parallel={"auto": None, "on": True, "off": False}[args.cfg_parallel], dit_zero3=args.dit_zero3,
+        t5_zero3=args.t5_zero3, deepspeed_config=args.deepspeed_config,
+    )  # fmt: skip
 
 
 def load(args: argparse.Namespace) -> Any:
@@ -114,7 +112,7 @@ def serve(pipe: Any, conn: Any | None) -> None:
             while message[0] in ("settings", "video_size"):
                 try:
                     conn.send(_answer(pipe, message))
-                except ValueError as exc:
+                except (ValueError, TypeError) as exc:  # a bad request: answered, the group lives on
                     conn.send(("error", "value", str(exc)))
                 message = conn.recv()
             box[0] = message
@@ -124,7 +122,7 @@ def serve(pipe: Any, conn: Any | None) -> None:
             return
         try:
             _generate(pipe, message[1], conn)
-        except ValueError as exc:  # raised on every rank alike, before any collective diverges
+        except (ValueError, TypeError) as exc:  # raised on every rank alike, before any collective
             if rank == 0:
                 conn.send(("error", "value", str(exc)))
             continue
@@ -138,13 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     from wan.distributed.parallel import init_distributed
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
-    rank, world_size = init_distributed()
+    # Ranks other than 0 wait in a broadcast for the next job, however long the shard stays idle.
+    rank, world_size = init_distributed(timeout_s=IDLE_TIMEOUT_S)
     start = time.perf_counter()
     pipe = load(args)
     conn = None
     if rank == 0:
-        host, port = os.environ[ADDRESS_ENV].rsplit(":", 1)
-        conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))
+        key = bytes.fromhex(os.environ[AUTHKEY_ENV])
+        conn = Client(os.environ[ADDRESS_ENV], family="AF_UNIX", authkey=key)
         pids = [None] * world_size
         dist.all_gather_object(pids, os.getpid())
         conn.send(("ready", {"pids": pids, "device": str(pipe.device), "dtype": str(pipe.dtype),

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import torch
 from prefect.testing.utilities import prefect_test_harness
 
 import flows.shard
@@ -451,3 +452,33 @@ def test_inputs_outside_the_storage_root_take_their_own_options(monkeypatch):
     assert settings.storage_options_for("s3://inputs/cat.png") == {"anon": True, **endpoint}
     assert settings.storage_options_for("s3://videos/outside.png") == {"anon": True, **endpoint}
     assert settings.storage_options_for("s3://videos/out/run/a.mp4") == {"key": "writer", **endpoint}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_group_whose_stream_is_abandoned_starts_afresh(tmp_path):
+    """A job whose frames stop being read mid-video (a storage error) must not hand its remaining frames
+    to the next job: the group is ended and the next request starts a new one. The CFG flag reaches the
+    ranks in all three states."""
+    from flows.group import GroupPipeline, WorkerGroup
+
+    group = WorkerGroup("tiny-t2v", None, 2, layout={"cfg_parallel": False, "ulysses_size": None})
+    assert group.command()[-2:] == ["--cfg-parallel", "off"]
+    pipe = GroupPipeline(group)
+    try:
+        assert group.info["layout"]["cfg_parallel"] is False and group.info["layout"]["ulysses_size"] == 2
+        settings = dict(size="64*48", frame_num=9, sampling_steps=2)
+        stream = pipe.generate_stream("a fox", seed=1, **settings)
+        first = next(stream)
+        stream.close()  # the caller gives up after one chunk
+        assert not group.alive and first.shape[0] == 1
+        frames = list(pipe.generate_stream("a fox", seed=1, **settings))
+        assert sum(chunk.shape[0] for chunk in frames) == 9 and group.starts == 2
+        assert torch.equal(frames[0], first)  # the same job, redone from the start
+        assert pipe.settings(frame_num=9).frame_num == 9
+        with pytest.raises(ValueError, match="unexpected keyword"):  # a bad request, answered
+            pipe.settings(frames=9)
+        assert group.alive and group.starts == 2
+    finally:
+        group.close()
+    assert group._dir is None and not group.alive

@@ -37,6 +37,7 @@ __all__ = [
     "auto_config",
     "init_distributed",
     "parallelize",
+    "resolve_config",
     "world",
 ]
 
@@ -95,6 +96,34 @@ def auto_config(
     per_mesh = world_size // cfg
     ulysses = max(u for u in range(1, per_mesh + 1) if per_mesh % u == 0 and num_heads % u == 0)
     return ParallelConfig(ulysses, per_mesh // ulysses, cfg == 2, **zero3)
+
+
+def resolve_config(
+    world_size: int,
+    num_heads: int,
+    *,
+    ulysses_size: int | None = None,
+    ring_size: int | None = None,
+    cfg_parallel: bool | None = None,
+    **zero3: Any,
+) -> ParallelConfig:
+    """The layout for `world_size` processes from partial choices, validated (ValueError otherwise).
+
+    Nothing given: `auto_config`. `cfg_parallel` None means on when the processes left after the given
+    sizes are even; a size left None takes what remains. `zero3`: dit_zero3, t5_zero3, deepspeed_config.
+    """
+    if ulysses_size is None and ring_size is None:
+        config = auto_config(world_size, num_heads, cfg_parallel=cfg_parallel is not False, **zero3)
+    else:
+        known = (ulysses_size or 1) * (ring_size or 1)
+        rest = world_size // known if world_size % known == 0 else 0
+        cfg = cfg_parallel if cfg_parallel is not None else rest % 2 == 0 and rest > 0
+        fill = max(1, rest // (2 if cfg else 1))  # what the size left unset takes
+        ulysses = ulysses_size if ulysses_size is not None else fill
+        ring = ring_size if ring_size is not None else fill
+        config = ParallelConfig(ulysses, ring, bool(cfg), **zero3)
+    config.validate(world_size, num_heads)
+    return config
 
 
 @dataclass
