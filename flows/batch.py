@@ -589,7 +589,7 @@ def generate_batch(
     check_secret_free(catalog_url)
     logger = get_run_logger()
     settings = get_settings(catalog_url=catalog_url, storage_root=out, shard_deployment=shard_deployment)
-    memory = None if memory is None else memory_options(memory, "memory")
+    memory = None if memory is None else memory_options(memory, "memory", partial=True)
     run_defaults = RunDefaults(model=model, base_seed=base_seed, **({"num_seeds": seeds} if seeds else {}),
                                **(defaults or {}))  # fmt: skip
     loaded = read_manifest(manifest, run_defaults, settings, skip_invalid=skip_invalid)
@@ -601,7 +601,7 @@ def generate_batch(
         catalog.check_schema()
         return _run(catalog, loaded, sources, settings, run_defaults, shard_size=shard_size, extra_settings={
             "ckpt_dir": ckpt_dir, "skip_invalid": skip_invalid, "shard_deployment": settings.shard_deployment,
-            "memory": memory if memory is not None else {"workers": settings.memory_options()},
+            "memory": {**(memory or {}), "others": "the workers' WANFLOW_* settings"},
         }, memory=memory)  # fmt: skip
     finally:
         catalog.close()

@@ -410,16 +410,15 @@ def generate(
 
 
 def _memory(offload_model: bool | None, t5_cpu: bool | None, vae_tiling: str | None) -> dict[str, Any] | None:
-    """The run's GPU-memory options when any flag was given (the rest from the worker's settings), else
-    None: each worker's own `WANFLOW_*` settings apply."""
+    """The run's GPU-memory overrides: the flags given (None when none was); each worker's own `WANFLOW_*`
+    settings apply to the rest."""
     if offload_model is None and t5_cpu is None and vae_tiling is None:
         return None
     from flows.models import memory_options
 
-    worker = get_settings().memory_options()
     given = {"offload_model": offload_model, "t5_cpu": t5_cpu, "vae_tiling": vae_tiling}
-    try:
-        return memory_options({**worker, **{k: v for k, v in given.items() if v is not None}})
+    try:  # only the flags given: each worker keeps its own settings for the rest
+        return memory_options({k: v for k, v in given.items() if v is not None}, partial=True)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
 

@@ -104,9 +104,12 @@ def _file_digest(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def memory_options(values: dict[str, Any] | None, where: str = "memory") -> dict[str, Any]:
-    """Check a run's GPU-memory options ({"offload_model": bool, "t5_cpu": bool, "vae_tiling": "32:8"});
-    returns them normalised (`MemoryOptions.describe()`), ValueError naming the key otherwise."""
+def memory_options(
+    values: dict[str, Any] | None, where: str = "memory", *, partial: bool = False
+) -> dict[str, Any]:
+    """Check GPU-memory options ({"offload_model": bool, "t5_cpu": bool, "vae_tiling": "32:8"}); returns
+    them normalised (`MemoryOptions.describe()`), ValueError naming the key otherwise. `partial`: only the
+    keys given come back (a run's overrides of its workers' own settings)."""
     from wan.pipeline import MemoryOptions, parse_vae_tiling
 
     values = dict(values or {})
@@ -124,7 +127,8 @@ def memory_options(values: dict[str, Any] | None, where: str = "memory") -> dict
     except ValueError as exc:
         raise ValueError(f"{where}.{exc}") from None
     options = MemoryOptions(bool(values.get("offload_model")), bool(values.get("t5_cpu")), parsed)
-    return options.describe()
+    described = options.describe()
+    return {key: described[key] for key in values} if partial else described
 
 
 _pipelines: dict[tuple, Any] = {}
@@ -156,6 +160,8 @@ def load_pipeline(
             if gpus_per_job > 1:
                 from flows.group import GroupPipeline, WorkerGroup
 
+                check_group_layout(source, gpus_per_job, layout or {}, memory)
+
                 group = WorkerGroup(source.model, source.ckpt_dir, gpus_per_job, dtype=dtype,
                                     layout={**(layout or {}), **memory})  # fmt: skip
                 _pipelines[key] = GroupPipeline(group)
@@ -177,6 +183,33 @@ def load_pipeline(
                 )
             _pipelines[key] = pipe
         return _pipelines[key]
+
+
+def check_group_layout(
+    source: ModelSource, gpus_per_job: int, layout: dict[str, Any], memory: dict[str, Any]
+) -> None:
+    """Refuse a worker group's layout here, with a clear ValueError, before any process starts: the
+    sizes against `gpus_per_job` and the heads, the DeepSpeed config, and the memory options ZeRO-3
+    excludes."""
+    from wan.distributed.parallel import resolve_config
+
+    config = resolve_config(
+        gpus_per_job, get_preset(source.model).dit.num_heads, ulysses_size=layout.get("ulysses_size"),
+        ring_size=layout.get("ring_size"), cfg_parallel=layout.get("cfg_parallel"),
+        dit_zero3=bool(layout.get("dit_zero3")), t5_zero3=bool(layout.get("t5_zero3")),
+        deepspeed_config=layout.get("deepspeed_config"),
+    )  # fmt: skip
+    if config.zero3:
+        from wan.distributed.zero3 import load_config
+
+        load_config(config.deepspeed_config)
+        if memory.get("offload_model"):
+            raise ValueError(
+                "WANFLOW_OFFLOAD_MODEL cannot be combined with ZeRO-3 (WANFLOW_DIT_ZERO3, WANFLOW_T5_ZERO3): "
+                "it shards the weights over the group's GPUs instead"
+            )
+    if config.t5_zero3 and memory.get("t5_cpu"):
+        raise ValueError("WANFLOW_T5_CPU and WANFLOW_T5_ZERO3 exclude each other")
 
 
 def _release_all() -> None:

@@ -6,7 +6,7 @@
 | `WANFLOW_STORAGE_ROOT` | `outputs` | where videos go: a directory or any fsspec URL (`s3://bucket/prefix`) |
 | `WANFLOW_STORAGE_OPTIONS` | `{}` | JSON fsspec options for that root |
 | `WANFLOW_S3_ENDPOINT_URL` | unset | S3-compatible endpoint (MinIO, a local test server) |
-| `WANFLOW_INPUT_STORAGE_OPTIONS` | unset | JSON fsspec options for inputs outside the storage root |
+| `WANFLOW_INPUT_STORAGE_OPTIONS` | unset | JSON map protocol -> fsspec options for inputs outside the root |
 | `WANFLOW_CHECKPOINTS` | `{}` | JSON map of model (preset) name to checkpoint directory on the workers |
 | `WANFLOW_DEVICE` / `WANFLOW_DTYPE` | auto | where the model runs (`cuda`, `cpu`); its dtype (`bfloat16`) |
 | `WANFLOW_SHARD_DEPLOYMENT` | unset | run shards on this deployment (`generate-shard/generate-shard`) |
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     catalog_url: str = "sqlite:///.wanflow/catalog.db"
     storage_root: str = "outputs"
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    input_storage_options: dict[str, Any] | None = None
+    input_storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     s3_endpoint_url: str | None = None
     checkpoints: dict[str, str] = Field(default_factory=dict)
     device: str | None = None
@@ -82,12 +82,13 @@ class Settings(BaseSettings):
 
     def storage_options_for(self, url: str) -> dict[str, Any]:
         """fsspec options for any URL, plus the S3 endpoint for s3:// URLs when one is set: the root's own
-        options under the storage root; elsewhere `input_storage_options` when set (inputs in another
-        bucket or account), else the root's options when the URL is on the same kind of storage."""
+        options under the storage root; elsewhere `input_storage_options[protocol]` when set (inputs in
+        another bucket or account, e.g. {"s3": {"profile": "inputs"}}), else the root's options when the
+        URL is on the same kind of storage."""
         root = self.storage_root.rstrip("/")
         under_root = url.rstrip("/") == root or url.startswith(root + "/")
-        if not under_root and self.input_storage_options is not None:
-            options = dict(self.input_storage_options)
+        if not under_root and protocol(url) in self.input_storage_options:
+            options = dict(self.input_storage_options[protocol(url)])
         else:
             options = dict(self.storage_options) if protocol(url) == protocol(self.storage_root) else {}
         if self.s3_endpoint_url and protocol(url) == "s3":

@@ -339,7 +339,7 @@ def generate_shard(
                 dtype=settings.dtype,
                 gpus_per_job=settings.gpus_per_job,
                 layout=settings.parallel_layout(),
-                memory=settings.memory_options() if memory is None else memory,
+                memory={**settings.memory_options(), **(memory or {})},  # the run's overrides win
             )
             logger.info("model %s ready on %s in %.1f s", model, pipeline.device, time.perf_counter() - start)
         ctx = _context(settings, catalog, run_id, run.name, source, pipeline)

@@ -447,9 +447,10 @@ def test_inputs_outside_the_storage_root_take_their_own_options(monkeypatch):
     endpoint = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
     assert settings.storage_options_for("s3://videos/out/run/a.mp4") == {"key": "writer", **endpoint}
     assert settings.storage_options_for("s3://inputs/cat.png") == {"key": "writer", **endpoint}  # same kind
-    monkeypatch.setenv("WANFLOW_INPUT_STORAGE_OPTIONS", '{"anon": true}')
+    monkeypatch.setenv("WANFLOW_INPUT_STORAGE_OPTIONS", '{"s3": {"anon": true}}')
     settings = get_settings()
     assert settings.storage_options_for("s3://inputs/cat.png") == {"anon": True, **endpoint}
+    assert settings.storage_options_for("https://example.org/cat.png") == {}  # other protocols: untouched
     assert settings.storage_options_for("s3://videos/outside.png") == {"anon": True, **endpoint}
     assert settings.storage_options_for("s3://videos/out/run/a.mp4") == {"key": "writer", **endpoint}
 

@@ -133,6 +133,7 @@ def test_memory_option_parsing():
     assert memory_options({"offload_model": True, "vae_tiling": "on"}) == {
         "offload_model": True, "t5_cpu": False, "vae_tiling": "32:8",
     }  # fmt: skip
+    assert memory_options({"vae_tiling": "on"}, partial=True) == {"vae_tiling": "32:8"}
     with pytest.raises(ValueError, match=r"memory: unknown option 'offload'"):
         memory_options({"offload": True})
     with pytest.raises(ValueError, match=r"memory.t5_cpu: expected true or false, got 'yes'"):
@@ -164,20 +165,21 @@ def test_a_run_records_its_memory_options(tmp_path, monkeypatch):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"item_id": "fox", "prompt": "a fox", "size": "64*48", "frame_num": 5,
                                     "steps": 2}) + "\n")  # fmt: skip
-    memory = {"offload_model": True, "t5_cpu": True, "vae_tiling": "4:2"}
+    memory = {"offload_model": True, "vae_tiling": "4:2"}  # the run's overrides
+    monkeypatch.setenv("WANFLOW_T5_CPU", "true")  # the worker's own setting for the rest
     with prefect_test_harness(server_startup_timeout=90):
         summary = generate_batch(str(manifest), out=str(tmp_path / "out"), catalog_url=catalog_url,
                                  memory=memory)  # fmt: skip
     assert summary["status"] == "succeeded"
     with Catalog(catalog_url) as catalog:
         run = catalog.get_run(summary["run_id"])
-        assert run.settings["memory"] == {"offload_model": True, "t5_cpu": True, "vae_tiling": "4:2"}
+        assert run.settings["memory"] == {**memory, "others": "the workers' WANFLOW_* settings"}
         (output,) = catalog.outputs(summary["run_id"])
     import fsspec
 
     with fsspec.open(output.sidecar_uri) as f:
         sidecar = json.load(f)
-    assert sidecar["memory"] == run.settings["memory"]
+    assert sidecar["memory"] == {"offload_model": True, "t5_cpu": True, "vae_tiling": "4:2"}
 
 
 def test_compiled_blocks_give_the_same_output():
@@ -243,3 +245,20 @@ def test_casting_twice_keeps_the_float32_parts_exact():
     assert twice.blocks[0].ffn[0].weight.dtype == torch.bfloat16
     pipe = WanPipeline.from_config("tiny-t2v", seed=0, device="cpu", dtype=torch.bfloat16)
     assert pipe.text_encoder.dtype == torch.bfloat16  # as from_pretrained loads it
+
+
+def test_worker_group_layouts_are_checked_before_starting(tmp_path):
+    from flows.models import check_group_layout, model_source
+
+    source = model_source("tiny-t2v")  # 4 heads
+    check_group_layout(source, 4, {"ulysses_size": 2}, {})
+    with pytest.raises(ValueError, match="must equal the world size 4"):
+        check_group_layout(source, 4, {"ulysses_size": 3}, {})
+    with pytest.raises(ValueError, match="4 attention heads are not divisible by ulysses_size 8"):
+        check_group_layout(source, 8, {"ulysses_size": 8}, {})
+    with pytest.raises(ValueError, match="WANFLOW_OFFLOAD_MODEL cannot be combined with ZeRO-3"):
+        check_group_layout(source, 2, {"dit_zero3": True}, {"offload_model": True})
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 2}}')
+    with pytest.raises(ValueError, match=r"'zero_optimization\.stage' must be 3"):
+        check_group_layout(source, 2, {"dit_zero3": True, "deepspeed_config": str(bad)}, {})

@@ -7,7 +7,8 @@ Every attention in `wan/model.py` calls `attention(q, k, v)`, which takes the fa
 - otherwise PyTorch's scaled-dot-product attention, which itself picks flash, cuDNN or memory-efficient
   kernels on a GPU and a fused kernel on the CPU.
 
-`WAN_ATTENTION=sdpa` (or `flash_attn`) forces one backend, for benchmarks and comparisons. Context
+`WAN_ATTENTION=sdpa` (read once, at the first attention) keeps flash-attn out even when installed, for
+benchmarks and comparisons. Context
 parallelism (`wan/distributed/context_parallel.py`) hands the self-attentions its own function of the same
 signature for each forward, through the model's generic `sequence_sharding` hook; the model code knows
 nothing of meshes.

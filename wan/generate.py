@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
             load_config(layout.deepspeed_config)
         memory = MemoryOptions(args.offload_model, args.t5_cpu, parse_vae_tiling(args.vae_tiling))
+        if layout is not None and layout.zero3 and args.compile:
+            raise ValueError("--compile cannot be combined with --dit_zero3 / --t5_zero3 (ZeRO-3 gathers "
+                             "weights in hooks that compiled blocks would trace)")  # fmt: skip
         if layout is not None and layout.zero3 and memory.offload_model:
             raise ValueError("--offload_model cannot be combined with --dit_zero3 / --t5_zero3 (ZeRO-3 "
                              "already keeps 1/N of the weights per GPU)")  # fmt: skip

@@ -118,7 +118,8 @@ class MemoryOptions:
     vae_tiling: decode in overlapping spatial tiles with blended seams (`wan.vae.VAETiling`); None (the
         default) decodes whole frames exactly.
 
-    None of them changes the sampled latents; only `vae_tiling` changes the decoded pixels, slightly.
+    `offload_model` changes nothing in the results. `t5_cpu` runs the text encoder in the CPU's kernels
+    (text features within rounding of the GPU's); `vae_tiling` changes the decoded pixels slightly.
     """
 
     offload_model: bool = False
