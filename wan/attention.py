@@ -2,8 +2,8 @@
 
 Every attention in `wan/model.py` calls `attention(q, k, v)`, which takes the fastest kernel at hand:
 
-- flash-attn (`flash_attn_func`) when the package is installed, the tensors are on a GPU in fp16 / bf16 and
-  the head dim is one it supports: it takes our `[B, L, H, D]` layout as is, with no transposes;
+- flash-attn (`flash_attn_func`) when the package is installed, the tensors are on an Ampere or newer GPU
+  in fp16 / bf16 and the head dim is one it supports: it takes our `[B, L, H, D]` layout as is;
 - otherwise PyTorch's scaled-dot-product attention, which itself picks flash, cuDNN or memory-efficient
   kernels on a GPU and a fused kernel on the CPU.
 
@@ -46,7 +46,9 @@ def _flash_attn() -> Callable[..., torch.Tensor] | None:
 def attention_backend(q: torch.Tensor) -> str:
     """Which backend `attention` uses for tensors like `q` [B, L, H, D]: "flash_attn" or "sdpa"."""
     usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-    return "flash_attn" if usable and _flash_attn() is not None else "sdpa"
+    if usable and _flash_attn() is not None and torch.cuda.get_device_capability(q.device)[0] >= 8:
+        return "flash_attn"  # flash-attn 2 runs on Ampere (sm80) and newer
+    return "sdpa"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

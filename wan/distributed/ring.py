@@ -95,7 +95,8 @@ def block_attention_kernel(
             bias = bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :].expand(b, h, lq, -1)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     if q.device.type == "cuda":
-        if bias is None and q.dtype in (torch.float16, torch.bfloat16):
+        flash_ok = torch.cuda.get_device_capability(q.device)[0] >= 8  # flash kernels need sm80+
+        if bias is None and flash_ok and q.dtype in (torch.float16, torch.bfloat16):
             out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)
         else:
             out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
