@@ -36,6 +36,7 @@ def test_default_and_infra_configs_are_valid():
         ({"bf16": {"enabled": True}}, "'bf16.enabled' must be false"),
         ({"zero_optimization": {"stage3_prefetch_bucket_size": -1}}, "stage3_prefetch_bucket_size' must be"),
         ({"zero_optimization": {"offload_param": {"device": "gpu"}}}, "offload_param.device' must be none"),
+        ({"zero_optimization": {"memory_efficient_linear": True}}, "memory_efficient_linear' must be false"),
     ],
 )
 def test_bad_configs_name_the_key(config, message):
@@ -80,7 +81,9 @@ def _worker(rank: int, world_size: int, workdir: Path) -> None:
             config = json.loads(json.dumps(DEFAULT_CONFIG))
             if threshold is not None:
                 config["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+            linear = torch.nn.functional.linear
             handle = shard_zero3(model, config)
+            assert torch.nn.functional.linear is linear  # nothing replaced process-wide
             with torch.no_grad():
                 outs = [handle.module(*inputs) for _ in range(2)]  # the second forward replays the trace
             stats = partition_stats(handle.module)

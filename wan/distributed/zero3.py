@@ -53,6 +53,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "stage3_param_persistence_threshold": 100_000,
         "stage3_max_live_parameters": 1_000_000_000,
         "stage3_max_reuse_distance": 1_000_000_000,
+        # DeepSpeed would otherwise replace torch.nn.functional.linear process-wide with its own (a
+        # training memory saving), changing the rounding of every linear layer, sharded or not.
+        "memory_efficient_linear": False,
     },
     "steps_per_print": 1_000_000_000,
     "wall_clock_breakdown": False,
@@ -102,6 +105,11 @@ def validate_config(config: Any, source: str = "the ZeRO-3 config") -> dict[str,
             raise ValueError(
                 f"{source}: 'zero_optimization.{key}.device' must be none, cpu or nvme, got {device!r}"
             )
+    if zero.setdefault("memory_efficient_linear", False):
+        raise ValueError(
+            f"{source}: 'zero_optimization.memory_efficient_linear' must be false: DeepSpeed would replace "
+            "torch.nn.functional.linear in the whole process (a training memory saving)"
+        )
     out.setdefault("train_micro_batch_size_per_gpu", 1)
     return out
 
