@@ -69,15 +69,16 @@ def load(args: argparse.Namespace) -> Any:
     device = local_device()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     memory = MemoryOptions(args.offload_model, args.t5_cpu, parse_vae_tiling(args.vae_tiling))
+    defer = ["dit"] * args.dit_zero3 + ["text_encoder"] * args.t5_zero3  # sharded onto the GPUs later
     if args.ckpt_dir is None:
         from flows.models import RANDOM_SEED
 
         pipe = WanPipeline.from_config(
-            args.model, seed=RANDOM_SEED, device=device, dtype=dtype, memory=memory
+            args.model, seed=RANDOM_SEED, device=device, dtype=dtype, memory=memory, defer=defer
         )
     else:
         pipe = WanPipeline.from_pretrained(
-            args.ckpt_dir, task=args.model, device=device, dtype=dtype, memory=memory
+            args.ckpt_dir, task=args.model, device=device, dtype=dtype, memory=memory, defer=defer
         )
     return parallelize(pipe, layout(args, dist.get_world_size(), pipe.dit.cfg.num_heads))
 

@@ -64,7 +64,8 @@ def main() -> None:
         preset, ulysses, ring, cfg, zero3 = CASES[name]
         config = ParallelConfig(ulysses, ring, cfg, dit_zero3=zero3, t5_zero3=zero3,
                                 deepspeed_config=str(ds_config))  # fmt: skip
-        pipe = parallelize(WanPipeline.from_config(preset, seed=0, device="cpu"), config)
+        defer = ["dit", "text_encoder"] if zero3 else []  # left on the CPU until ZeRO-3 shards them
+        pipe = parallelize(WanPipeline.from_config(preset, seed=0, device="cpu", defer=defer), config)
         frames = generate(pipe)
         shares = {}
         if zero3:

@@ -116,3 +116,15 @@ def test_layout_checks_and_auto_layout():
     assert auto_config(16, 12) == ParallelConfig(4, 2, True)
     assert auto_config(3, 40, cfg_parallel=True) == ParallelConfig(1, 3, False)  # 40 heads: 3 does not divide
     assert auto_config(4, 40, cfg_parallel=False) == ParallelConfig(4, 1, False)
+
+
+def test_deferred_parts_are_placed_by_parallelize():
+    """Parts left on the CPU for ZeRO-3 that end up unsharded are moved to the device whole."""
+    from wan.distributed.parallel import parallelize
+
+    with pytest.raises(ValueError, match=r"defer: unknown parts \['vae'\]"):
+        WanPipeline.from_config("tiny-t2v", seed=0, device="cpu", defer=["vae"])
+    pipe = WanPipeline.from_config("tiny-t2v", seed=0, device="cpu", defer=["dit", "text_encoder"])
+    assert pipe.deferred == {"dit", "text_encoder"}
+    parallelize(pipe, ParallelConfig())  # one process, nothing sharded
+    assert pipe.deferred == set() and pipe.parallel.mesh.world_size == 1

@@ -238,13 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**63 - 1)
         seed = _shared_seed(seed, world_size)
 
+        # ZeRO-3 parts stay on the CPU until sharded onto the GPUs, a parameter at a time.
+        defer = [] if layout is None else ["dit"] * layout.dit_zero3 + ["text_encoder"] * layout.t5_zero3
         start = time.perf_counter()
         if args.ckpt_dir is None:
             _say(rank, f"[wan] {args.task}: no --ckpt_dir, using RANDOM weights (the video is noise-like)")
-            pipe = WanPipeline.from_config(args.task, seed=0, device=device, dtype=dtype, memory=memory)
+            pipe = WanPipeline.from_config(
+                args.task, seed=0, device=device, dtype=dtype, memory=memory, defer=defer
+            )
         else:
             pipe = WanPipeline.from_pretrained(
-                args.ckpt_dir, task=args.task, device=device, dtype=dtype, memory=memory
+                args.ckpt_dir, task=args.task, device=device, dtype=dtype, memory=memory, defer=defer
             )
         if args.compile:
             pipe.dit.compile_blocks()

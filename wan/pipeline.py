@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
@@ -164,17 +164,25 @@ class WanPipeline:
         dtype: torch.dtype | None = None,
         source: str = "",
         memory: MemoryOptions | None = None,
+        defer: Collection[str] = (),
     ) -> None:
+        """`defer`: "dit" and/or "text_encoder" stay on the CPU for `wan.distributed.parallel.parallelize`
+        to place: ZeRO-3 moves them to the device one parameter shard at a time, so they never stand
+        whole on a GPU."""
+        unknown = set(defer) - {"dit", "text_encoder"}
+        if unknown:
+            raise ValueError(f"defer: unknown parts {sorted(unknown)}; expected 'dit' and/or 'text_encoder'")
         self.preset = preset
+        self.deferred = set(defer)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.source = source or preset.name
         self.memory = memory or MemoryOptions()
         cpu = torch.device("cpu")
         home = cpu if self.memory.offload_model else self.device  # where models wait between uses
-        self.dit = _cast_dit(dit, self.dtype).to(home).eval().requires_grad_(False)
+        self.dit = _cast_dit(dit, self.dtype).to(cpu if "dit" in defer else home).eval().requires_grad_(False)
         self.vae = vae.float().to(home).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(cpu if self.memory.t5_cpu else home)
+        self.text_encoder = text_encoder.to(cpu if self.memory.t5_cpu or "text_encoder" in defer else home)
         if self.takes_images and image_encoder is None:
             raise ValueError(f"{preset.name} is image-to-video: it needs a CLIP image encoder")
         # As the official code: CLIP in half precision on a GPU, float32 on the CPU.
@@ -228,6 +236,7 @@ class WanPipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         memory: MemoryOptions | None = None,
+        defer: Collection[str] = (),
     ) -> WanPipeline:
         """Load an official `Wan-AI/Wan2.1-*` or `*-Diffusers` checkpoint directory (text-, image- or
         first-last-frame-to-video; the CLIP image encoder comes with the latter two)."""
@@ -248,6 +257,7 @@ class WanPipeline:
             dtype=dtype,
             source=str(ckpt_dir),
             memory=memory,
+            defer=defer,
         )
 
     @classmethod
@@ -259,6 +269,7 @@ class WanPipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         memory: MemoryOptions | None = None,
+        defer: Collection[str] = (),
     ) -> WanPipeline:
         """Random weights for a preset (tiny presets: tests and the demo; full ones: benchmarks)."""
         from wan.text_encoder import build_tiny_tokenizer, tiny_t5_config
@@ -289,7 +300,7 @@ class WanPipeline:
         image_encoder = _random_image_encoder(preset, seed) if preset.task != "t2v" else None
         return cls(
             preset, dit, vae, text_encoder, image_encoder=image_encoder, device=device, dtype=dtype,
-            source=f"{name} (random weights)", memory=memory,
+            source=f"{name} (random weights)", memory=memory, defer=defer,
         )  # fmt: skip
 
     # -------------------------------------------------------------------------------------- settings

@@ -233,5 +233,10 @@ def parallelize(pipe: WanPipeline, config: ParallelConfig) -> WanPipeline:
             state.zero3.append(shard_zero3(pipe.dit, zero3_config))
         if config.t5_zero3:
             state.zero3.append(shard_zero3(pipe.text_encoder.model, zero3_config))
+    # Parts left on the CPU for ZeRO-3 (`WanPipeline(defer=)`) that it did not shard go to the device whole.
+    sharded = {name for name, on in (("dit", config.dit_zero3), ("text_encoder", config.t5_zero3)) if on}
+    for name in pipe.deferred - sharded:
+        getattr(pipe, name).to(pipe.device)
+    pipe.deferred = set()
     pipe.parallel = state
     return pipe

@@ -172,9 +172,10 @@ def _skip_cpu_shm_build() -> None:
 def shard_zero3(module: torch.nn.Module, config: dict[str, Any] | None = None) -> Zero3Handle:
     """Shard `module`'s parameters over every rank of the default process group with ZeRO stage 3.
 
-    Collective: every rank calls it with the same module (same shapes) and config. DeepSpeed moves it to
-    its device (`cuda:LOCAL_RANK`, or the CPU), where the pipeline has already put it, then keeps only
-    this rank's shard; no dtype is changed. The module is returned in `handle.module`; call it as before.
+    Collective: every rank calls it with the same module (same shapes) and config. The module may be on
+    the CPU (a pipeline built with `defer=`): its parameters move to this rank's device (`cuda:LOCAL_RANK`,
+    or the CPU) one at a time as they are partitioned, so the whole module never stands on the GPU. Only
+    this rank's shard stays; no dtype is changed. The module is returned in `handle.module`.
     `config`: a DeepSpeed config (validated; `DEFAULT_CONFIG` when None). Needs `torch.distributed`.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -183,9 +184,17 @@ def shard_zero3(module: torch.nn.Module, config: dict[str, Any] | None = None) -
     config = validate_config(DEFAULT_CONFIG if config is None else config)
     _skip_cpu_shm_build()
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     deepspeed.init_distributed(dist_init_required=False)
     module.requires_grad_(False)
+    # Partition first, one parameter at a time: each goes to this rank's device, is broadcast from rank 0
+    # and cut to its shard, so a module still on the CPU never stands whole on the GPU. `initialize` then
+    # finds it partitioned and leaves its placement alone; the buffers follow the parameters.
+    deepspeed.zero.Init(module=module, config_dict_or_path=config)
+    device = torch.device(get_accelerator().current_device_name())
+    for buffer in module.buffers():
+        buffer.data = buffer.data.to(device)
     engine, *_ = deepspeed.initialize(model=module, config=config)
     engine.eval()
     return Zero3Handle(module=engine.module, engine=engine)
