@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,3 +71,62 @@ def interleaved_times(
 def emit(result: dict) -> None:
     """The last line of every benchmark: one JSON object."""
     print(json.dumps(result, sort_keys=True))
+
+
+def allocator_returns_memory() -> None:
+    """CPU: make freed tensors leave the RSS (glibc). A fixed mmap threshold turns off glibc's adaptive one,
+    which otherwise lets big blocks land on the heap, where they stay after `free`, so a second run would
+    reuse the first run's pages and look smaller than it is. Call it before the big allocations."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MiB and up get their own mapping
+    libc.malloc_trim(0)
+
+
+def rss_now() -> int:
+    """Current resident set size in bytes (second field of /proc/self/statm, in pages)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """Run `fn` once: seconds (CUDA-synced), peak memory (GPU allocator, or process RSS on the CPU), the peak
+    above what was held before, and the output as float32 on the CPU (so it holds no GPU memory after);
+    on a GPU also the allocator's peak reserved bytes."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        allocator_returns_memory()
+        before = rss_now()
+    start = time.perf_counter()
+    out, peak = peak_memory(fn, device)
+    seconds = time.perf_counter() - start
+    row = {"seconds": seconds, "peak": peak, "above_start": max(peak - before, 0), "video": out.float().cpu()}
+    if device.type == "cuda":
+        row["reserved"] = torch.cuda.max_memory_reserved(device)
+    return row
+
+
+def vae_twins(seed: int = 0) -> tuple[Any, Any]:
+    """Our full-size `WanVAE` and diffusers' `AutoencoderKLWan` with the same random weights, float32, on
+    the CPU; gammas and the attention output projections get non-trivial values (their init is trivial)."""
+    from diffusers import AutoencoderKLWan
+
+    from wan.vae import WanVAE, vae_state_dict_to_diffusers
+
+    torch.manual_seed(seed)
+    ours = WanVAE().eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if name.endswith("gamma"):
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=g))
+            elif name.endswith("proj.weight"):
+                param.copy_(0.05 * torch.randn(param.shape, generator=g))
+    ref = AutoencoderKLWan().eval().requires_grad_(False)
+    ref.load_state_dict(vae_state_dict_to_diffusers(ours.state_dict()), strict=True)
+    return ours, ref

@@ -30,15 +30,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import emit, peak_memory
+from common import emit, measure
 
 from wan.configs import DEFAULT_NEGATIVE_PROMPT, parse_size
 from wan.dit_keys import diffusers_transformer_config, dit_state_dict_to_diffusers
@@ -120,30 +117,6 @@ def diffusers_twin(pipe: WanPipeline, shift: float) -> Any:
     )
     twin.set_progress_bar_config(disable=True)
     return twin
-
-
-def _rss_now() -> int:
-    """Current resident set size in bytes (second field of /proc/self/statm, in pages)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """Run `fn` once: seconds (CUDA-synced), peak memory (GPU allocator, or process RSS on the CPU), the peak
-    above what was held before, and the output moved to the CPU (so it holds no GPU memory afterwards)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        before = _rss_now()
-    start = time.perf_counter()
-    out, peak = peak_memory(fn, device)
-    seconds = time.perf_counter() - start
-    row = {"seconds": seconds, "peak": peak, "above_start": max(peak - before, 0), "video": out.float().cpu()}
-    if device.type == "cuda":
-        row["reserved"] = torch.cuda.max_memory_reserved(device)
-    return row
 
 
 def _count(n: int) -> str:

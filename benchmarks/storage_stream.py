@@ -25,11 +25,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import emit, interleaved_times, peak_memory
+from common import emit, interleaved_times, peak_memory, rss_now
 from PIL import Image
 
 from storage.video import VideoWriter, encoder_stream, ffmpeg_executable
@@ -63,10 +62,6 @@ def frame_chunks(frames: int, height: int, width: int, noise: bool, seed: int = 
                 chunk[i] = (texture[:, PAN * t : PAN * t + width] * 3 + bands) // 4
         yield chunk
         start += n
-
-
-def _rss_now() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _free_port() -> int:
@@ -158,7 +153,7 @@ def main() -> None:
         for name in ("local", "s3"):
             samples = []
             for _ in range(2):  # the smaller of two: allocator noise only ever adds to a peak
-                before = _rss_now()
+                before = rss_now()
                 _, peak = peak_memory(runs[name], cpu)
                 samples.append(peak - before)
             growth[name] = min(samples)

@@ -7,7 +7,7 @@ Both models are the full-size architecture with the same random weights and deco
 Our chunks are consumed and dropped as they come (what the pipeline does with them), diffusers
 returns the whole video. Memory: the peak growth of our decode above what was held before it, for
 the video and for one 4x longer; streaming should keep the two equal. On the CPU the allocator is set
-to hand big blocks back to the OS (see `_allocator_returns_memory`) for both models' runs alike.
+to hand big blocks back to the OS (see `common.allocator_returns_memory`) for both models' runs alike.
 
 Prints a summary, then one JSON object: seconds each, ratio ours/diffusers, peak bytes short/long.
 """
@@ -15,33 +15,11 @@ Prints a summary, then one JSON object: seconds each, ratio ours/diffusers, peak
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from common import emit, interleaved_times, peak_memory
-
-from wan.vae import WanVAE, vae_state_dict_to_diffusers
-
-
-def _allocator_returns_memory() -> None:
-    """Make freed tensors leave the RSS (glibc): a fixed mmap threshold turns off glibc's adaptive one,
-    which otherwise lets big blocks land on the heap, where they stay after `free`, so a second run
-    would reuse the first run's pages and look smaller than it is."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MiB and up get their own mapping
-    libc.malloc_trim(0)
-
-
-def _rss_now() -> int:
-    """Current resident set size (second field of /proc/self/statm, in pages)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from common import allocator_returns_memory, emit, interleaved_times, peak_memory, rss_now, vae_twins
 
 
 def peak_growth(fn: Callable[[], object], device: torch.device) -> int:
@@ -57,8 +35,8 @@ def peak_growth(fn: Callable[[], object], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        _allocator_returns_memory()
-        before = _rss_now()
+        allocator_returns_memory()
+        before = rss_now()
     _, peak = peak_memory(fn, device)
     return peak - before
 
@@ -72,22 +50,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
-    from diffusers import AutoencoderKLWan
-
     device = torch.device(args.device)
     if device.type == "cpu":
-        _allocator_returns_memory()  # before anything is allocated, or early frees stay on the heap
-    torch.manual_seed(0)
-    ours = WanVAE().eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-trivial gammas and attention output projection (zero-initialised)
-        for name, param in ours.named_parameters():
-            if name.endswith("gamma"):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=g))
-            elif name.endswith("proj.weight"):
-                param.copy_(0.05 * torch.randn(param.shape, generator=g))
-    ref = AutoencoderKLWan().eval().requires_grad_(False)
-    ref.load_state_dict(vae_state_dict_to_diffusers(ours.state_dict()), strict=True)
+        allocator_returns_memory()  # before anything is allocated, or early frees stay on the heap
+    ours, ref = vae_twins(0)
+    g = torch.Generator().manual_seed(2)  # the latents
     ours.to(device)
     ref.to(device)
 

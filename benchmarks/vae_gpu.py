@@ -25,75 +25,20 @@ Prints a summary, then one JSON object.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
-import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import emit, peak_memory
+from common import allocator_returns_memory, emit, measure, vae_twins
 
 from wan.pipeline import parse_vae_tiling
-from wan.vae import VAETiling, WanVAE, vae_state_dict_to_diffusers
+from wan.vae import VAETiling
 
 # Latent [h, w] of each video size (81 frames -> 21 latent frames); "reduced" is the CPU stand-in.
 CASES: dict[str, tuple[int, int]] = {"480P": (60, 104), "720P": (90, 160), "reduced": (8, 12)}
-
-
-def _allocator_returns_memory() -> None:
-    """CPU only: give every block of 1 MiB and up its own mapping (glibc), so freed tensors leave the RSS
-    and one decode's peak is not hidden by pages an earlier decode left on the heap."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    libc.malloc_trim(0)
-
-
-def _rss_now() -> int:
-    """Current resident set size in bytes (second field of /proc/self/statm, in pages)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def build_models(seed: int = 0) -> tuple[WanVAE, Any]:
-    """Our `WanVAE` and diffusers' `AutoencoderKLWan` (default, full-size config) with the same weights,
-    float32, on the CPU."""
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    ours = WanVAE().eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # non-trivial gammas and attention output projection (zero-initialised)
-        for name, param in ours.named_parameters():
-            if name.endswith("gamma"):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=g))
-            elif name.endswith("proj.weight"):
-                param.copy_(0.05 * torch.randn(param.shape, generator=g))
-    ref = AutoencoderKLWan().eval().requires_grad_(False)
-    ref.load_state_dict(vae_state_dict_to_diffusers(ours.state_dict()), strict=True)
-    return ours, ref
-
-
-def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """Run `fn` once: seconds (CUDA-synced), peak bytes (GPU allocator, or process RSS on the CPU), the peak
-    above what was held before, and the output video moved to the CPU afterwards."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        _allocator_returns_memory()
-        before = _rss_now()
-    start = time.perf_counter()
-    out, peak = peak_memory(fn, device)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak": peak, "above_start": max(peak - before, 0), "video": out.cpu()}
 
 
 def main() -> None:
@@ -118,7 +63,7 @@ def main() -> None:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if not gpu:
-        _allocator_returns_memory()  # before the big allocations, or early frees stay on the heap
+        allocator_returns_memory()  # before the big allocations, or early frees stay on the heap
     cases = [c.strip() for c in (args.cases or ("480P,720P" if gpu else "reduced")).split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -128,7 +73,7 @@ def main() -> None:
     assert isinstance(tiling, VAETiling)
     device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
 
-    ours, ref = build_models(args.seed)
+    ours, ref = vae_twins(args.seed)
     homes = {"ours": ours, "ours_tiled": ours, "diffusers": ref, "diffusers_tiled": ref}
 
     def place(active: str) -> None:
