@@ -41,7 +41,7 @@ from wan.configs import DEFAULT_NEGATIVE_PROMPT, parse_size
 from wan.dit_keys import diffusers_transformer_config, dit_state_dict_to_diffusers
 from wan.pipeline import MemoryOptions, WanPipeline
 from wan.sampling import initial_noise, latent_shape, unipc_sigmas
-from wan.vae import vae_state_dict_to_diffusers
+from wan.vae import diffusers_vae_config, vae_state_dict_to_diffusers
 
 PROMPT = "A red fox trots through fresh snow in a birch forest at sunrise, soft light, slow camera pan"
 OFFLOAD_TARGET_BYTES = 8.19e9  # the official t2v-1.3B figure with --offload_model --t5_cpu (8.19 GB)
@@ -96,14 +96,7 @@ def diffusers_twin(pipe: WanPipeline, shift: float) -> Any:
 
     with torch.device(pipe.device):  # random init on the device: seconds, not minutes, at full size
         transformer = WanTransformer3DModel(**diffusers_transformer_config(pipe.dit.cfg))
-        v = pipe.preset.vae
-        vae = AutoencoderKLWan(
-            base_dim=v.dim,
-            z_dim=v.z_dim,
-            dim_mult=list(v.dim_mult),
-            num_res_blocks=v.num_res_blocks,
-            temperal_downsample=list(v.temporal_downsample),
-        )
+        vae = AutoencoderKLWan(**diffusers_vae_config(pipe.preset.vae))
     transformer.load_state_dict(dit_state_dict_to_diffusers(pipe.dit.state_dict()), strict=True)
     cast_keeping_fp32_modules(transformer, pipe.dtype).eval().requires_grad_(False)
     vae.load_state_dict(vae_state_dict_to_diffusers(pipe.vae.state_dict()), strict=True)

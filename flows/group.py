@@ -243,12 +243,11 @@ class GroupPipeline:
     remote = True
 
     def __init__(self, group: WorkerGroup) -> None:
-        from wan.pipeline import MemoryOptions, parse_vae_tiling
+        from flows.models import MEMORY_KEYS
+        from wan.pipeline import MemoryOptions
 
         self.group = group
-        flags = group.layout
-        self.memory = MemoryOptions(bool(flags.get("offload_model")), bool(flags.get("t5_cpu")),
-                                    parse_vae_tiling(flags.get("vae_tiling")))  # fmt: skip
+        self.memory = MemoryOptions.parse(**{key: group.layout.get(key) for key in MEMORY_KEYS})
         if not group.alive:
             group.start()
 

@@ -63,13 +63,13 @@ def layout(args: argparse.Namespace, world_size: int, num_heads: int) -> Any:
 
 def load(args: argparse.Namespace) -> Any:
     """The pipeline on this rank's device, parallelised over the group."""
-    from wan.distributed.parallel import local_device, parallelize
-    from wan.pipeline import MemoryOptions, WanPipeline, parse_vae_tiling
+    from wan.distributed.parallel import local_device, parallelize, zero3_parts
+    from wan.pipeline import MemoryOptions, WanPipeline
 
     device = local_device()
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    memory = MemoryOptions(args.offload_model, args.t5_cpu, parse_vae_tiling(args.vae_tiling))
-    defer = ["dit"] * args.dit_zero3 + ["text_encoder"] * args.t5_zero3  # sharded onto the GPUs later
+    memory = MemoryOptions.parse(args.offload_model, args.t5_cpu, args.vae_tiling)
+    defer = zero3_parts(args.dit_zero3, args.t5_zero3)  # sharded onto the GPUs later
     if args.ckpt_dir is None:
         from flows.models import RANDOM_SEED
 

@@ -110,7 +110,7 @@ def memory_options(
     """Check GPU-memory options ({"offload_model": bool, "t5_cpu": bool, "vae_tiling": "32:8"}); returns
     them normalised (`MemoryOptions.describe()`), ValueError naming the key otherwise. `partial`: only the
     keys given come back (a run's overrides of its workers' own settings)."""
-    from wan.pipeline import MemoryOptions, parse_vae_tiling
+    from wan.pipeline import MemoryOptions
 
     values = dict(values or {})
     unknown = sorted(set(values) - set(MEMORY_KEYS))
@@ -123,10 +123,10 @@ def memory_options(
             raise ValueError(f"{where}.{key}: expected true or false, got {values[key]!r}")
     tiling = values.get("vae_tiling")
     try:
-        parsed = parse_vae_tiling(None if tiling is None else str(tiling))
+        options = MemoryOptions.parse(values.get("offload_model"), values.get("t5_cpu"),
+                                      None if tiling is None else str(tiling))  # fmt: skip
     except ValueError as exc:
         raise ValueError(f"{where}.{exc}") from None
-    options = MemoryOptions(bool(values.get("offload_model")), bool(values.get("t5_cpu")), parsed)
     described = options.describe()
     return {key: described[key] for key in values} if partial else described
 
@@ -167,12 +167,10 @@ def load_pipeline(
                 _pipelines[key] = GroupPipeline(group)
                 return _pipelines[key]
 
-            from wan.pipeline import MemoryOptions, WanPipeline, parse_vae_tiling
+            from wan.pipeline import MemoryOptions, WanPipeline
 
             torch_dtype = getattr(torch, dtype) if dtype else None
-            options = MemoryOptions(
-                memory["offload_model"], memory["t5_cpu"], parse_vae_tiling(memory["vae_tiling"])
-            )
+            options = MemoryOptions.parse(**memory)
             if source.ckpt_dir is None:
                 pipe = WanPipeline.from_config(
                     source.model, seed=RANDOM_SEED, device=device, dtype=torch_dtype, memory=options

@@ -24,7 +24,7 @@ from wan.image_encoder import WanImageEncoder, clip_state_dict_to_official
 from wan.pipeline import WanPipeline
 from wan.sampling import unipc_sigmas
 from wan.text_encoder import t5_state_dict_to_official
-from wan.vae import vae_state_dict_to_diffusers
+from wan.vae import diffusers_vae_config, vae_state_dict_to_diffusers
 
 
 def diffusers_transformer(pipe: WanPipeline):
@@ -38,14 +38,7 @@ def diffusers_transformer(pipe: WanPipeline):
 def diffusers_vae(pipe: WanPipeline):
     from diffusers import AutoencoderKLWan
 
-    v = pipe.preset.vae
-    vae = AutoencoderKLWan(
-        base_dim=v.dim,
-        z_dim=v.z_dim,
-        dim_mult=list(v.dim_mult),
-        num_res_blocks=v.num_res_blocks,
-        temperal_downsample=list(v.temporal_downsample),
-    )
+    vae = AutoencoderKLWan(**diffusers_vae_config(pipe.preset.vae))
     vae.load_state_dict(vae_state_dict_to_diffusers(pipe.vae.state_dict()), strict=True)
     return vae.eval()
 

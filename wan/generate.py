@@ -36,7 +36,7 @@ import torch
 
 from wan.configs import PRESETS, get_preset, parse_size, validate_request
 from wan.distributed.parallel import ParallelConfig, auto_config, init_distributed, local_device, parallelize
-from wan.pipeline import MemoryOptions, WanPipeline, parse_vae_tiling
+from wan.pipeline import MemoryOptions, WanPipeline
 from wan.weights import CheckpointError
 
 __all__ = ["build_parser", "main", "parallel_config", "write_mp4"]
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             from wan.distributed.zero3 import load_config
 
             load_config(layout.deepspeed_config)
-        memory = MemoryOptions(args.offload_model, args.t5_cpu, parse_vae_tiling(args.vae_tiling))
+        memory = MemoryOptions.parse(args.offload_model, args.t5_cpu, args.vae_tiling)
         if layout is not None and layout.zero3 and args.compile:
             raise ValueError("--compile cannot be combined with --dit_zero3 / --t5_zero3 (ZeRO-3 gathers "
                              "weights in hooks that compiled blocks would trace)")  # fmt: skip
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = _shared_seed(seed, world_size)
 
         # ZeRO-3 parts stay on the CPU until sharded onto the GPUs, a parameter at a time.
-        defer = [] if layout is None else ["dit"] * layout.dit_zero3 + ["text_encoder"] * layout.t5_zero3
+        defer = [] if layout is None else layout.zero3_parts
         start = time.perf_counter()
         if args.ckpt_dir is None:
             _say(rank, f"[wan] {args.task}: no --ckpt_dir, using RANDOM weights (the video is noise-like)")

@@ -126,6 +126,13 @@ class MemoryOptions:
     t5_cpu: bool = False
     vae_tiling: VAETiling | None = None
 
+    @classmethod
+    def parse(
+        cls, offload_model: bool | None = False, t5_cpu: bool | None = False, vae_tiling: str | None = None
+    ) -> MemoryOptions:
+        """From flag or setting values: two booleans and 'TILE[:OVERLAP]' (`parse_vae_tiling`)."""
+        return cls(bool(offload_model), bool(t5_cpu), parse_vae_tiling(vae_tiling))
+
     def describe(self) -> dict[str, object]:
         """For logs, sidecars and the catalog's record of a run."""
         tiling = self.vae_tiling

@@ -32,6 +32,7 @@ __all__ = [
     "FeatureCache",
     "VAETiling",
     "WanVAE",
+    "diffusers_vae_config",
     "vae_config_from_state_dict",
     "vae_state_dict_from_diffusers",
     "vae_state_dict_to_diffusers",
@@ -511,6 +512,18 @@ def _decoder_stage_len(keys: Sequence[str], diffusers: bool) -> int:
         return len(resnets) + 1
     firsts = [int(m.group(1)) for k in keys if (m := re.match(r"decoder\.upsamples\.(\d+)\.resample\.", k))]
     return min(firsts) + 1 if firsts else 1 << 30  # no upsample at all: a single stage
+
+
+def diffusers_vae_config(cfg: Any) -> dict[str, Any]:
+    """Constructor arguments of diffusers' `AutoencoderKLWan` for a `wan.configs.VAEConfig` (its spelling of
+    the temporal flags included)."""
+    return {
+        "base_dim": cfg.dim,
+        "z_dim": cfg.z_dim,
+        "dim_mult": list(cfg.dim_mult),
+        "num_res_blocks": cfg.num_res_blocks,
+        "temperal_downsample": list(cfg.temporal_downsample),
+    }
 
 
 def vae_state_dict_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -39,6 +39,7 @@ __all__ = [
     "parallelize",
     "resolve_config",
     "world",
+    "zero3_parts",
 ]
 
 
@@ -60,6 +61,11 @@ class ParallelConfig:
     @property
     def zero3(self) -> bool:
         return self.dit_zero3 or self.t5_zero3
+
+    @property
+    def zero3_parts(self) -> list[str]:
+        """The pipeline parts ZeRO-3 shards (`WanPipeline(defer=)` names)."""
+        return zero3_parts(self.dit_zero3, self.t5_zero3)
 
     def replicas(self, world_size: int) -> int:
         """How many copies of the context mesh the world holds: the CFG halves, or with ZeRO-3 alone (no
@@ -85,6 +91,11 @@ class ParallelConfig:
             "dit_zero3": self.dit_zero3,
             "t5_zero3": self.t5_zero3,
         }
+
+
+def zero3_parts(dit_zero3: bool, t5_zero3: bool) -> list[str]:
+    """The pipeline parts ZeRO-3 shards, by `WanPipeline(defer=)` name: "dit", "text_encoder"."""
+    return [name for name, on in (("dit", dit_zero3), ("text_encoder", t5_zero3)) if on]
 
 
 def auto_config(
@@ -234,8 +245,7 @@ def parallelize(pipe: WanPipeline, config: ParallelConfig) -> WanPipeline:
         if config.t5_zero3:
             state.zero3.append(shard_zero3(pipe.text_encoder.model, zero3_config))
     # Parts left on the CPU for ZeRO-3 (`WanPipeline(defer=)`) that it did not shard go to the device whole.
-    sharded = {name for name, on in (("dit", config.dit_zero3), ("text_encoder", config.t5_zero3)) if on}
-    for name in pipe.deferred - sharded:
+    for name in pipe.deferred - set(config.zero3_parts):
         getattr(pipe, name).to(pipe.device)
     pipe.deferred = set()
     pipe.parallel = state
