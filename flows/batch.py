@@ -24,13 +24,12 @@ import os
 import posixpath
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
-from uuid import UUID
 
 import fsspec
 from prefect import flow, get_run_logger, tags
@@ -53,12 +52,23 @@ from flows.manifest import (
     split_manifest,
 )
 from flows.models import ModelSource, memory_options, model_source
-from flows.settings import Settings, check_secret_free, get_settings
+from flows.recovery import ended_flow_runs, is_uuid, process_owner, reap_crashed_runs
+from flows.settings import Settings, check_secret_free, get_settings, parameter_safe
 from flows.shard import _notify, generate_shard
-from storage.catalog import Catalog, CatalogError, JobGroupRow, JobSpec, JobStatus, RunStatus, spec_key
+from storage.catalog import (
+    Catalog,
+    CatalogError,
+    JobGroupRow,
+    JobSpec,
+    JobStatus,
+    OutputRecord,
+    RunStatus,
+    spec_key,
+)  # fmt: skip
+from storage.faults import abort_open_uploads, filesystem, probe_storage_root
 from storage.layout import safe_name
 from storage.outputs import verifier
-from storage.urls import join_url, redact
+from storage.urls import absolute_url, is_under, join_url, redact
 from storage.video import contact_sheet, write_image
 
 __all__ = [
@@ -106,6 +116,8 @@ class BatchPlan:
     already_planned: int = 0
     abandoned: int = 0
     shards: list[ShardPlan] = field(default_factory=list)
+    crashed_runs: list[str] = field(default_factory=list)  # earlier runs found dead and marked crashed
+    inputs_unread: int = 0  # dry runs: jobs whose images were not read (counted as to generate)
 
     @property
     def to_generate(self) -> int:
@@ -146,7 +158,10 @@ def read_manifest(
         raise ManifestError(url, result.problems, result.rows)
     requests = (r for shard in result.shards for r in read_shard(shard, storage_options=out_options))
     models = sorted({key.split("/")[0] for key in result.groups})
-    return LazyManifest(url, manifest_format(url), sha256, result.rows, requests, result.problems, models)  # type: ignore[arg-type]
+    return LazyManifest(
+        url, manifest_format(url), sha256, result.rows, requests, result.problems, models,  # type: ignore[arg-type]
+        invalid_rows=result.invalid_rows,
+    )
 
 
 @dataclass
@@ -174,6 +189,24 @@ def model_names(manifest: Manifest) -> list[str]:
     return sorted({r.model for r in manifest.requests})
 
 
+def load_inputs(
+    url: str, defaults: RunDefaults, settings: Settings, *, skip_invalid: bool, ckpt_dir: str | None,
+    split_to: str | None = None,
+) -> tuple[Manifest, dict[str, ModelSource], list[Any]]:  # fmt: skip
+    """The manifest as the run takes it: its valid rows, less those whose model has no weights here or whose
+    local image is missing (`flows.inputs.check_requests`), with a source for every model still used, and
+    the problems a split manifest's rows will show as they stream (recorded when the run is planned).
+    Without `skip_invalid`, any problem raises ManifestError listing them all."""
+    from flows.inputs import check_requests
+
+    manifest = read_manifest(url, defaults, settings, skip_invalid=True, split_to=split_to)
+    checked, sources, late = check_requests(manifest, settings, ckpt_dir, defaults.model)
+    whole_file = [p for p in checked.problems if p.line == 0]  # unreadable: --skip-invalid cannot help
+    if whole_file or (checked.problems and not skip_invalid):
+        raise ManifestError(url, whole_file or checked.problems, checked.rows)
+    return checked, sources, late
+
+
 def model_sources(
     manifest: Manifest, settings: Settings, ckpt_dir: str | None, model: str
 ) -> dict[str, ModelSource]:
@@ -186,18 +219,21 @@ def model_sources(
 
 
 def job_specs(
-    manifest: Manifest, sources: dict[str, ModelSource], settings: Settings | None = None
-) -> Iterator[JobSpec]:
+    manifest: Manifest, sources: dict[str, ModelSource], settings: Settings | None = None, *,
+    read_images: bool = True,
+) -> Iterator[JobSpec]:  # fmt: skip
     """One job per (valid row, seed). Image paths are resolved against the manifest's location and
     each image's sha256 joins the job's parameters (its identity): an edited image makes a new job.
-    Images are hashed a chunk of rows at a time, in parallel, each distinct image once."""
+    Images are hashed a chunk of rows at a time, in parallel, each distinct image once. The jobs are for
+    `settings.storage_root` (their outputs go there; a run into another root has jobs of its own)."""
+    root = settings.storage_root if settings else None
     requests = iter(manifest.requests)
     while chunk := list(itertools.islice(requests, IMAGE_HASH_CHUNK)):
         uris = {
             resolve_image_uri(getattr(r, name), manifest.url)
             for r in chunk for name in ("image", "last_image") if getattr(r, name)
         }  # fmt: skip
-        digests = _hash_images(sorted(uris), settings)
+        digests = _hash_images(sorted(uris), settings) if read_images else dict.fromkeys(uris)
         for request in chunk:
             fingerprint = sources[request.model].fingerprint
             params = request.params()
@@ -207,7 +243,7 @@ def job_specs(
                     params[field_name] = uri
                     params[f"{field_name}_sha256"] = digests[uri]
             for seed in request.seeds:
-                yield JobSpec(request.item_id, seed, request.model, fingerprint, params)
+                yield JobSpec(request.item_id, seed, request.model, fingerprint, params, root)
 
 
 IMAGE_HASH_CHUNK = 512
@@ -242,7 +278,8 @@ def image_sha256(uri: str, settings: Settings | None, attempts: int = 3) -> str 
     for attempt in range(1, attempts + 1):
         digest = hashlib.sha256()
         try:
-            with fsspec.open(uri, "rb", **options) as f:
+            fs, path = filesystem(uri, options)  # connect and read timeouts
+            with fs.open(path, "rb") as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
             return digest.hexdigest()
@@ -303,48 +340,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _ended_flow_runs(flow_run_ids: set[str]) -> dict[str, str]:
-    """{flow run id: state name} for those of the given flow runs that have ended (asks Prefect; nothing
-    if it cannot be asked)."""
-    if not flow_run_ids:
-        return {}
-    try:
-        from prefect import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids]))
-            )
-    except Exception as exc:  # no API here: time and pids still tell
-        log.info("could not ask Prefect about flow runs holding claims: %s", exc)
-        return {}
-    return {str(r.id): r.state.name for r in runs if r.state is not None and r.state.is_final()}
-
-
 def requeue_abandoned(catalog: Catalog, run_id: int, timeout: timedelta) -> int:
     """Give the run's running jobs whose worker died back to pending; returns how many."""
     running = catalog.jobs(run_id, status=JobStatus.running)
     flow_runs = set()
     for job in running:
         flow_run_id = (job.worker_id or "").split(":", 2)[2:]
-        if flow_run_id and _is_uuid(flow_run_id[0]):
+        if flow_run_id and is_uuid(flow_run_id[0]):
             flow_runs.add(flow_run_id[0])
-    ended = _ended_flow_runs(flow_runs)
+    ended = ended_flow_runs(flow_runs)
     requeued = 0
     for job in running:
         reason = _worker_gone(job.worker_id, job.claimed_at, timeout, ended)
         if reason:
             requeued += catalog.requeue_abandoned([job.id], reason, worker=job.worker_id)
     return requeued
-
-
-def _is_uuid(text: str) -> bool:
-    try:
-        UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _run_settings(settings: Settings, defaults: RunDefaults, **extra: Any) -> dict[str, Any]:
@@ -355,13 +365,17 @@ def _run_settings(settings: Settings, defaults: RunDefaults, **extra: Any) -> di
 
 
 def _create_run(catalog: Catalog, name: str, manifest: Manifest, run_settings: dict, flow_run_id: str | None):
-    """A new catalog run named `name`, or `name-2`, `name-3`, ... if taken (also by a concurrent start)."""
+    """A new catalog run named `name`, or `name-2`, `name-3`, ... if taken (also by a concurrent start),
+    owned by this process."""
+    owner = process_owner()
     for n in range(1, 1000):
         candidate = name if n == 1 else f"{name}-{n}"
         if catalog.get_run(candidate) is not None:
             continue
         try:
-            return catalog.create_run(candidate, manifest.url, manifest.sha256, run_settings, flow_run_id)
+            return catalog.create_run(
+                candidate, manifest.url, manifest.sha256, run_settings, flow_run_id, owner=owner
+            )
         except CatalogError:
             if catalog.get_run(candidate) is None:
                 raise
@@ -379,10 +393,12 @@ def plan_run(
     shard_size: int,
     flow_run_id: str | None = None,
     extra_settings: dict[str, Any] | None = None,
+    late_problems: list[Any] | None = None,
 ) -> BatchPlan:
     """Record the run, its rejected rows and its jobs in the catalog; requeue abandoned jobs; cut shards.
     If planning fails, the run is marked failed."""
     run_settings = _run_settings(settings, defaults, shard_size=shard_size, **(extra_settings or {}))
+    crashed = reap_crashed_runs(catalog)
     run = _create_run(catalog, run_name, manifest, run_settings, flow_run_id)
     try:
         catalog.start_run(run.id, flow_run_id=flow_run_id)
@@ -390,22 +406,34 @@ def plan_run(
         for source in sources.values():
             weights = source.ckpt_dir or "random"
             catalog.register_model(source.model, source.fingerprint, weights, source.describe())
-        summary = catalog.plan_jobs(
-            run.id,
-            job_specs(manifest, sources, settings),
-            verify=verifier(settings.resolved_storage_options()),
-        )
+        summary = catalog.plan_jobs(run.id, job_specs(manifest, sources, settings), verify=_verify(settings))
+        if late_problems:  # rows of a split manifest refused as they streamed by
+            catalog.record_rejections(run.id, (p._asdict() for p in late_problems))
         abandoned = requeue_abandoned(catalog, run.id, timedelta(seconds=settings.claim_timeout_s))
+        # Uploads older than any job may run were left by killed workers: abort them (each job also aborts
+        # those under its own keys when it starts again).
+        abort_open_uploads(settings.storage_root, settings.resolved_storage_options(),
+                           older_than_s=settings.job_timeout_s)  # fmt: skip
         shards = plan_shards(catalog.job_groups(run.id, JobStatus.pending), shard_size)
     except BaseException as exc:
         catalog.finish_run(run.id, RunStatus.failed if isinstance(exc, Exception) else RunStatus.cancelled)
         raise
     return BatchPlan(
         run_id=run.id, run_name=run.name, manifest=redact(manifest.url), rows=manifest.rows,
-        invalid=len(manifest.problems), jobs=summary.total, created=summary.created,
+        invalid=manifest.invalid_rows + len({p.line for p in late_problems or ()}),
+        jobs=summary.total, created=summary.created,
         already_done=summary.already_done, requeued=summary.requeued,
         already_planned=summary.already_planned, abandoned=abandoned, shards=shards,
+        crashed_runs=[r.name for r in crashed],
     )  # fmt: skip
+
+
+def _verify(settings: Settings) -> Callable[[OutputRecord], bool]:
+    """Whether an output counts as done for a run into `settings.storage_root`: it lies under that root and
+    its object is there with the recorded size and sha256."""
+    check = verifier(settings.resolved_storage_options())
+    root = settings.storage_root
+    return lambda output: is_under(output.uri, root) and check(output)
 
 
 def dry_run(
@@ -415,12 +443,18 @@ def dry_run(
     settings: Settings,
     *,
     shard_size: int,
+    read_images: bool = False,
 ) -> BatchPlan:
     """What `plan_run` would do, writing nothing: jobs done already (output verified) are counted as
-    skipped, the rest are cut into shards (job ids are left empty for jobs not yet in the catalog)."""
-    verify = verifier(settings.resolved_storage_options())
+    skipped, the rest are cut into shards (job ids are left empty for jobs not yet in the catalog).
+
+    Images are not read unless `read_images`: a job's identity holds its image's sha256, so without it the
+    jobs with images count as to generate (`inputs_unread` says how many), an upper bound."""
+    verify = _verify(settings)
     known = {}
-    specs = list(job_specs(manifest, sources, settings))
+    specs = list(job_specs(manifest, sources, settings, read_images=read_images))
+    with_images = sum(1 for spec in specs if spec.params.get("image") or spec.params.get("last_image"))
+    unread = 0 if read_images else with_images
     keys = [spec_key(s) for s in specs]
     if catalog is not None:
         known = catalog.find_jobs(keys)
@@ -436,7 +470,8 @@ def dry_run(
     shards = plan_shards(pending, shard_size)
     return BatchPlan(
         run_id=None, run_name="(dry run)", manifest=redact(manifest.url), rows=manifest.rows,
-        invalid=len(manifest.problems), jobs=len(specs), already_done=done, shards=shards,
+        invalid=manifest.invalid_rows, jobs=len(specs), already_done=done, shards=shards,
+        inputs_unread=unread,
     )  # fmt: skip
 
 
@@ -454,10 +489,19 @@ def summarise(catalog: Catalog, run_id: int, settings: Settings) -> dict[str, An
     return {
         "run_id": run_id, "run_name": run.name if run else None, "status": run.status.value if run else None,
         "jobs": stats["jobs"], "by_status": stats["by_status"], "outputs": stats["outputs"],
-        "output_bytes": stats["output_bytes"], "seconds": round(stats["seconds"], 3),
-        "rejected": stats["rejected"], "failed": failed, "storage_root": redact(settings.storage_root),
-        "catalog": redact(settings.catalog_url),
+        "output_bytes": stats["output_bytes"], "seconds": round(stats["seconds"], 1),
+        "rejected": stats["rejected"], "failed": failed, "failure_reasons": failure_reasons(failed),
+        "storage_root": redact(settings.storage_root), "catalog": redact(settings.catalog_url),
     }  # fmt: skip
+
+
+def failure_reasons(failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct first lines of the failed jobs' errors, most frequent first: what a summary leads with."""
+    counts: dict[str, int] = {}
+    for failure in failed:
+        line = (failure.get("error") or "unknown error").strip().splitlines()[0][:300]
+        counts[line] = counts.get(line, 0) + 1
+    return [{"error": e, "jobs": n} for e, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 def _output_rows(catalog: Catalog, run_id: int) -> list[dict[str, Any]]:
@@ -509,9 +553,16 @@ def _sheet(
 
 def _markdown(summary: dict[str, Any], plan: BatchPlan, sheet: tuple[str | None, str | None]) -> str:
     by = summary["by_status"]
+    lead = []
+    for reason in summary.get("failure_reasons", [])[:5]:
+        lead.append(f"> **{reason['jobs']} failed:** {reason['error'].replace('|', '/')}")
+    if summary.get("random_weights"):
+        names = ", ".join(summary["random_weights"])
+        lead.append(f"> Random weights ({names}): the videos are noise, not the prompts.")
     lines = [
         f"# {summary['run_name']}",
         "",
+        *([*lead, ""] if lead else []),
         f"**{by['succeeded']} made, {by['skipped']} already done, {by['failed']} failed** of "
         f"{summary['jobs']} jobs from `{plan.manifest}` ({plan.rows} rows, {plan.invalid} rejected).",
         "",
@@ -551,8 +602,10 @@ class BatchFailed(RuntimeError):
         self.summary = summary
         by = summary["by_status"]
         unfinished = by["pending"] + by["running"]
+        reasons = summary.get("failure_reasons") or []
+        lead = f"{reasons[0]['error']} ({reasons[0]['jobs']} jobs); " if reasons else ""
         super().__init__(
-            f"run {summary['run_name']}: {by['failed']} of {summary['jobs']} jobs failed, {unfinished} "
+            f"run {summary['run_name']}: {lead}{by['failed']} of {summary['jobs']} jobs failed, {unfinished} "
             f"unfinished (see `wanflow catalog jobs --run {summary['run_name']} --status failed`)"
         )
 
@@ -563,7 +616,7 @@ class BatchFailed(RuntimeError):
 @flow(name="generate-batch", flow_run_name=_batch_run_name, log_prints=True, persist_result=False)
 def generate_batch(
     manifest: str,
-    model: str = "tiny-t2v",
+    model: str | None = None,
     ckpt_dir: str | None = None,
     out: str | None = None,
     catalog_url: str | None = None,
@@ -577,8 +630,10 @@ def generate_batch(
 ) -> dict[str, Any]:
     """Generate every (row, seed) of `manifest` that is not done yet; returns the run's summary.
 
-    `out` (storage root) and `catalog_url` default to the `WANFLOW_*` settings (a catalog URL with a
-    password is refused as a parameter: flow parameters are visible in Prefect); `defaults` holds run-wide
+    `model` is the run's model for rows without one (default `WANFLOW_MODEL`; there is no built-in default,
+    so the random-weight `tiny-*` presets run only when named). `out` (storage root) and `catalog_url`
+    default to the `WANFLOW_*` settings (a URL with a credential is refused as a parameter: flow
+    parameters are stored and shown by Prefect); `defaults` holds run-wide
     generation parameters (size, frame_num, steps, shift, guide_scale, solver, negative_prompt) that rows
     override. With `shard_deployment` (or `WANFLOW_SHARD_DEPLOYMENT`), shards run as flow runs of that
     deployment on its work pool; otherwise in this process. `memory` holds GPU-memory options for every
@@ -586,25 +641,42 @@ def generate_batch(
     the run. Raises `BatchFailed` (the flow run ends Failed) when any job failed or did not finish; its
     `summary` is the same dict.
     """
-    check_secret_free(catalog_url)
-    logger = get_run_logger()
+    check_secret_free(catalog_url, out=out, manifest=manifest, ckpt_dir=ckpt_dir)
+    manifest = absolute_url(manifest)  # recorded once, the same wherever the catalog is read from
     settings = get_settings(catalog_url=catalog_url, storage_root=out, shard_deployment=shard_deployment)
+    model = resolve_model(model, settings)
+    logger = get_run_logger()
     memory = None if memory is None else memory_options(memory, "memory", partial=True)
     run_defaults = RunDefaults(model=model, base_seed=base_seed, **({"num_seeds": seeds} if seeds else {}),
                                **(defaults or {}))  # fmt: skip
-    loaded = read_manifest(manifest, run_defaults, settings, skip_invalid=skip_invalid)
+    loaded, sources, late = load_inputs(manifest, run_defaults, settings, skip_invalid=skip_invalid,
+                                        ckpt_dir=ckpt_dir)  # fmt: skip
     if loaded.problems:
-        logger.warning("%d invalid rows left out (recorded in the catalog)", len(loaded.problems))
-    sources = model_sources(loaded, settings, ckpt_dir, model)
+        logger.warning("%d invalid rows left out (recorded in the catalog)", loaded.invalid_rows)
+    # A root nothing can be written to fails the run here, in one line, before anything is recorded or loaded.
+    probe_storage_root(settings.storage_root, settings.resolved_storage_options())
     catalog = Catalog(settings.catalog_url)
     try:
         catalog.check_schema()
         return _run(catalog, loaded, sources, settings, run_defaults, shard_size=shard_size, extra_settings={
             "ckpt_dir": ckpt_dir, "skip_invalid": skip_invalid, "shard_deployment": settings.shard_deployment,
             "memory": {**(memory or {}), "others": "the workers' WANFLOW_* settings"},
-        }, memory=memory)  # fmt: skip
+        }, memory=memory, catalog_param=catalog_url, late_problems=late)  # fmt: skip
     finally:
         catalog.close()
+
+
+def resolve_model(model: str | None, settings: Settings) -> str:
+    """The run's model: the one given, else `WANFLOW_MODEL`; ValueError when neither names one."""
+    model = model or settings.model
+    if not model:
+        from wan.configs import PRESETS
+
+        raise ValueError(
+            "no model given: pass --model (or set WANFLOW_MODEL) to one of "
+            f"{', '.join(PRESETS)}; the tiny-* presets run random weights, for trying the platform"
+        )
+    return model
 
 
 def _run(
@@ -617,11 +689,16 @@ def _run(
     shard_size: int,
     extra_settings: dict[str, Any],
     memory: dict[str, Any] | None = None,
+    catalog_param: str | None = None,
+    late_problems: list[Any] | None = None,
 ) -> dict[str, Any]:
+    """Plan, run the shards, summarise. `catalog_param` is the batch's own `catalog_url` parameter (free of
+    credentials): local shards get that, or nothing and read the same environment as this process."""
     logger = get_run_logger()
     plan = plan_run(
         catalog, loaded, sources, settings, run_defaults, run_name=flow_run.get_name() or _batch_run_name(),
         shard_size=shard_size, flow_run_id=flow_run.get_id(), extra_settings=extra_settings,
+        late_problems=late_problems,
     )  # fmt: skip
     assert plan.run_id is not None
     try:
@@ -639,16 +716,21 @@ def _run(
         if settings.shard_deployment:
             _run_deployed(plan, settings, catalog, str(progress_id), memory)
         else:
-            for shard in plan.shards:
-                with tags(*shard.tags):
-                    state = generate_shard(
-                        plan.run_id, shard.job_ids, shard.model, ckpt_dir=sources[shard.model].ckpt_dir,
-                        catalog_url=settings.catalog_url, storage_root=settings.storage_root,
-                        progress_artifact_id=str(progress_id), label=shard.label, run_name=plan.run_name,
-                        memory=memory, return_state=True,
-                    )  # fmt: skip
-                if not state.is_completed():
-                    logger.error("shard %s ended %s: %s", shard.label, state.type.value, state.message)
+
+            def run_here(shards: list[ShardPlan]) -> None:
+                for shard in shards:
+                    with tags(*shard.tags):
+                        state = generate_shard(
+                            plan.run_id, shard.job_ids, shard.model, ckpt_dir=sources[shard.model].ckpt_dir,
+                            catalog_url=catalog_param, storage_root=parameter_safe(settings.storage_root),
+                            progress_artifact_id=str(progress_id), label=shard.label, run_name=plan.run_name,
+                            memory=memory, return_state=True,
+                        )  # fmt: skip
+                    if not state.is_completed():
+                        logger.error("shard %s ended %s: %s", shard.label, state.type.value, state.message)
+
+            run_here(plan.shards)
+            _finish_shared_jobs(catalog, plan.run_id, settings, shard_size, run_here)
     except BaseException as exc:
         catalog.finish_run(
             plan.run_id, RunStatus.failed if isinstance(exc, Exception) else RunStatus.cancelled
@@ -660,6 +742,9 @@ def _run(
     status = RunStatus.succeeded if complete else RunStatus.failed
     catalog.finish_run(plan.run_id, status)
     summary["status"] = status.value
+    summary["nothing_to_do"] = plan.to_generate == 0
+    summary["crashed_runs"] = plan.crashed_runs
+    summary["random_weights"] = sorted(name for name, source in sources.items() if source.ckpt_dir is None)
     update_progress_artifact(progress_id, progress=100.0)
     create_table_artifact(
         key="batch-outputs", table=_output_rows(catalog, plan.run_id) or [{"item": "", "uri": ""}],
@@ -675,6 +760,34 @@ def _run(
     return summary
 
 
+SHARED_POLL_S = 1.0
+SHARED_JOB_TRIES = 3
+
+
+def _finish_shared_jobs(
+    catalog: Catalog, run_id: int, settings: Settings, shard_size: int,
+    run_here: Callable[[list[ShardPlan]], None],
+) -> None:  # fmt: skip
+    """Finish the run's jobs that another run's worker held when this run's shards came to them (runs of one
+    manifest started together share the work, each job made once): wait while they are made there, and run
+    here those given back to pending (that run was interrupted, or its worker died: `requeue_abandoned`),
+    each at most `SHARED_JOB_TRIES` times."""
+    timeout = timedelta(seconds=settings.claim_timeout_s)
+    tries: dict[int, int] = {}
+    while True:
+        requeue_abandoned(catalog, run_id, timeout)
+        pending = [row for row in catalog.job_groups(run_id, JobStatus.pending)
+                   if tries.get(row[0], 0) < SHARED_JOB_TRIES]  # fmt: skip
+        if pending:
+            for row in pending:
+                tries[row[0]] = tries.get(row[0], 0) + 1
+            run_here(plan_shards(pending, shard_size))
+            continue
+        if not catalog.job_groups(run_id, JobStatus.running):
+            return
+        time.sleep(SHARED_POLL_S)
+
+
 def _run_deployed(
     plan: BatchPlan, settings: Settings, catalog: Catalog, progress_id: str, memory: dict[str, Any] | None
 ) -> None:
@@ -688,6 +801,11 @@ def _run_deployed(
     logger = get_run_logger()
     deployment = settings.shard_deployment
     assert deployment
+    if parameter_safe(settings.storage_root) is None:
+        raise ValueError(
+            f"storage root {redact(settings.storage_root)} holds a credential and cannot be handed to shard "
+            "runs as a parameter: give the workers their credentials in their environment instead"
+        )
     runs = []
     for shard in plan.shards:
         runs.append(run_deployment(

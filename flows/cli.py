@@ -1,6 +1,6 @@
 """The `wanflow` command.
 
-    wanflow generate MANIFEST [--model M] [--ckpt-dir D] [--out URL] [--catalog-url URL] [--seeds N]
+    wanflow generate MANIFEST --model M [--ckpt-dir D] [--out URL] [--catalog-url URL] [--seeds N]
                      [--shard-size N] [--skip-invalid] [--dry-run]    generate a manifest's videos
     wanflow validate MANIFEST                       check a manifest, listing every bad row
     wanflow demo                                    the bundled example manifest on the embedded defaults
@@ -13,15 +13,20 @@
     wanflow catalog export --run R --format parquet --to s3://bucket/datasets/r.parquet
 
 Every listing prints a table, or JSON with `--json`. The catalog and storage locations come from
-`WANFLOW_*` settings (see flows/settings.py) unless `--catalog-url` is given.
+`WANFLOW_*` settings (see flows/settings.py) unless `--catalog-url` is given; every command says on
+standard error which catalog it opened. Bad input of any kind ends in one line naming the option,
+variable or file and what it takes (exit code 1 or 2), never a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -32,8 +37,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows.settings import get_settings
-from storage.catalog import Catalog, CatalogError
+from flows.settings import SettingsProblem, get_settings
+from storage.catalog import MAX_ID, Catalog, CatalogError
 from storage.export import EXPORT_FORMATS, export_run
 from storage.urls import redact
 
@@ -41,7 +46,9 @@ if TYPE_CHECKING:
     from flows.batch import BatchPlan
     from flows.manifest import RunDefaults
 
-app = typer.Typer(help="wanflow: bulk video generation with Wan 2.1.", no_args_is_help=True)
+app = typer.Typer(
+    help="wanflow: bulk video generation with Wan 2.1.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 catalog_app = typer.Typer(
     help="Query and maintain the catalog of runs, jobs and outputs.", no_args_is_help=True
 )
@@ -61,8 +68,33 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-def _open(catalog_url: str | None, *, check_schema: bool = True) -> Catalog:
-    url = get_settings(catalog_url=catalog_url).catalog_url
+def _settings(**overrides: Any):
+    """The settings, or one line naming the bad variable."""
+    try:
+        return get_settings(**overrides)
+    except SettingsProblem as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite catalog URL (None for other databases and in-memory ones)."""
+    head, sep, path = url.partition(":///")
+    if not sep or head.split("+")[0] != "sqlite" or not path or path.startswith(":memory:"):
+        return None
+    return Path(path.split("?", 1)[0])
+
+
+def _open(catalog_url: str | None, *, check_schema: bool = True, create: bool = False) -> Catalog:
+    """Open the catalog, saying which on standard error. A SQLite file that does not exist is not created
+    (reading commands would leave an empty `.wanflow/` behind) unless `create`."""
+    url = _settings(catalog_url=catalog_url).catalog_url
+    _err.print(f"catalog: {escape(redact(url))}", highlight=False, style="dim")
+    file = _sqlite_file(url)
+    if file is not None and not create and not file.exists():
+        raise _fail(
+            f"no catalog at {file}: run `wanflow generate` (or `wanflow catalog upgrade`) there first, "
+            "pass --catalog-url, or set WANFLOW_CATALOG_URL"
+        )
     try:
         catalog = Catalog(url)
         if check_schema:
@@ -96,7 +128,11 @@ def _emit(rows: list[dict[str, Any]], as_json: bool, columns: list[str], title: 
 @catalog_app.command()
 def upgrade(catalog_url: CatalogUrl = None) -> None:
     """Create the catalog or migrate it to the current schema."""
-    catalog = _open(catalog_url, check_schema=False)
+    url = _settings(catalog_url=catalog_url).catalog_url
+    file = _sqlite_file(url)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    catalog = _open(catalog_url, check_schema=False, create=True)
     try:
         catalog.upgrade()
     except CatalogError as exc:
@@ -104,10 +140,17 @@ def upgrade(catalog_url: CatalogUrl = None) -> None:
     _console.print(f"catalog at {redact(catalog.url)} is up to date")
 
 
+Limit = Annotated[int, typer.Option(min=1, max=MAX_ID, help="how many at most")]
+
+
 @catalog_app.command()
-def runs(catalog_url: CatalogUrl = None, limit: int = 50, as_json: AsJson = False) -> None:
-    """Recent runs, newest first."""
-    rows = [r.to_dict() for r in _open(catalog_url).runs(limit=limit)]
+def runs(catalog_url: CatalogUrl = None, limit: Limit = 50, as_json: AsJson = False) -> None:
+    """Recent runs, newest first. Runs whose process died on this host are marked crashed first."""
+    from flows.recovery import reap_crashed_runs
+
+    catalog = _open(catalog_url)
+    reap_crashed_runs(catalog)
+    rows = [r.to_dict() for r in catalog.runs(limit=limit)]
     _emit(rows, as_json, ["id", "name", "status", "created_at", "finished_at", "manifest_uri"], "runs")
 
 
@@ -116,7 +159,7 @@ def jobs(
     run: RunRef = None,
     status: Annotated[str | None, typer.Option(help="pending, running, succeeded, failed or skipped")] = None,
     catalog_url: CatalogUrl = None,
-    limit: int | None = None,
+    limit: Annotated[int | None, typer.Option(min=1, max=MAX_ID, help="how many at most")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Jobs, optionally of one run and with one status."""
@@ -137,8 +180,11 @@ def outputs(run: RunRef = None, catalog_url: CatalogUrl = None, as_json: AsJson 
     _emit(rows, as_json, ["job_id", "uri", "bytes", "width", "height", "frames", "fps", "sha256"], "outputs")
 
 
+JobId = Annotated[int, typer.Argument(min=1, max=MAX_ID, help="a job id (`catalog jobs` lists them)")]
+
+
 @catalog_app.command()
-def show(job_id: int, catalog_url: CatalogUrl = None, as_json: AsJson = False) -> None:
+def show(job_id: JobId, catalog_url: CatalogUrl = None, as_json: AsJson = False) -> None:
     """One job with its parameters and output."""
     catalog = _open(catalog_url)
     job = catalog.get_job(job_id)
@@ -177,7 +223,7 @@ def export(
     """Write a dataset manifest of a run's videos (one row per video) to a file or object URL."""
     if fmt not in EXPORT_FORMATS:
         raise _fail(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-    settings = get_settings(catalog_url=catalog_url)
+    settings = _settings(catalog_url=catalog_url)
     catalog = _open(catalog_url)
     try:
         count = export_run(catalog, _run_id(catalog, run), to, fmt, settings.storage_options_for(to))
@@ -189,10 +235,24 @@ def export(
 # ----------------------------------------------------------------------------------------- generation
 
 ManifestArg = Annotated[str, typer.Argument(help="JSON Lines, CSV or Parquet manifest: a path or URL")]
-Model = Annotated[str, typer.Option("--model", help="preset name: tiny-t2v, t2v-1.3B, t2v-14B, ...")]
+Model = Annotated[
+    str | None,
+    typer.Option("--model", help="preset: t2v-1.3B, t2v-14B, i2v-14B-480P, ... (tiny-t2v: random weights); "
+                 "default WANFLOW_MODEL"),
+]  # fmt: skip
 CkptDir = Annotated[str | None, typer.Option("--ckpt-dir", help="checkpoint directory of --model")]
 Out = Annotated[str | None, typer.Option("--out", help="storage root (dir or URL); WANFLOW_STORAGE_ROOT")]
 Seeds = Annotated[int | None, typer.Option("--seeds", min=1, help="seeds per row (rows may set num_seeds)")]
+
+
+def _model(model: str | None) -> str:
+    """--model, else WANFLOW_MODEL; one line when neither names a preset."""
+    from flows.batch import resolve_model
+
+    try:
+        return resolve_model(model, _settings())
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
 
 
 def _defaults(model: str, seeds: int | None, base_seed: int, **params: Any) -> RunDefaults:
@@ -213,13 +273,14 @@ def _load(
     manifest: str, defaults: RunDefaults, *, skip_invalid: bool, catalog_url: str | None, out: str | None,
     ckpt_dir: str | None = None, split_to: str | None = None,
 ):  # fmt: skip
-    from flows.batch import model_sources, read_manifest
+    from flows.batch import load_inputs
     from flows.manifest import ManifestError
 
-    settings = get_settings(catalog_url=catalog_url, storage_root=out)
+    settings = _settings(catalog_url=catalog_url, storage_root=out)
     try:
-        loaded = read_manifest(manifest, defaults, settings, skip_invalid=skip_invalid, split_to=split_to)
-        sources = model_sources(loaded, settings, ckpt_dir, defaults.model)
+        loaded, sources, _ = load_inputs(
+            manifest, defaults, settings, skip_invalid=skip_invalid, ckpt_dir=ckpt_dir, split_to=split_to
+        )
     except ManifestError as exc:
         raise _fail(f"{exc}\n(fix the rows above, or pass --skip-invalid to leave them out)") from exc
     except ValueError as exc:
@@ -235,6 +296,11 @@ def _print_plan(plan: BatchPlan, as_json: bool) -> None:
         f"[bold]{plan.manifest}[/bold]: {plan.rows} rows ({plan.invalid} invalid), {plan.jobs} jobs: "
         f"{plan.already_done} done already, {plan.to_generate} to generate in {len(plan.shards)} shards"
     )
+    if plan.inputs_unread:
+        _console.print(
+            f"{plan.inputs_unread} jobs with images counted as to generate: their images were not read "
+            "(--read-inputs hashes them to find those already done)"
+        )
     rows = [
         {"shard": s.label, "model": s.model, "size": s.size, "frames": s.frame_num, "jobs": len(s.job_ids)}
         for s in plan.shards
@@ -279,12 +345,23 @@ def _run_batch(
     memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run `generate_batch` in this process with a progress bar fed by the shards' job events. The catalog
-    URL reaches the flow through the environment, never as a (stored, displayed) flow parameter."""
+    URL reaches the flow through the environment, never as a (stored, displayed) flow parameter; so does a
+    storage root that holds a credential."""
     _quiet_prefect(verbose)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows.batch import BatchFailed, generate_batch
+    from flows.local_server import LocalServerError, prefect_api
+    from storage.urls import absolute_url
+
+    manifest = absolute_url(manifest)
+    from flows.settings import parameter_safe
     from flows.shard import add_progress_listener
+
+    out_param = parameter_safe(out)
+    seen_errors: set[str] = set()
+    planned: dict[str, Any] = {}  # the catalog run, once planned
+    crashed: list[Any] = []  # Prefect flow runs the engine ended Crashed (a Ctrl-C among them)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=_err, transient=False) as bar:
@@ -292,25 +369,54 @@ def _run_batch(
 
         def on_event(event: dict[str, Any]) -> None:
             if event.get("event") == "planned":
+                planned.update(run_id=event["run_id"], run_name=event["run_name"])
                 bar.update(task, total=event["total"], completed=0, description=event["run_name"])
             elif event.get("event") == "progress":  # shards on a work pool: counted from the catalog
                 bar.update(task, completed=event["completed"])
+            elif event.get("event") == "retrying":
+                bar.console.print(
+                    f"[yellow]retrying[/yellow] {escape(str(event['item_id']))}-s{event['seed']} (attempt "
+                    f"{event['attempt']}/{event['attempts']}): {escape(str(event['error']))}", highlight=False
+                )
             elif event.get("status") in ("succeeded", "failed"):
                 bar.advance(task)
                 if event["status"] == "failed":
+                    error = str(event["error"])
+                    # one line per distinct reason: a model that does not load fails every job the same way
+                    text = error if error not in seen_errors else "(same error as above)"
+                    seen_errors.add(error)
                     bar.console.print(
-                        f"[red]failed[/red] {escape(str(event['item_id']))}-s{event['seed']}: "
-                        f"{escape(str(event['error']))}"
+                        f"[red]failed[/red] {escape(str(event['item_id']))}-s{event['seed']}: {escape(text)}",
+                        highlight=False,
                     )
 
-        with add_progress_listener(on_event), _environ(WANFLOW_CATALOG_URL=catalog_url):
-            state = generate_batch(
-                manifest, model=defaults.model, ckpt_dir=ckpt_dir, out=out, catalog_url=None,
-                seeds=defaults.num_seeds, base_seed=defaults.base_seed, shard_size=shard_size,
-                skip_invalid=skip_invalid,
-                defaults=defaults.model_dump(exclude={"model", "num_seeds", "base_seed"}, exclude_none=True),
-                memory=memory, return_state=True,
-            )  # fmt: skip
+        secret_root = out if out and out_param is None else None
+        run_defaults = defaults.model_dump(exclude={"model", "num_seeds", "base_seed"}, exclude_none=True)
+        batch = generate_batch.with_options(on_crashed=[lambda _flow, run, _state: crashed.append(run.id)])
+        try:
+            with (
+                _interrupt_once(),
+                add_progress_listener(on_event),
+                _environ(WANFLOW_CATALOG_URL=catalog_url, WANFLOW_STORAGE_ROOT=secret_root),
+                prefect_api(),  # one local Prefect server per PREFECT_HOME, shared by concurrent runs
+                _without_interrupt_crash_lines(),
+            ):
+                try:
+                    state = batch(
+                        manifest, model=defaults.model, ckpt_dir=ckpt_dir, out=out_param, catalog_url=None,
+                        seeds=defaults.num_seeds, base_seed=defaults.base_seed, shard_size=shard_size,
+                        skip_invalid=skip_invalid, defaults=run_defaults, memory=memory, return_state=True,
+                    )  # fmt: skip
+                except KeyboardInterrupt:
+                    bar.stop()
+                    _cancel_flow_runs(crashed)  # (while the API is still configured)
+                    raise
+        except KeyboardInterrupt:
+            bar.stop()
+            _err.print(_interrupted(catalog_url, planned), highlight=False)
+            raise typer.Exit(code=130) from None
+        except LocalServerError as exc:
+            raise _fail(str(exc)) from exc
     result = state.result(raise_on_failure=False)
     if isinstance(result, BatchFailed):
         return result.summary
@@ -319,35 +425,149 @@ def _run_batch(
     return result
 
 
+@contextlib.contextmanager
+def _interrupt_once() -> Iterator[None]:
+    """Ctrl-C during a run: the first SIGINT raises KeyboardInterrupt as usual (the job in flight goes back to
+    pending, the run is marked cancelled); one more while that is done is answered with a line instead of
+    breaking the clean-up off half-way; a third quits at once. (Only in the main thread, and only where
+    SIGINT has Python's default handler.)"""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received = 0
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal received
+        received += 1
+        if received == 1:
+            raise KeyboardInterrupt
+        if received == 2:  # plain write: a signal handler must not wait for the console's lock
+            os.write(2, b"\nstopping: giving the job in flight back and marking the run cancelled "
+                        b"(Ctrl-C again to quit at once)\n")  # fmt: skip
+            return
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _DropInterruptCrashes(logging.Filter):
+    """Prefect logs a Ctrl-C as "Crash detected! Execution was aborted by an interrupt signal." for every
+    task and flow run it stops: not for the terminal, which says once that the run was interrupted (the
+    lines still reach the Prefect API)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "aborted by an interrupt signal" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_interrupt_crash_lines() -> Iterator[None]:
+    """Keep Prefect's per-run crash lines for a Ctrl-C off the console while the block runs."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    quiet = _DropInterruptCrashes()
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+def _cancel_flow_runs(flow_run_ids: list[Any]) -> None:
+    """Prefect ends a flow run stopped by Ctrl-C as Crashed; mark those runs, and the shard runs under them
+    that had not finished, Cancelled instead, as the catalog does. Best effort: nothing if the API can't be
+    reached."""
+    if not flow_run_ids:
+        return
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.states import Cancelled
+
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
+            under = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=flow_run_ids))
+            runs += client.read_flow_runs(flow_run_filter=under)
+            for run in runs:
+                if run.state is None or run.state.is_crashed() or not run.state.is_final():
+                    state = Cancelled(message="interrupted (Ctrl-C) in the wanflow command that ran it")
+                    client.set_flow_run_state(run.id, state, force=True)
+    except Exception as exc:  # the terminal gets its answer all the same
+        logging.getLogger(__name__).debug("could not mark the interrupted flow runs cancelled: %s", exc)
+
+
+def _interrupted(catalog_url: str | None, planned: dict[str, Any]) -> str:
+    """What a Ctrl-C left behind, as one line: the run's status as the catalog has it."""
+    if not planned:
+        return "[yellow]interrupted[/yellow] before any job was planned: nothing was generated"
+    status = "in an unknown state"
+    with contextlib.suppress(Exception):
+        catalog = Catalog(_settings(catalog_url=catalog_url).catalog_url)
+        try:
+            run = catalog.get_run(planned["run_id"])
+            status = f"marked {run.status.value}" if run else status
+        finally:
+            catalog.close()
+    return (
+        f"[yellow]interrupted[/yellow]: run {escape(planned['run_name'])} is {status}; the job in flight "
+        "went back to pending and finished videos are kept: run the same command again to resume"
+    )
+
+
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
         return
     by = summary["by_status"]
+    for reason in summary.get("failure_reasons", [])[:5]:  # the cause first, once, not per job
+        _console.print(f"[red]{reason['jobs']} failed:[/red] {escape(reason['error'])}", highlight=False)
     colour = "green" if summary["status"] == "succeeded" else "red"
     rejected = f", {summary['rejected']} rows rejected" if summary["rejected"] else ""
-    root = summary["storage_root"]
-    if "://" not in root:
-        root = str(Path(root).resolve())
+    unfinished = by["pending"] + by["running"]
+    unfinished_text = f", {unfinished} unfinished" if unfinished else ""
+    if summary.get("nothing_to_do") and summary["status"] == "succeeded":
+        headline = f"nothing to do: all {by['skipped']} jobs already have verified videos"
+    else:
+        headline = (f"{by['succeeded']} made, {by['skipped']} already done, {by['failed']} failed"
+                    f"{unfinished_text}{rejected}")  # fmt: skip
     _console.print(
-        f"[{colour}]{summary['run_name']}: {summary['status']}[/{colour}]: {by['succeeded']} made, "
-        f"{by['skipped']} already done, {by['failed']} failed{rejected}; "
-        f"{summary['outputs']} videos ({summary['output_bytes'] / 1e6:.1f} MB) in {root}"
+        f"[{colour}]{escape(summary['run_name'])}: {summary['status']}[/{colour}]: {headline}; "
+        f"{summary['outputs']} verified videos ({summary['output_bytes'] / 1e6:.1f} MB) under "
+        f"{escape(summary['storage_root'])}; {summary['seconds']:.1f} s of generation",
+        highlight=False,
     )
     for failure in summary["failed"][:20]:
         what = f"{failure['item']}-s{failure['seed']}: {failure['error']}"
-        _console.print(f"  [red]failed[/red] {escape(what)}")
-    _console.print(f"catalog: {summary['catalog']} (wanflow catalog outputs --run {summary['run_name']})")
+        _console.print(f"  [red]failed[/red] {escape(what)}", highlight=False)
+    if summary.get("random_weights"):
+        _console.print(
+            f"[yellow]note:[/yellow] {', '.join(summary['random_weights'])} ran random weights: the videos "
+            "are noise, not the prompts (pass a real --model and --ckpt-dir for real videos)"
+        )
+    for name in summary.get("crashed_runs", []):
+        _console.print(f"[yellow]note:[/yellow] earlier run {escape(name)} had died; marked crashed")
+    where = f"{summary['catalog']} (wanflow catalog outputs --run {summary['run_name']})"
+    _console.print(f"catalog: {escape(where)}", highlight=False)
 
 
 def _ensure_catalog(catalog_url: str | None) -> None:
     """Create a catalog that does not exist yet; refuse one at an older schema (see `catalog upgrade`)."""
-    catalog = _open(catalog_url, check_schema=False)
+    file = _sqlite_file(_settings(catalog_url=catalog_url).catalog_url)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    catalog = _open(catalog_url, check_schema=False, create=True)
     try:
         if catalog.current_revision() is None:
-            url = catalog.url
-            if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             catalog.upgrade()
         catalog.check_schema()
     except CatalogError as exc:
@@ -359,7 +579,7 @@ def _ensure_catalog(catalog_url: str | None) -> None:
 @app.command()
 def generate(
     manifest: ManifestArg,
-    model: Model = "tiny-t2v",
+    model: Model = None,
     ckpt_dir: CkptDir = None,
     out: Out = None,
     catalog_url: CatalogUrl = None,
@@ -378,27 +598,31 @@ def generate(
         str | None, typer.Option(help="GPU memory: tiled VAE decode, TILE:OVERLAP latent cells, 'on' = 32:8")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="print the plan; generate nothing, write nothing")] = False,
+    read_inputs: Annotated[
+        bool, typer.Option(help="--dry-run: read and hash the images too, for an exact count of jobs done")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's log lines")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Generate every (row, seed) of MANIFEST not already in the catalog with a verified video."""
     _quiet_prefect(verbose)  # before anything imports Prefect
-    defaults = _defaults(model, seeds, base_seed, size=size, frame_num=frame_num, steps=steps)
+    defaults = _defaults(_model(model), seeds, base_seed, size=size, frame_num=frame_num, steps=steps)
     memory = _memory(offload_model, t5_cpu, vae_tiling)
     if dry_run:
         _dry_run(manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out,
-                 ckpt_dir=ckpt_dir, shard_size=shard_size, as_json=as_json)  # fmt: skip
+                 ckpt_dir=ckpt_dir, shard_size=shard_size, as_json=as_json,
+                 read_inputs=read_inputs)  # fmt: skip
         return
     from flows.batch import is_large_manifest
 
-    if not is_large_manifest(manifest, get_settings(catalog_url=catalog_url, storage_root=out)):
+    if not is_large_manifest(manifest, _settings(catalog_url=catalog_url, storage_root=out)):
         # Check here first, for a quick and readable answer; a large manifest is checked by the run itself
         # as it is split, rather than read twice.
         loaded = _load(
             manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out, ckpt_dir=ckpt_dir
         )[1]
         if loaded.problems:
-            _err.print(f"[yellow]{len(loaded.problems)} invalid rows will be left out[/yellow]")
+            _err.print(f"[yellow]{loaded.invalid_rows} invalid rows will be left out[/yellow]")
     _ensure_catalog(catalog_url)
     summary = _run_batch(
         manifest, defaults, ckpt_dir=ckpt_dir, out=out, catalog_url=catalog_url, shard_size=shard_size,
@@ -425,7 +649,7 @@ def _memory(offload_model: bool | None, t5_cpu: bool | None, vae_tiling: str | N
 
 def _dry_run(
     manifest: str, defaults: RunDefaults, *, skip_invalid: bool, catalog_url: str | None, out: str | None,
-    ckpt_dir: str | None, shard_size: int, as_json: bool,
+    ckpt_dir: str | None, shard_size: int, as_json: bool, read_inputs: bool = False,
 ) -> None:  # fmt: skip
     """Print what `generate` would do; writes nothing (a large manifest is split into a temporary dir)."""
     import tempfile
@@ -438,17 +662,19 @@ def _dry_run(
             ckpt_dir=ckpt_dir, split_to=scratch,
         )  # fmt: skip
         if loaded.problems:
-            _err.print(f"[yellow]{len(loaded.problems)} invalid rows would be left out[/yellow]")
+            _err.print(f"[yellow]{loaded.invalid_rows} invalid rows would be left out[/yellow]")
         url = settings.catalog_url
         existing: Catalog | None = None
-        if not (url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()):
+        file = _sqlite_file(url)
+        if file is None or file.exists():
             try:  # (opening a missing SQLite file would create it: a dry run writes nothing)
                 existing = Catalog(url)
                 existing.check_schema()
             except CatalogError as exc:
                 raise _fail(str(exc)) from exc
         try:
-            plan = plan_dry_run(existing, loaded, sources, settings, shard_size=shard_size)
+            plan = plan_dry_run(existing, loaded, sources, settings, shard_size=shard_size,
+                                read_images=read_inputs)  # fmt: skip
         except CatalogError as exc:
             raise _fail(str(exc)) from exc
         _print_plan(plan, as_json)
@@ -457,31 +683,36 @@ def _dry_run(
 @app.command()
 def validate(
     manifest: ManifestArg,
-    model: Model = "tiny-t2v",
+    model: Model = None,
+    ckpt_dir: CkptDir = None,
     seeds: Seeds = None,
     as_json: AsJson = False,
 ) -> None:
-    """Check every row of MANIFEST; list each bad row with its line, field and reason."""
+    """Check every row of MANIFEST as a run would (its model's weights, its local images included); list
+    each bad row with its line, field and reason. Reads no image bytes."""
+    from flows.inputs import check_requests
     from flows.manifest import load_manifest
 
-    defaults = _defaults(model, seeds, 0)
+    defaults = _defaults(_model(model), seeds, 0)
+    settings = _settings()
     try:
-        loaded = load_manifest(
-            manifest, defaults, storage_options=get_settings().storage_options_for(manifest)
-        )
+        loaded = load_manifest(manifest, defaults, storage_options=settings.storage_options_for(manifest))
+        loaded = check_requests(loaded, settings, ckpt_dir, defaults.model)[0]
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     if as_json:
         doc = {"manifest": redact(manifest), "rows": loaded.rows, "valid": len(loaded.requests),
-               "jobs": loaded.jobs, "problems": [p._asdict() for p in loaded.problems]}  # fmt: skip
+               "invalid": loaded.invalid_rows, "jobs": loaded.jobs,
+               "problems": [{k: redact(v) if isinstance(v, str) else v for k, v in p._asdict().items()}
+                            for p in loaded.problems]}  # fmt: skip
         sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     else:
         unit = "row" if loaded.format == "parquet" else "line"
         for problem in loaded.problems:
             _err.print(problem.describe(redact(manifest), unit), highlight=False, markup=False)
         _console.print(
-            f"{redact(manifest)}: {loaded.rows} rows, {len(loaded.requests)} valid, "
-            f"{len(loaded.problems)} problems, {loaded.jobs} jobs"
+            f"{redact(manifest)}: {loaded.rows} rows, {len(loaded.requests)} valid, {loaded.invalid_rows} "
+            f"invalid ({len(loaded.problems)} problems), {loaded.jobs} jobs", highlight=False
         )
     if loaded.problems:
         raise typer.Exit(code=1)
@@ -529,5 +760,18 @@ def demo(
         raise typer.Exit(code=1)
 
 
+def main() -> None:
+    """The `wanflow` command: the typer app (which answers bad usage in one line itself), with any error it
+    did not expect turned into one line too (exit 1; `WANFLOW_DEBUG=1` shows the traceback)."""
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get("WANFLOW_DEBUG"):
+            raise
+        text = " ".join(str(exc).split()) or "(no message)"
+        _err.print(f"[red]error:[/red] {escape(redact(f'{type(exc).__name__}: {text}'))}", highlight=False)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +35,13 @@ import torch
 
 from flows.group_worker import ADDRESS_ENV, AUTHKEY_ENV
 
-__all__ = ["GroupPipeline", "WorkerGroup", "WorkerGroupDied"]
+__all__ = ["GroupPipeline", "RankListener", "WorkerGroup", "WorkerGroupDied"]
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 1800.0  # loading 14B of weights on every rank can take minutes
 POLL_S = 0.5
+HANDSHAKE_TIMEOUT_S = 5.0  # how long a connection to the group's socket gets to prove it holds the key
 
 
 class WorkerGroupDied(RuntimeError):
@@ -91,33 +94,32 @@ class WorkerGroup:
         """Start the group and wait until every rank has loaded the model (rank 0 says "ready").
 
         Rank 0 connects back over a Unix socket in a private (0700) directory, with an HMAC key given in
-        its environment; the group's log lives beside it until the group is closed.
+        its environment (`RankListener`: any other connection gets `HANDSHAKE_TIMEOUT_S` to authenticate,
+        and none holds up rank 0's); the group's log lives beside it until the group is closed.
         """
         self.close()
         key = secrets.token_bytes(32)
         self._dir = Path(tempfile.mkdtemp(prefix=f"wanflow-group-{self.model}-"))
-        listener = Listener(str(self._dir / "socket"), family="AF_UNIX", authkey=key)
+        listener = RankListener(self._dir / "socket", key)
         self._log = self._dir / "group.log"
-        env = {**os.environ, ADDRESS_ENV: str(self._dir / "socket"), AUTHKEY_ENV: key.hex()}
+        env = {**os.environ, ADDRESS_ENV: listener.path, AUTHKEY_ENV: key.hex()}
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))
-        with self._log.open("w") as out:
-            self._proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True)  # fmt: skip
-        self.starts += 1
-        log.info("worker group %d for %s: %d processes, log %s", self.starts, self.model, self.nproc,
-                 self._log)  # fmt: skip
-        accepted: list[Connection] = []
-        thread = threading.Thread(target=_accept, args=(listener, accepted), daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
         try:
-            while not accepted:
-                thread.join(POLL_S)
-                if self._proc.poll() is not None or time.monotonic() > deadline:
+            with self._log.open("w") as out:
+                self._proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True)  # fmt: skip
+            self.starts += 1
+            log.info("worker group %d for %s: %d processes, log %s", self.starts, self.model, self.nproc,
+                     self._log)  # fmt: skip
+            deadline = time.monotonic() + START_TIMEOUT_S
+            conn = None
+            while conn is None:
+                conn = listener.accept(POLL_S)
+                if conn is None and (self._proc.poll() is not None or time.monotonic() > deadline):
                     raise WorkerGroupDied(f"the worker group for {self.model} did not start: {self._tail()}")
-            self._conn = accepted[0]
+            self._conn = conn
             message = self._recv()
             if message[0] != "ready":
                 raise WorkerGroupDied(f"unexpected first message from the worker group: {message[0]!r}")
@@ -126,6 +128,9 @@ class WorkerGroup:
             raise
         finally:
             listener.close()
+            if listener.dropped:
+                log.warning("worker group for %s: %d connections to its socket were turned away (no key, "
+                            "or too slow to authenticate)", self.model, listener.dropped)  # fmt: skip
         self.info = message[1]
         log.info("worker group ready: %s", self.info)
 
@@ -226,15 +231,121 @@ class WorkerGroup:
                 self.abort()
 
 
-def _accept(listener: Listener, accepted: list[Connection]) -> None:
-    """Accept rank 0's connection; anything else that connects without the key is turned away."""
-    while not accepted:
+class RankListener:
+    """Where a worker group's rank 0 connects back: a Unix socket, each connection authenticated by HMAC.
+
+    The socket lives in a private (0700) directory, but any process of the same user can still connect to
+    it. Every connection is accepted at once and authenticated on a thread of its own, with
+    `handshake_timeout_s` to complete the (multiprocessing) challenge exchange: one that stays silent,
+    answers too slowly or without the key is dropped, and never holds up rank 0 behind it. `accept` hands
+    out the connections that passed.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], authkey: bytes, *,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+    ) -> None:  # fmt: skip
+        self.path = str(path)
+        self.handshake_timeout_s = handshake_timeout_s
+        self.dropped = 0  # connections turned away: no key, a wrong key, or too slow
+        self._key = authkey
+        self._passed: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            accepted.append(listener.accept())
-        except (AuthenticationError, EOFError, ConnectionError):
-            continue
-        except OSError:  # the listener was closed: the start gave up
+            self._socket.bind(self.path)
+            self._socket.listen(16)
+            self._socket.settimeout(0.2)  # how often the accepting thread looks whether it was closed
+        except BaseException:
+            self._socket.close()
+            raise
+        self._thread = threading.Thread(target=self._serve, name="wanflow-group-listener", daemon=True)
+        self._thread.start()
+
+    def accept(self, timeout: float) -> Connection | None:
+        """The next connection that authenticated, waiting at most `timeout` seconds (None if none did)."""
+        if self._closed.is_set():
+            raise OSError("the listener is closed")
+        try:
+            return self._passed.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Stop accepting, remove the socket, and close any authenticated connection nobody took."""
+        with self._lock:
+            self._closed.set()
+            while True:
+                try:
+                    self._passed.get_nowait().close()
+                except queue.Empty:
+                    break
+        self._thread.join()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __enter__(self) -> RankListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        """The accepting thread: every new connection gets its own authenticating thread."""
+        with self._socket:
+            while not self._closed.is_set():
+                try:
+                    sock, _ = self._socket.accept()
+                except TimeoutError:
+                    continue
+                except OSError:  # out of descriptors, say: try again shortly
+                    time.sleep(0.2)
+                    continue
+                sock.setblocking(True)
+                threading.Thread(target=self._authenticate, args=(sock,), daemon=True).start()
+
+    def _authenticate(self, sock: socket.socket) -> None:
+        """Run the listener's side of the challenge exchange on `sock`, cut short after the timeout."""
+        try:
+            conn = Connection(os.dup(sock.fileno()))  # `sock` stays, to cut the exchange short
+        except OSError:
+            sock.close()
+            with self._lock:
+                self.dropped += 1
             return
+        lock = threading.Lock()
+        over = [False]  # the exchange ended, one way or the other
+
+        def cut() -> None:  # out of time: wake the blocked read with an end of file
+            with lock:
+                if not over[0]:
+                    over[0] = True
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.handshake_timeout_s, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            deliver_challenge(conn, self._key)
+            answer_challenge(conn, self._key)
+            passed = True
+        except (AuthenticationError, EOFError, OSError):
+            passed = False
+        timer.cancel()
+        with lock:
+            passed = passed and not over[0]
+            over[0] = True
+        sock.close()  # `conn` holds a descriptor of its own
+        with self._lock:
+            if passed and not self._closed.is_set():
+                self._passed.put(conn)
+                return
+            self.dropped += 1
+        if passed:
+            log.debug("a connection authenticated after the listener closed")
+        conn.close()
 
 
 class GroupPipeline:

@@ -21,10 +21,18 @@ Conventions shared by all formats: a missing value, `null`, `None` or an empty C
 a row repeating an earlier row's `item_id` is a problem (on field "item_id", naming the first line).
 Seeds are explicit (`seed`, `seed+1`, ...) or derived from the item id and the run's `base_seed`, so
 the same manifest always yields the same jobs.
+
+Text: no field may hold NUL or a lone surrogate (PostgreSQL text cannot store them); prompts may hold any
+other Unicode (emoji ZWJ sequences, right-to-left marks) and, of the control characters, tab, newline and
+carriage return only; ids and the other text fields may hold no control, format (bidirectional overrides,
+zero-width characters), separator or other invisible character, nor any space but U+0020 (see
+`_check_chars`). A RowProblem's texts are always storable: such characters in them are written as escapes.
+`Manifest.invalid_rows` / `SplitResult.invalid_rows` count the rows with a problem (a row may have several).
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import difflib
@@ -34,6 +42,7 @@ import io
 import json
 import re
 import reprlib
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -41,7 +50,15 @@ from typing import Any, NamedTuple
 import fsspec
 import fsspec.compression
 import fsspec.utils
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from storage.layout import MAX_ID_LENGTH, safe_name
 from storage.urls import join_url, redact
@@ -79,7 +96,8 @@ MAX_URI_CHARS = 4096
 MAX_SIDE = 8192  # pixels; validate_request checks the rest (multiples of the patch quantum)
 MAX_FRAMES = 10_001
 MAX_STEPS = 1000
-MAX_RAW_CHARS = 2000
+MAX_RAW_CHARS = 2000  # a problem's `raw`: the row as written, cut
+MAX_NAME_CHARS = 200  # a problem's `field` and `item_id`, cut
 MAX_LISTED = 50  # problems listed in a ManifestError's message
 _BOM = b"\xef\xbb\xbf"
 _READ_CHUNK = 1 << 20
@@ -133,16 +151,79 @@ def _solvers() -> tuple[str, ...]:
     return SOLVERS
 
 
-def _check_unicode(value: str) -> str:
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("holds a lone surrogate; expected valid Unicode text") from None
-    return value
+# What text fields may hold. Every value ends up in PostgreSQL text / JSON columns, task names, storage keys
+# and CLI tables, so:
+# - no field may hold NUL (U+0000: PostgreSQL text cannot store it) or a lone surrogate (U+D800-U+DFFF: not
+#   valid Unicode, cannot be encoded as UTF-8);
+# - prompts (prompt, negative_prompt) may hold any other Unicode, format characters included (ZWJ emoji
+#   sequences, right-to-left marks in Arabic or Hebrew text), and of the control characters only tab,
+#   newline and carriage return;
+# - ids and the other text fields (image URIs, model, size, solver) may hold no control character (Cc), no
+#   format character (Cf: bidirectional overrides and isolates, zero-width spaces, BOM, ...), no line or
+#   paragraph separator, no space other than U+0020 and no other invisible (default-ignorable) character:
+#   such characters can make one id look like another in task names, storage keys and tables.
+_PROMPT_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_IGNORABLE = re.compile(  # default-ignorable code points outside category Cf (invisible when rendered)
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef]"
+)
+_STRICT_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Zs"})  # U+0020 is the one Zs allowed
+_CONTROL_NAMES = {
+    0x00: "NULL", 0x07: "BELL", 0x08: "BACKSPACE", 0x09: "CHARACTER TABULATION", 0x0A: "LINE FEED",
+    0x0B: "LINE TABULATION", 0x0C: "FORM FEED", 0x0D: "CARRIAGE RETURN", 0x1B: "ESCAPE", 0x7F: "DELETE",
+    0x85: "NEXT LINE",
+}  # fmt: skip
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
+def _char_label(ch: str) -> str:
+    """'U+202E RIGHT-TO-LEFT OVERRIDE': a character named so a reader can find it (it may be invisible)."""
+    code = ord(ch)
+    name = unicodedata.name(ch, "") or _CONTROL_NAMES.get(code, "")
+    if not name:
+        category = unicodedata.category(ch)
+        name = {"Cc": "(control character)", "Cs": "(lone surrogate)"}.get(category, f"(category {category})")
+    return f"U+{code:04X} {name}"
+
+
+def _forbidden_char(value: str, prompt: bool) -> tuple[int, str] | None:
+    """(index, character) of the first character `value` may not hold, or None: see the rules above."""
+    if prompt:
+        match = _PROMPT_FORBIDDEN.search(value)
+        return (match.start(), match.group()) if match else None
+    ignorable = _IGNORABLE.search(value)
+    if not value.isprintable():  # the fast path: isprintable() is False for every category refused here
+        end = ignorable.start() if ignorable else len(value)
+        for index in range(end):
+            ch = value[index]
+            if ch != " " and unicodedata.category(ch) in _STRICT_CATEGORIES:
+                return index, ch
+    return (ignorable.start(), ignorable.group()) if ignorable else None
+
+
+def _check_chars(value: str, name: str, where: str, prompt: bool = False) -> str:
+    """`value` unchanged, or ValueError naming the first character it may not hold (`where`: "ids", ...)."""
+    found = _forbidden_char(value, prompt)
+    if found is None:
+        return value
+    index, ch = found
+    category = unicodedata.category(ch)
+    if ch == "\x00":
+        why = "PostgreSQL text cannot store NUL"
+    elif category == "Cs":
+        why = "a lone surrogate is not valid Unicode text"
+    elif category == "Cc" and prompt:
+        why = f"control characters other than tab, newline and carriage return are not allowed in {where}"
+    elif category == "Cc":
+        why = f"control characters are not allowed in {where}"
+    elif category == "Zs":
+        why = f"spaces other than the ordinary space U+0020 are not allowed in {where}"
+    elif category in ("Zl", "Zp"):
+        why = f"line and paragraph separators are not allowed in {where}"
+    else:
+        why = f"invisible or direction-changing characters are not allowed in {where}"
+    raise ValueError(f"{name} contains {_char_label(ch)} at character {index + 1} ({why})")
+
+
 _PLAIN_ID = re.compile(r"[A-Za-z0-9._-]+")  # ids that storage keys take as they are
 
 
@@ -154,6 +235,7 @@ def _parse_size(value: str) -> tuple[int, int]:
 def _normalize_size(value: str | None) -> str | None:
     if value is None:
         return None
+    _check_chars(value, "size", "sizes")
     width, height = _parse_size(value)
     if width > MAX_SIDE or height > MAX_SIDE:
         raise ValueError(f"size {value!r}: width and height must be at most {MAX_SIDE}")
@@ -161,7 +243,7 @@ def _normalize_size(value: str | None) -> str | None:
 
 
 def _check_model(value: str | None) -> str | None:
-    if value is not None and value not in PRESETS:
+    if value is not None and _check_chars(value, "model", "model names") not in PRESETS:
         raise ValueError(f"unknown model {value!r}; expected one of: {', '.join(PRESETS)}")
     return value
 
@@ -169,6 +251,7 @@ def _check_model(value: str | None) -> str | None:
 def _check_solver(value: str | None) -> str | None:
     if value is None:
         return None
+    _check_chars(value, "solver", "solver names")
     value = value.lower()
     if value not in _solvers():
         raise ValueError(f"unknown solver {value!r}; expected one of: {', '.join(_solvers())}")
@@ -176,7 +259,8 @@ def _check_solver(value: str | None) -> str | None:
 
 
 _NUMERIC = ("seed", "num_seeds", "frame_num", "steps", "shift", "guide_scale")
-_TEXT = ("prompt", "negative_prompt", "image", "last_image", "model", "size", "solver")
+_PROMPTS = ("prompt", "negative_prompt")
+_URIS = ("image", "last_image")
 
 
 class _SharedChecks(BaseModel):
@@ -252,17 +336,20 @@ class GenerationRequest(_SharedChecks):
     @field_validator("item_id")
     @classmethod
     def _check_id(cls, value: str) -> str:
-        _check_unicode(value)
-        if _CONTROL.search(value):
-            raise ValueError(f"item id {value!r}: control characters are not allowed")
+        _check_chars(value, "item_id", "ids")
         if not _PLAIN_ID.fullmatch(value):
             safe_name(value)  # the id must make a storage key: raises with the reason otherwise
         return value
 
-    @field_validator(*_TEXT)
+    @field_validator(*_PROMPTS)
     @classmethod
-    def _check_text(cls, value: str | None) -> str | None:
-        return None if value is None else _check_unicode(value)
+    def _check_prompt(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _check_chars(value, str(info.field_name), "prompts", prompt=True)
+
+    @field_validator(*_URIS)
+    @classmethod
+    def _check_uri(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _check_chars(value, str(info.field_name), "image URIs")
 
     @field_validator("negative_prompt")
     @classmethod
@@ -285,6 +372,11 @@ class RunDefaults(_SharedChecks):
     guide_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
     solver: str | None = None
     negative_prompt: str | None = None
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | None) -> str | None:
+        return None if value is None else _check_chars(value, "negative_prompt", "prompts", prompt=True)
 
 
 def _aliases() -> dict[str, tuple[str, ...]]:
@@ -388,29 +480,82 @@ def _group_key(group: tuple[str, tuple[int, int], int]) -> str:
     return f"{model}/{width}x{height}/{frames}f"
 
 
-class RowProblem(NamedTuple):
-    """One thing wrong with one row (line 0: the file as a whole).
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
-    `_asdict()` is what `Catalog.record_rejections` takes.
-    """
 
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _visible(text: str, strict: bool) -> str:
+    """`text` with every character that could not be stored or that hides itself written as an escape
+    (`\\x00`, `\\u202e`, `\\ud800`, as Python's repr writes them): NUL, lone surrogates, control and format
+    characters, line and paragraph separators. Tab and newline are kept unless `strict`
+    (for names and ids, which also get any space but U+0020 and invisible fillers escaped)."""
+    if text.isprintable() and not (strict and _IGNORABLE.search(text)):
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(_escape_char(ch) if strict and _IGNORABLE.match(ch) else ch)
+            continue
+        category = unicodedata.category(ch)
+        if strict:
+            unsafe = category in _STRICT_CATEGORIES
+        else:
+            unsafe = category in _UNSAFE_CATEGORIES and ch not in "\t\n"
+        out.append(_escape_char(ch) if unsafe else ch)
+    return "".join(out)
+
+
+class _ProblemFields(NamedTuple):
     line: int
     field: str | None
     reason: str
     item_id: str | None = None
     raw: str | None = None
 
+
+class RowProblem(_ProblemFields):
+    """One thing wrong with one row (line 0: the file as a whole).
+
+    `_asdict()` is what `Catalog.record_rejections` takes. Its texts are always safe to store and print:
+    NUL, lone surrogates and invisible or direction-changing characters in `field`, `item_id`, `reason`
+    and `raw` are written as visible escapes (`\\x00`, `\\u202e`) when the problem is made, and `field`
+    and `item_id` are cut to MAX_NAME_CHARS, `raw` to MAX_RAW_CHARS.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls, line: int, field: str | None, reason: str, item_id: str | None = None, raw: str | None = None
+    ) -> RowProblem:
+        return super().__new__(
+            cls,
+            line,
+            None if field is None else _visible(str(field), strict=True)[:MAX_NAME_CHARS],
+            _visible(str(reason), strict=False),
+            None if item_id is None else _visible(str(item_id), strict=True)[:MAX_NAME_CHARS],
+            None if raw is None else _visible(str(raw), strict=False)[:MAX_RAW_CHARS],
+        )
+
+    @classmethod
+    def _make(cls, iterable: Iterable[Any]) -> RowProblem:  # _replace() goes through here
+        return cls(*iterable)
+
     def describe(self, source: str, unit: str | None = None) -> str:
         """One readable line: "<source> line 7 (id 'a'), field 'size': <reason>".
 
-        `unit` defaults to "row" when `source` names a Parquet file, "line" otherwise.
+        `unit` defaults to "row" when `source` names a Parquet file, "line" otherwise. The id and field are
+        quoted as they are (already escaped), so an escape reads `\\x00`, not `\\\\x00` as repr() would write.
         """
         unit = unit or _unit(source)
         where = source if self.line <= 0 else f"{source} {unit} {self.line}"
         if self.item_id:
-            where += f" (id {self.item_id!r})"
+            where += f" (id '{self.item_id}')"
         if self.field is not None:
-            where += f", field {self.field!r}"
+            where += f", field '{self.field}'"
         return f"{where}: {' '.join(self.reason.split())}"
 
 
@@ -435,7 +580,7 @@ class ManifestError(ValueError):
         unit = _unit(self.url)
         if len(self.problems) == 1 and self.problems[0].line <= 0:
             return self.problems[0].describe(f"manifest {source}", unit)
-        bad_rows = len({p.line for p in self.problems if p.line > 0})
+        bad_rows = _count_invalid_rows(self.problems)
         head = f"manifest {source}: {len(self.problems)} problem(s)"
         if self.rows:
             head += f" in {bad_rows} of {self.rows} {unit}s"
@@ -455,6 +600,14 @@ class Manifest:
     rows: int  # data rows read (blank lines and the CSV header not counted)
     requests: list[ResolvedRequest]
     problems: list[RowProblem]
+    # Rows with at least one problem (one row may have several problems, so this is not len(problems)):
+    # rows = len(requests) + invalid_rows. Counted from `problems` when not given (or negative); a split
+    # manifest, whose `problems` may list only the first ones, passes SplitResult.invalid_rows.
+    invalid_rows: int = dataclasses.field(default=-1, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.invalid_rows < 0:
+            self.invalid_rows = _count_invalid_rows(self.problems)
 
     @property
     def jobs(self) -> int:
@@ -474,6 +627,16 @@ class SplitResult:
     invalid: int  # rows with a problem, all of them (not only those listed): rows = valid + invalid
     groups: dict[str, int]  # "model/WxH/Ff" -> jobs
     partitions: int = 0  # dask partitions the manifest was read in
+
+    @property
+    def invalid_rows(self) -> int:
+        """Rows with at least one problem (`invalid`, under the name `Manifest` uses)."""
+        return self.invalid
+
+
+def _count_invalid_rows(problems: Iterable[RowProblem]) -> int:
+    """Distinct rows (lines) with a problem; problems of the file as a whole (line 0) are no row's."""
+    return len({p.line for p in problems if p.line > 0})
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -557,10 +720,19 @@ def _error_reason(error: Mapping[str, Any]) -> str:
         names = _NAMES.get(field, (field,))
         also = f" (as {' or '.join(repr(n) for n in names)})" if len(names) > 1 else ""
         return f"required field is missing{also}"
+    value = error.get("input")
+    if kind == "string_unicode" and isinstance(value, str):  # pydantic refuses lone surrogates itself
+        found = _forbidden_char(value, prompt=True)
+        if found is not None:
+            index, ch = found
+            return (
+                f"{_CANONICAL.get(field, field)} contains {_char_label(ch)} at character {index + 1} (a lone "
+                "surrogate is not valid Unicode text)"
+            )
     message = str(error.get("msg", "invalid value"))
     if kind == "value_error":  # our own validators: the message names the value already
         return message.removeprefix("Value error, ")
-    return f"{message} (got {_short(error.get('input'))})"
+    return f"{message} (got {_short(value)})"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -608,6 +780,8 @@ def _resolve(
         name = key if isinstance(key, str) else _short(key)
         if isinstance(value, _Unreadable):
             found.append((name, f"cannot read the value ({value.reason})"))
+        elif not name.isascii() and _SURROGATE.search(name):  # pydantic would refuse the row, not the name
+            found.append((name, f"unknown field (a lone surrogate in its name); expected one of {_ACCEPTED}"))
         else:
             data[name] = value
     for aliases in _MULTI:
@@ -778,7 +952,8 @@ def _parse_json_line(data: bytes, line: int) -> dict[str, Any] | RowProblem:
     except _JsonDuplicateKey as exc:
         return RowProblem(line, _clean(exc.key), "field given twice in the same object", None, raw)
     except json.JSONDecodeError as exc:
-        return RowProblem(line, None, f"not valid JSON: {exc.msg} at column {exc.colno}", None, raw)
+        hint = " (the line starts with a byte-order mark, U+FEFF)" if text.startswith("\ufeff") else ""
+        return RowProblem(line, None, f"not valid JSON: {exc.msg} at column {exc.colno}{hint}", None, raw)
     except RecursionError:
         return RowProblem(line, None, "not a usable JSON object: nested too deeply", None, raw)
     except ValueError as exc:  # e.g. an integer past Python's digit limit
@@ -804,36 +979,179 @@ def _jsonl_rows(lines: Iterable[bytes], first_line: int, at_start: bool) -> Iter
             yield number, _parse_json_line(data, number)
 
 
+class _Line(NamedTuple):
+    """One physical line of a CSV manifest, decoded."""
+
+    number: int
+    text: str  # invalid UTF-8 written as \\xNN escapes
+    bad_byte: int = 0  # 1-based byte of the first invalid UTF-8 sequence, 0 if the line is valid UTF-8
+
+
+class _CsvError(NamedTuple):
+    """A CSV record that cannot be read: why, and which cell (0-based; None: the record as a whole)."""
+
+    reason: str
+    cell: int | None = None
+    raw: str | None = None
+
+
+_CSV_STOP = re.compile(r"[,\r\n]")
+
+
+def _csv_line_state(text: str, quoted: bool, cell: int) -> tuple[bool, int, int]:
+    """Where one physical line leaves a CSV record, read as the csv module reads its default dialect (','
+    between cells, '"' opening a quoted cell only as the cell's first character, '""' a quote inside one,
+    a quoted cell going on unquoted after its closing quote, '\\r' or '\\n' outside quotes ending the record).
+
+    `quoted`: whether the line starts inside a quoted cell, `cell` the index of the cell it starts in.
+    Returns (whether the line ends inside a quoted cell, the index just past the quote that opened that cell
+    if it opened on this line else -1, the index of the cell the line ends in).
+    """
+    if not quoted and '"' not in text:
+        return False, -1, cell
+    index, opened, at_start = 0, -1, not quoted
+    while True:
+        if quoted:
+            close = text.find('"', index)
+            if close < 0:
+                return True, opened, cell
+            if text.startswith('"', close + 1):  # a doubled quote: a quote inside the cell
+                index = close + 2
+                continue
+            quoted, opened, index, at_start = False, -1, close + 1, False
+        elif at_start and text.startswith('"', index):
+            quoted, opened, index = True, index + 1, index + 1
+            continue
+        stop = _CSV_STOP.search(text, index)
+        if stop is None or stop.group() != ",":
+            return False, -1, cell
+        cell, index, at_start = cell + 1, stop.end(), True
+
+
+def _csv_cell_sizes(text: str) -> list[int]:
+    """The length of each cell of one CSV record as written (quotes included), read as `_csv_line_state`
+    reads it; only for naming the cell of a record the csv module refused."""
+    sizes, index, end = [], 0, len(text)
+    while True:
+        start = index
+        if text.startswith('"', index):
+            index += 1
+            while True:
+                close = text.find('"', index)
+                if close < 0:
+                    index = end
+                    break
+                index = close + (2 if text.startswith('"', close + 1) else 1)
+                if index == close + 1:
+                    break
+        stop = _CSV_STOP.search(text, index)
+        sizes.append((end if stop is None else stop.start()) - start)
+        if stop is None or stop.group() != ",":
+            return sizes
+        index = stop.end()
+
+
+def _decoded_lines(lines: Iterable[bytes], first_line: int, at_start: bool) -> Iterator[_Line]:
+    for number, data in _numbered(lines, first_line, at_start):
+        try:
+            yield _Line(number, data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            yield _Line(number, data.decode("utf-8", "backslashreplace"), exc.start + 1)
+
+
+class _Feed:
+    """The lines a csv.reader reads, given one record at a time (an iterator that may run dry and go on)."""
+
+    def __init__(self) -> None:
+        self.lines: collections.deque[str] = collections.deque()
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> str:
+        if self.lines:
+            return self.lines.popleft()
+        raise StopIteration
+
+
 def _csv_records(
     lines: Iterable[bytes], first_line: int, at_start: bool
-) -> Iterator[tuple[int, list[str] | str]]:
-    """(start line, cells) per CSV record, or (start line, error text) where the csv module gave up."""
-    bad_lines: list[int] = []
+) -> Iterator[tuple[int, list[str] | _CsvError]]:
+    """(start line, cells) per CSV record, or (start line, _CsvError) for a record that cannot be read.
 
-    def decoded() -> Iterator[str]:
-        for number, data in _numbered(lines, first_line, at_start):
-            try:
-                yield data.decode("utf-8")
-            except UnicodeDecodeError:
-                bad_lines.append(number)
-                yield data.decode("utf-8", "replace")
+    Records are delimited here (see `_csv_line_state`) and each is parsed on its own by the csv module, so
+    a bad record never takes the next ones with it. A quoted cell whose closing quote is missing, at the
+    end of the input or once it holds more than the csv module's field size limit (the most one cell may
+    hold), is reported on the record's line as unterminated, and reading goes on from the line after the
+    one the quote opened on: memory stays bounded by that limit, and the rows that quote swallowed are
+    still read and checked.
+    """
+    limit = csv.field_size_limit()
+    source = _decoded_lines(lines, first_line, at_start)
+    pushed: list[_Line] = []  # lines to read again, the next one last
+    feed = _Feed()
+    reader = csv.reader(feed)
 
-    reader = csv.reader(decoded())
-    consumed = 0
-    while True:
+    def take() -> _Line | None:
+        return pushed.pop() if pushed else next(source, None)
+
+    while (first := take()) is not None:
+        record = [first]
+        quoted, opened, cell = _csv_line_state(first.text, False, 0)
+        open_line, open_cell, open_chars = first.number, cell, len(first.text) - opened
+        while quoted and open_chars <= limit:
+            line = take()
+            if line is None:
+                break
+            record.append(line)
+            quoted, opened, cell = _csv_line_state(line.text, True, cell)
+            if opened >= 0:
+                open_line, open_cell, open_chars = line.number, cell, len(line.text) - opened
+            else:
+                open_chars += len(line.text)
+        if quoted:
+            reason = (  # the same words either way: a partition of split_manifest ends at its block's end
+                f"unterminated quoted field starting on line {open_line}: no closing quote before the end of "
+                f"the file or within {limit} characters (the most one CSV cell may hold)"
+            )
+            pushed.extend(reversed([line for line in record if line.number > open_line]))
+            yield first.number, _CsvError(reason, open_cell, _csv_raw(first))
+            continue
+        if first.bad_byte or (len(record) > 1 and any(line.bad_byte for line in record)):
+            bad = next(line for line in record if line.bad_byte)
+            where = "the line" if len(record) == 1 else f"line {bad.number}"
+            reason = f"not valid UTF-8 (byte {bad.bad_byte} of {where})"
+            yield first.number, _CsvError(reason, None, _csv_raw(first))
+            continue
+        feed.lines.extend(line.text for line in record)
         try:
-            cells: list[str] | str = next(reader)
-        except StopIteration:
-            return
+            cells: list[str] | _CsvError = next(reader)
         except csv.Error as exc:
-            cells = f"not valid CSV: {exc}"
-        start, end = first_line + consumed, first_line + reader.line_num - 1
-        consumed = reader.line_num
-        if bad_lines and isinstance(cells, list):
-            if any(start <= n <= end for n in bad_lines):
-                cells = "not valid UTF-8"
-            bad_lines[:] = [n for n in bad_lines if n > end]
-        yield start, cells
+            cells = _csv_error(exc, record, limit)
+        except StopIteration:  # cannot happen: a line is never empty
+            cells = []
+        if feed.lines:  # cannot happen if _csv_line_state reads as the csv module does
+            feed.lines.clear()
+            cells = _CsvError("not valid CSV: the record ends before its last line", None, _csv_raw(first))
+        yield first.number, cells
+
+
+def _csv_raw(line: _Line) -> str:
+    return line.text[: MAX_RAW_CHARS + 2].rstrip("\r\n")
+
+
+def _csv_error(exc: csv.Error, record: list[_Line], limit: int) -> _CsvError:
+    """The csv module's error for one record, said for a person (naming the cell where it can)."""
+    raw = _csv_raw(record[0])
+    if "field larger than field limit" in str(exc):
+        sizes = _csv_cell_sizes("".join(line.text for line in record))
+        cell = max(range(len(sizes)), key=sizes.__getitem__)
+        reason = f"a cell of {sizes[cell]} characters; one CSV cell may hold at most {limit} characters"
+        return _CsvError(reason, cell, raw)
+    if "new-line character seen in unquoted field" in str(exc):
+        reason = "not valid CSV: a carriage return (\\r) inside an unquoted cell (quote the cell)"
+        return _CsvError(reason, None, raw)
+    return _CsvError(f"not valid CSV: {exc}", None, raw)
 
 
 def _csv_header(cells: list[str], line: int) -> list[str]:
@@ -858,7 +1176,7 @@ class _HeaderError(Exception):
 
 
 def _csv_rows(
-    records: Iterable[tuple[int, list[str] | str]], header: list[str] | None, skip_through: int = 0
+    records: Iterable[tuple[int, list[str] | _CsvError]], header: list[str] | None, skip_through: int = 0
 ) -> Iterator[tuple[int, Any]]:
     """Rows of a CSV as dicts (empty cells left out), the header taken from the first record if not given.
 
@@ -867,8 +1185,16 @@ def _csv_rows(
     for line, cells in records:
         if line <= skip_through:
             continue
-        if isinstance(cells, str):
-            yield line, RowProblem(line, None, cells)
+        if isinstance(cells, _CsvError):
+            if header is None:
+                raise _HeaderError(RowProblem(line, None, f"cannot read the header: {cells.reason}"))
+            field, reason = None, cells.reason
+            if cells.cell is not None:
+                if cells.cell < len(header) and header[cells.cell]:
+                    field = header[cells.cell]
+                else:
+                    reason += f" (cell {cells.cell + 1}, past the {len(header)} named columns of the header)"
+            yield line, RowProblem(line, field, reason, None, cells.raw)
             continue
         if not any(c.strip() for c in cells):
             continue  # a blank line, or a row of empty cells (",,,")
@@ -1240,8 +1566,8 @@ def _plan_text(url: str, fmt: str, compression: str | None, blocksize: int, opti
     if fmt == "csv":
         with fsspec.open(url, "rb", compression=compression, **options) as f:
             for line, cells in _csv_records(f, 1, True):
-                if isinstance(cells, str):
-                    raise _HeaderError(RowProblem(line, None, f"cannot read the header: {cells}"))
+                if isinstance(cells, _CsvError):
+                    raise _HeaderError(RowProblem(line, None, f"cannot read the header: {cells.reason}"))
                 if any(c.strip() for c in cells):
                     header, header_line = _csv_header(cells, line), line
                     break

@@ -67,6 +67,12 @@ def model_source(model: str, ckpt_dir: str | os.PathLike | None = None) -> Model
     path = Path(ckpt_dir).expanduser().resolve()
     if not path.is_dir():
         raise ValueError(f"checkpoint directory {str(ckpt_dir)!r} for model {model!r} does not exist")
+    from wan.checkpoints import detect_layout
+
+    try:  # names the files a directory without weights lacks, before any run starts
+        detect_layout(path)
+    except Exception as exc:
+        raise ValueError(f"checkpoint for model {model!r}: {exc}") from None
     return ModelSource(model, str(path), checkpoint_fingerprint(path))
 
 

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -36,6 +35,7 @@ from prefect.tasks import exponential_backoff
 from flows.models import ModelSource, load_pipeline, model_source
 from flows.settings import Settings, check_secret_free, get_settings
 from storage.catalog import Catalog, JobRecord, JobStatus
+from storage.faults import PermanentStorageError, filesystem, is_permanent_storage_error, probe_storage_root
 from storage.layout import OutputLayout
 from storage.outputs import store_job_output
 from storage.urls import redact
@@ -53,8 +53,9 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, Look
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying (I/O, storage, database, CUDA, ffmpeg); False for bad requests."""
-    return not isinstance(exc, PERMANENT_ERRORS)
+    """True for failures worth retrying (I/O, storage, database, CUDA, ffmpeg); False for bad requests and
+    storage errors no retry can fix (read-only root, permission denied, missing bucket, disk full)."""
+    return not isinstance(exc, PERMANENT_ERRORS) and not is_permanent_storage_error(exc)
 
 
 def worker_id() -> str:
@@ -126,7 +127,7 @@ def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]
     On failure the job is marked pending again (transient, attempts left) or failed, and the error is
     raised for the caller (Prefect) to retry or record.
     """
-    job = ctx.catalog.claim_job(job_id, worker=ctx.worker, start=True)
+    job = ctx.catalog.claim_job(job_id, worker=ctx.worker, start=True, run_id=ctx.run_id)
     if job is None:
         current = ctx.catalog.get_job(job_id)
         if current is None:
@@ -152,6 +153,12 @@ def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]
         if not retry:
             _notify({"run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
                      "status": JobStatus.failed.value, "error": message})  # fmt: skip
+        elif not interrupted:  # said where the person running it sees it, not only in Prefect's log
+            log.warning("retrying %s (attempt %d/%d): %s", job_task_name(job.item_id, job.seed), attempt + 1,
+                        ctx.max_attempts, redact(message))  # fmt: skip
+            _notify({"event": "retrying", "run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id,
+                     "seed": job.seed, "attempt": attempt + 1, "attempts": ctx.max_attempts,
+                     "error": redact(message)})  # fmt: skip
         raise
     seconds = time.perf_counter() - start
     _notify({"run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
@@ -185,6 +192,7 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         **ctx.provenance,
         "run": {"id": ctx.run_id, "name": ctx.run_name, "objects_under": _objects_run_name(ctx, job)},
         "model": ctx.source.describe(),
+        **({"random_weights": True} if ctx.source.ckpt_dir is None else {}),
         "request": params,
         "settings": {"size": f"{width}*{height}", "frame_num": settings.frame_num, "steps": settings.steps,
                      "shift": settings.shift, "guide_scale": settings.guide_scale, "solver": settings.solver,
@@ -227,7 +235,7 @@ def read_image(params: dict[str, Any], name: str, ctx: JobContext) -> Any:
     uri = params[name]
     where = f"{name} {redact(uri)}"
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **ctx.storage_options_for(uri))
+        fs, path = filesystem(uri, ctx.storage_options_for(uri))  # with connect and read timeouts
         size = fs.size(path)
         if size is not None and size > MAX_IMAGE_BYTES:
             raise BadImage(f"{where} is {size} bytes; images over {MAX_IMAGE_BYTES} bytes are refused")
@@ -313,7 +321,7 @@ def generate_shard(
     `run_name`, when given, must match the catalog's name for `run_id` (a worker pointed at another
     catalog is refused). The model is not loaded when no job of the shard was planned for its weights.
     """
-    check_secret_free(catalog_url)
+    check_secret_free(catalog_url, storage_root=storage_root, ckpt_dir=ckpt_dir)
     logger = get_run_logger()
     settings = get_settings(catalog_url=catalog_url, storage_root=storage_root, gpus_per_job=gpus_per_job)
     catalog = Catalog(settings.catalog_url)
@@ -326,22 +334,35 @@ def generate_shard(
                 f"run {run_id} ({run_name or 'unnamed'}) {found} in the catalog "
                 f"{redact(settings.catalog_url)} this worker uses: check WANFLOW_CATALOG_URL on the workers"
             )
-        source = model_source(model, ckpt_dir or settings.checkpoints.get(model))
         jobs = {job.id: job for job in catalog.get_jobs(job_ids)}
-        pipeline = None
-        if any(
-            (j.model_id, j.model_fingerprint) == (source.model, source.fingerprint) for j in jobs.values()
-        ):
-            start = time.perf_counter()
-            pipeline = load_pipeline(
-                source,
-                device=settings.device,
-                dtype=settings.dtype,
-                gpus_per_job=settings.gpus_per_job,
-                layout=settings.parallel_layout(),
-                memory={**settings.memory_options(), **(memory or {})},  # the run's overrides win
-            )
-            logger.info("model %s ready on %s in %.1f s", model, pipeline.device, time.perf_counter() - start)
+        try:  # a root no job could write to fails the shard at once, before any model loads
+            probe_storage_root(settings.storage_root, settings.resolved_storage_options())
+        except PermanentStorageError as exc:
+            results = _fail_shard(catalog, run_id, jobs, str(exc))
+            logger.error("shard %s: %s", label or run_id, exc)
+            return {"run_id": run_id, "counts": {"failed": len(results)}, "results": results}
+        try:
+            source = model_source(model, ckpt_dir or settings.checkpoints.get(model))
+            pipeline = None
+            if any(
+                (j.model_id, j.model_fingerprint) == (source.model, source.fingerprint) for j in jobs.values()
+            ):
+                start = time.perf_counter()
+                pipeline = load_pipeline(
+                    source,
+                    device=settings.device,
+                    dtype=settings.dtype,
+                    gpus_per_job=settings.gpus_per_job,
+                    layout=settings.parallel_layout(),
+                    memory={**settings.memory_options(), **(memory or {})},  # the run's overrides win
+                )
+                logger.info(
+                    "model %s ready on %s in %.1f s", model, pipeline.device, time.perf_counter() - start
+                )
+        except Exception as exc:  # every job of the shard fails with the one reason, for the summary to lead
+            results = _fail_shard(catalog, run_id, jobs, f"model {model} could not load: {_one_line(exc)}")
+            logger.error("shard %s: %s", label or run_id, results[0]["error"] if results else exc)
+            return {"run_id": run_id, "counts": {"failed": len(results)}, "results": results}
         ctx = _context(settings, catalog, run_id, run.name, source, pipeline)
         results = _run_jobs(ctx, job_ids, jobs, settings, progress_artifact_id)
     finally:
@@ -353,12 +374,35 @@ def generate_shard(
     return {"run_id": run_id, "counts": counts, "results": results}
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message, credentials masked."""
+    text = str(exc).strip().splitlines()
+    return redact(f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":"))
+
+
+def _fail_shard(
+    catalog: Catalog, run_id: int, jobs: dict[int, JobRecord], reason: str
+) -> list[dict[str, Any]]:
+    """Mark every still-pending job of a shard that cannot start failed with `reason`, telling listeners."""
+    catalog.fail_pending(list(jobs), reason, run_id=run_id)
+    results = []
+    for job in catalog.get_jobs(list(jobs)):
+        if job.status != JobStatus.failed or job.last_error != reason:
+            continue  # done meanwhile, or held by another worker
+        _notify({"run_id": run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
+                 "status": JobStatus.failed.value, "error": reason})  # fmt: skip
+        results.append({"job_id": job.id, "item_id": job.item_id, "seed": job.seed, "status": "failed",
+                        "error": reason})  # fmt: skip
+    return results
+
+
 def _run_jobs(
     ctx: JobContext, job_ids: list[int], jobs: dict[int, JobRecord], settings: Settings,
     progress_artifact_id: str | None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Each job as a task, in order; a failed job is recorded and the next one runs."""
     job_task = generate_job.with_options(
+        timeout_seconds=settings.job_timeout_s,
         retries=settings.job_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=settings.retry_delay_s)
         if settings.retry_delay_s > 0 else 0,

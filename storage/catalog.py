@@ -59,6 +59,7 @@ __all__ = [
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SUPPORTED_SCHEMES = ("sqlite", "postgresql")
 MAX_ERROR_CHARS = 4000
+MAX_ID = 2**31 - 1  # ids are INTEGER columns: larger numbers name nothing
 _PLAN_CHUNK = 500
 _SQLITE_BUSY_MS = 60_000
 _PG_CONNECT_TIMEOUT_S = 5
@@ -82,6 +83,7 @@ class RunStatus(enum.StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    crashed = "crashed"  # its process died without ending it (seen by a later run or `catalog runs`)
 
 
 class PlanOutcome(enum.StrEnum):
@@ -156,6 +158,7 @@ class Run(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    owner: Mapped[str | None] = mapped_column(sa.String(200))
 
 
 class Model(Base):
@@ -191,6 +194,8 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     seconds: Mapped[float | None]
+    storage_root: Mapped[str | None] = mapped_column(sa.Text)
+    last_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.id", ondelete="SET NULL"), index=True)
 
 
 class RunJob(Base):
@@ -223,6 +228,7 @@ class Output(Base):
     device: Mapped[str | None] = mapped_column(sa.String(64))
     peak_memory_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
     created_at: Mapped[datetime]
+    poster_uri: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class Rejection(Base):
@@ -267,6 +273,7 @@ class RunRecord(_Record):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    owner: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +297,8 @@ class JobRecord(_Record):
     started_at: datetime | None
     finished_at: datetime | None
     seconds: float | None
+    storage_root: str | None = None
+    last_run_id: int | None = None
     outcome: PlanOutcome | None = None
 
 
@@ -307,6 +316,7 @@ class OutputRecord(_Record):
     codec: str
     thumbnail_uri: str | None = None
     sidecar_uri: str | None = None
+    poster_uri: str | None = None
     device: str | None = None
     peak_memory_bytes: int | None = None
     job_id: int | None = None
@@ -329,13 +339,15 @@ class RejectionRecord(_Record):
 
 
 class JobSpec(NamedTuple):
-    """One job to plan: `params` are the generation parameters (prompt, size, steps, ...)."""
+    """One job to plan: `params` are the generation parameters (prompt, size, steps, ...); `storage_root`
+    is where its output goes (absolute), part of its identity."""
 
     item_id: str
     seed: int
     model_id: str
     model_fingerprint: str
     params: Mapping[str, Any]
+    storage_root: str | None = None
 
 
 class JobGroupRow(NamedTuple):
@@ -386,16 +398,21 @@ def _canonical(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: {type(value).__name__} is not JSON (expected str, number, bool, list, dict)")
 
 
-def job_key(model_fingerprint: str, params: Mapping[str, Any], seed: int) -> str:
-    """sha256 hex of canonical JSON (sorted keys, no spaces) of the fingerprint, `params` and the seed."""
+def job_key(
+    model_fingerprint: str, params: Mapping[str, Any], seed: int, storage_root: str | None = None
+) -> str:
+    """sha256 hex of canonical JSON (sorted keys, no spaces) of the fingerprint, `params`, the seed and,
+    when given, the storage root (a video under another root is another job)."""
     doc = {"model_fingerprint": model_fingerprint, "params": _canonical(params, "params"), "seed": int(seed)}
+    if storage_root is not None:
+        doc["storage_root"] = storage_root
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def spec_key(spec: JobSpec) -> str:
     """The key `plan_jobs` gives the job of `spec`."""
-    return job_key(spec.model_fingerprint, _job_params(spec), spec.seed)
+    return job_key(spec.model_fingerprint, _job_params(spec), spec.seed, spec.storage_root)
 
 
 def _job_params(spec: JobSpec) -> dict[str, Any]:
@@ -414,6 +431,16 @@ def _json_ready(value: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(redact_options(value), default=str))
 
 
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def _storable(text: str) -> str:
+    """`text` with the characters no catalog column can hold (NUL; PostgreSQL refuses it, SQLite cuts
+    strings at it in places; lone surrogates, which are not UTF-8) written out visibly as `\\x00`,
+    `\\udc80`: the same on both databases."""
+    return _UNSTORABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if m[0] == "\x00" else f"\\u{ord(m[0]):04x}", text)
+
+
 def _clean_error(text: str) -> str:
     """Error text for the catalog: head and tail of long texts, cut at whitespace, then redacted.
 
@@ -426,7 +453,12 @@ def _clean_error(text: str) -> str:
         first_space = re.search(r"\s", tail)
         tail = tail[first_space.start() :] if first_space else ""
         text = f"{head}\n... [{len(text) - len(head) - len(tail)} characters cut] ...\n{tail}"
-    return redact(text)
+    return _storable(redact(text))
+
+
+def _made_by() -> sa.ColumnElement[int]:
+    """The run whose worker last took the job (jobs from before revision 0003: the run that planned it)."""
+    return sa.func.coalesce(Job.last_run_id, Job.first_run_id)
 
 
 # --------------------------------------------------------------------------------------------- engine
@@ -631,13 +663,14 @@ class Catalog:
 
     def create_run(
         self, name: str, manifest_uri: str, manifest_sha256: str, settings: Mapping[str, Any],
-        flow_run_id: str | None = None,
+        flow_run_id: str | None = None, owner: str | None = None,
     ) -> RunRecord:  # fmt: skip
-        """Record a new run (status pending). Run names are unique."""
+        """Record a new run (status pending). Run names are unique. `owner` names the process that runs
+        it (`<host>:<pid>:<start>`), so that a later look can tell when that process died."""
         run = Run(
-            name=name, manifest_uri=redact(manifest_uri), manifest_sha256=manifest_sha256,
-            settings=_json_ready(settings), status=RunStatus.pending, flow_run_id=flow_run_id,
-            created_at=_now(),
+            name=_storable(name), manifest_uri=_storable(redact(manifest_uri)),
+            manifest_sha256=manifest_sha256, settings=_json_ready(settings), status=RunStatus.pending,
+            flow_run_id=flow_run_id, created_at=_now(), owner=owner,
         )  # fmt: skip
         try:
             with self._session(write=True) as session:
@@ -661,6 +694,25 @@ class Catalog:
         with self._session(write=True) as session:
             run = self._run(session, run_id)
             run.status, run.finished_at = status, _now()
+
+    def unfinished_runs(self) -> list[RunRecord]:
+        """Runs still `pending` or `running`, oldest first (some may belong to processes that died)."""
+        with self._session() as session:
+            rows = session.scalars(
+                select(Run).where(Run.status.in_([RunStatus.pending, RunStatus.running])).order_by(Run.id)
+            ).all()
+            return [_record(RunRecord, run) for run in rows]
+
+    def mark_crashed(self, run_id: int) -> bool:
+        """Mark a run whose process died `crashed`, if it is still pending or running; True if it was."""
+        with self._session(write=True) as session:
+            done = session.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status.in_([RunStatus.pending, RunStatus.running]))
+                .values(status=RunStatus.crashed, finished_at=_now()),
+                execution_options={"synchronize_session": False},
+            )
+            return bool(done.rowcount)  # type: ignore[attr-defined]
 
     def register_model(
         self, model_id: str, fingerprint: str, source: str, details: Mapping[str, Any]
@@ -697,7 +749,7 @@ class Catalog:
         for raw in specs:
             spec = JobSpec(*raw)
             params = _job_params(spec)
-            key = job_key(spec.model_fingerprint, params, spec.seed)
+            key = job_key(spec.model_fingerprint, params, spec.seed, spec.storage_root)
             if key in seen:
                 continue
             seen.add(key)
@@ -722,7 +774,8 @@ class Catalog:
             rows = [
                 {"key": key, "first_run_id": run_id, "item_id": spec.item_id, "seed": int(spec.seed),
                  "model_id": spec.model_id, "model_fingerprint": spec.model_fingerprint, "params": params,
-                 "status": JobStatus.pending, "attempts": 0, "created_at": now}
+                 "status": JobStatus.pending, "attempts": 0, "created_at": now,
+                 "storage_root": spec.storage_root}
                 for key, (spec, params) in chunk.items()
             ]  # fmt: skip
             insert = self._insert(Job).on_conflict_do_nothing(index_elements=["key"])
@@ -822,16 +875,20 @@ class Catalog:
                     started_at=None,
                     finished_at=None,
                     seconds=None,
+                    **({"last_run_id": run_id} if run_id is not None else {}),
                 ),
                 execution_options={"synchronize_session": False},
             )
             jobs = session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)).all()
             return [_record(JobRecord, job) for job in jobs]
 
-    def claim_job(self, job_id: int, *, worker: str, start: bool = False) -> JobRecord | None:
+    def claim_job(
+        self, job_id: int, *, worker: str, start: bool = False, run_id: int | None = None
+    ) -> JobRecord | None:
         """Atomically move one given job from pending to running for `worker`; None if it is not pending
         (another worker holds it, or it is done already). With `start`, also mark it started (as
-        `mark_started` would), in the same transaction."""
+        `mark_started` would), in the same transaction. `run_id` is the run the worker works for: the job
+        then counts as that run's work (`last_run_id`)."""
         now = _now()
         with self._session(write=True) as session:
             done = session.execute(
@@ -840,6 +897,7 @@ class Catalog:
                 .values(
                     status=JobStatus.running, attempts=Job.attempts + 1, claimed_at=now, worker_id=worker,
                     started_at=now if start else None, finished_at=None, seconds=None,
+                    **({"last_run_id": run_id} if run_id is not None else {}),
                 ),
                 execution_options={"synchronize_session": False},
             )  # fmt: skip
@@ -943,6 +1001,27 @@ class Catalog:
                 attempts=sa.case((Job.attempts > 0, Job.attempts - 1), else_=0),
             )  # fmt: skip
 
+    def fail_pending(self, job_ids: Iterable[int], error: str, *, run_id: int | None = None) -> int:
+        """Mark the given jobs that are still pending failed with `error`, without an attempt (their worker
+        could not start: a model that does not load, say); returns how many. `run_id` records whose work
+        they were."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        now = _now()
+        values: dict[str, Any] = {"status": JobStatus.failed, "last_error": _clean_error(error),
+                                  "finished_at": now, "seconds": None}  # fmt: skip
+        if run_id is not None:
+            values["last_run_id"] = run_id
+        changed = 0
+        with self._session(write=True) as session:
+            for k in range(0, len(ids), _PLAN_CHUNK):
+                chunk = ids[k : k + _PLAN_CHUNK]
+                stmt = update(Job).where(Job.id.in_(chunk), Job.status == JobStatus.pending).values(**values)
+                done = session.execute(stmt, execution_options={"synchronize_session": False})
+                changed += done.rowcount  # type: ignore[attr-defined]
+        return changed
+
     def requeue_stale(self, older_than: timedelta, *, run_id: int | None = None) -> int:
         """Put running jobs claimed more than `older_than` ago (their worker died) back to pending."""
         cutoff = _now() - older_than
@@ -964,7 +1043,7 @@ class Catalog:
         now = _now()
 
         def cut(value: Any, limit: int) -> str | None:
-            return None if value is None else redact(str(value))[:limit]
+            return None if value is None else _storable(redact(str(value)))[:limit]
 
         records = [
             {"run_id": run_id, "line": int(row["line"]), "item_id": cut(row.get("item_id"), 200),
@@ -994,13 +1073,17 @@ class Catalog:
         with self._session() as session:
             run = None
             if isinstance(id_or_name, str):
-                run = session.scalars(select(Run).where(Run.name == id_or_name)).one_or_none()
-            if run is None and (isinstance(id_or_name, int) or id_or_name.isdigit()):
-                run = session.get(Run, int(id_or_name))
+                run = session.scalars(select(Run).where(Run.name == _storable(id_or_name))).one_or_none()
+            by_id = isinstance(id_or_name, int) or (id_or_name.isascii() and id_or_name.isdigit())
+            if run is None and by_id:
+                number = int(id_or_name)
+                run = session.get(Run, number) if 0 < number <= MAX_ID else None
             return None if run is None else _record(RunRecord, run)
 
     def runs(self, limit: int = 50) -> list[RunRecord]:
-        """The newest runs first."""
+        """The newest runs first (`limit` of them, at least 1)."""
+        if not 1 <= limit <= MAX_ID:
+            raise ValueError(f"limit {limit}: expected a number from 1 to {MAX_ID}")
         with self._session() as session:
             rows = session.scalars(select(Run).order_by(Run.id.desc()).limit(limit)).all()
             return [_record(RunRecord, run) for run in rows]
@@ -1016,6 +1099,8 @@ class Catalog:
 
     def get_job(self, job_id: int) -> JobRecord | None:
         """A job by id; None if absent."""
+        if not 0 < job_id <= MAX_ID:
+            return None
         with self._session() as session:
             job = session.get(Job, job_id)
             return None if job is None else _record(JobRecord, job)
@@ -1042,9 +1127,12 @@ class Catalog:
             return None if row is None else _record(OutputRecord, row)
 
     def _run_status(self) -> sa.ColumnElement[str]:
-        """A job's status as a run sees it: `skipped` where the run found it already done."""
+        """A job's status as a run sees it: `skipped` where the run found it already done, or where another
+        run made it (two runs of one manifest at once share the work; each counts only its own)."""
+        made_elsewhere = sa.and_(Job.status == JobStatus.succeeded, _made_by() != RunJob.run_id)
         return sa.case(
             (RunJob.outcome == PlanOutcome.already_done.value, JobStatus.skipped.value),
+            (made_elsewhere, JobStatus.skipped.value),
             else_=sa.cast(Job.status, sa.String),
         )
 
@@ -1100,8 +1188,10 @@ class Catalog:
             else:
                 self._run(session, run_id)
                 status_col = self._run_status()
+                # time this run's own workers spent: not on jobs made earlier or by another run
+                own = sa.case((_made_by() == run_id, Job.seconds), else_=None)
                 base = (
-                    select(Job.id.label("job_id"), status_col.label("status"), Job.seconds)
+                    select(Job.id.label("job_id"), status_col.label("status"), own.label("seconds"))
                     .join(RunJob, RunJob.job_id == Job.id)
                     .where(RunJob.run_id == run_id)
                 )  # fmt: skip
@@ -1127,6 +1217,6 @@ class Catalog:
             )
             return {
                 "run_id": run_id, "jobs": sum(counts.values()), "by_status": counts, "outputs": int(n_out),
-                "output_bytes": int(n_bytes), "seconds": float(seconds or 0.0),
+                "output_bytes": int(n_bytes), "seconds": round(float(seconds or 0.0), 3),
                 "rejected": int(rejected or 0),
             }  # fmt: skip

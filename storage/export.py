@@ -1,9 +1,11 @@
 """Dataset manifests: a run's videos as one table (Parquet or JSON Lines) at any fsspec URL.
 
-One row per video: where it is (uri, sha256, bytes), what it shows (prompt, negative prompt, item id,
-seed), what made it (model id and fingerprint, sampler settings) and its shape (width, height, frames,
-fps, codec). The request's remaining parameters travel as a JSON string in `params`. The file is
-written atomically, like every other object.
+One row per video: where it is (uri, sha256, bytes, thumbnail, poster, sidecar), what it shows (prompt,
+negative prompt, item id, seed), what made it (the run, the model id and fingerprint, every generation
+setting under the manifest's own field names: size, frame_num, steps, shift, guide_scale, solver), its
+inputs (image and last_image with their sha256) and its shape (width, height, frames, fps, codec). The
+request's parameters also travel whole, as a JSON string in `params`. The file is written atomically,
+like every other object.
 """
 
 from __future__ import annotations
@@ -22,36 +24,53 @@ __all__ = ["EXPORT_FORMATS", "dataset_rows", "export_run"]
 
 EXPORT_FORMATS = ("parquet", "jsonl")
 
-# Request parameters promoted to their own columns when present (sampler settings and the prompt).
-_PROMOTED = ("prompt", "negative_prompt", "sampling_steps", "shift", "guide_scale", "sample_solver")
+# Request parameters promoted to their own columns, under the manifest's field names.
+_SETTINGS = (
+    ("prompt", pa.string()), ("negative_prompt", pa.string()), ("size", pa.string()),
+    ("frame_num", pa.int64()), ("steps", pa.int64()), ("shift", pa.float64()), ("guide_scale", pa.float64()),
+    ("solver", pa.string()), ("image", pa.string()), ("image_sha256", pa.string()),
+    ("last_image", pa.string()), ("last_image_sha256", pa.string()),
+)  # fmt: skip
+# Older jobs stored some settings under the official names.
+_OLD_NAMES = {"steps": "sampling_steps", "solver": "sample_solver"}
 
 _SCHEMA = pa.schema(
     [
         ("uri", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
-        ("item_id", pa.string()), ("seed", pa.int64()), ("prompt", pa.string()),
-        ("negative_prompt", pa.string()), ("model_id", pa.string()), ("model_fingerprint", pa.string()),
-        ("sampling_steps", pa.int64()), ("shift", pa.float64()), ("guide_scale", pa.float64()),
-        ("sample_solver", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-        ("frames", pa.int64()), ("fps", pa.float64()), ("codec", pa.string()),
-        ("thumbnail_uri", pa.string()), ("sidecar_uri", pa.string()), ("job_id", pa.int64()),
+        ("item_id", pa.string()), ("seed", pa.int64()), *_SETTINGS,
+        ("model_id", pa.string()), ("model_fingerprint", pa.string()),
+        ("width", pa.int64()), ("height", pa.int64()), ("frames", pa.int64()), ("fps", pa.float64()),
+        ("codec", pa.string()), ("thumbnail_uri", pa.string()), ("poster_uri", pa.string()),
+        ("sidecar_uri", pa.string()), ("job_id", pa.int64()), ("run_id", pa.int64()), ("run", pa.string()),
         ("params", pa.string()),
     ]
 )  # fmt: skip
 
 
 def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
-    """The rows of the dataset manifest for a run (all runs when None), in job order."""
+    """The rows of the dataset manifest for a run (all runs when None), in job order. `run` names the run
+    whose worker made the video."""
     jobs = {job.id: job for job in catalog.jobs(run_id=run_id)}
+    run_names: dict[int, str | None] = {}
+
+    def run_name(made_by: int | None) -> str | None:
+        if made_by is not None and made_by not in run_names:
+            run = catalog.get_run(made_by)
+            run_names[made_by] = run.name if run else None
+        return run_names.get(made_by) if made_by is not None else None
+
     rows = []
     for output in catalog.outputs(run_id=run_id):
         job = jobs[output.job_id]
         params = dict(job.params)
-        row = {name: params.get(name) for name in _PROMOTED}
+        row = {name: params.get(name, params.get(_OLD_NAMES.get(name, name))) for name, _ in _SETTINGS}
+        made_by = job.last_run_id if job.last_run_id is not None else job.first_run_id
         row.update(
             uri=output.uri, sha256=output.sha256, bytes=output.bytes, item_id=job.item_id, seed=job.seed,
             model_id=job.model_id, model_fingerprint=job.model_fingerprint, width=output.width,
             height=output.height, frames=output.frames, fps=output.fps, codec=output.codec,
-            thumbnail_uri=output.thumbnail_uri, sidecar_uri=output.sidecar_uri, job_id=job.id,
+            thumbnail_uri=output.thumbnail_uri, poster_uri=output.poster_uri, sidecar_uri=output.sidecar_uri,
+            job_id=job.id, run_id=made_by, run=run_name(made_by),
             params=json.dumps(params, sort_keys=True, ensure_ascii=False),
         )  # fmt: skip
         rows.append(row)

@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import fsspec
-
 from storage.catalog import Catalog, JobRecord, OutputRecord
+from storage.faults import abort_open_uploads, filesystem
 from storage.layout import OutputLayout, sidecar_bytes
 from storage.urls import redact, redact_options
 from storage.video import VideoWriter, contact_sheet, verify_object, write_bytes, write_image
@@ -57,6 +56,9 @@ def store_job_output(
     keys = layout.keys(run_name, job.item_id, job.seed)
     written: list[str] = []
     start = time.perf_counter()
+    # An earlier attempt killed mid-upload left its multipart uploads open (billed, never visible): this
+    # worker holds the job's claim, so any upload under the job's own keys is such a leftover.
+    abort_open_uploads(keys.video.removesuffix(".mp4") + ".", storage_options, folder=False)
     try:
         with VideoWriter(
             keys.video, width=width, height=height, fps=fps, storage_options=storage_options,
@@ -96,9 +98,10 @@ def store_job_output(
     # Past this point the objects stay even if recording fails: the job may have been claimed again by
     # another worker whose row points at these very keys. Unrecorded objects are simply overwritten
     # when the job is redone.
+    peak = peak_memory_bytes() if callable(peak_memory_bytes) else peak_memory_bytes
     record = OutputRecord(
-        **facts, thumbnail_uri=keys.thumbnail, sidecar_uri=keys.sidecar, device=device,
-        peak_memory_bytes=peak_memory_bytes() if callable(peak_memory_bytes) else peak_memory_bytes,
+        **facts, thumbnail_uri=keys.thumbnail, sidecar_uri=keys.sidecar, poster_uri=keys.poster,
+        device=device, peak_memory_bytes=peak,
     )  # fmt: skip
     return catalog.mark_succeeded(job.id, record, seconds=seconds, worker=job.worker_id)
 
@@ -107,7 +110,7 @@ def _remove(urls: list[str], storage_options: dict | None) -> None:
     """Best effort: remove objects a failed job committed (a failure here is logged, not raised)."""
     for url in urls:
         try:
-            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            fs, path = filesystem(url, storage_options)
             fs.rm_file(path)
         except Exception as exc:  # the job's own error is the one to raise
             log.warning("could not remove %s after a failed job: %s", redact(url), redact(str(exc)))

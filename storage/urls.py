@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-__all__ = ["SECRET_OPTION_KEYS", "join_url", "protocol", "redact", "redact_options"]
+__all__ = [
+    "SECRET_OPTION_KEYS", "absolute_url", "has_secret", "is_under", "join_url", "protocol", "redact",
+    "redact_options",
+]  # fmt: skip
 
-# Userinfo in a URL: scheme://user:password@host -> scheme://user:***@host
+# Userinfo in a URL: scheme://user:password@host -> scheme://user:***@host. The password runs to the last
+# '@' before the host (it may hold spaces, '@' is percent-encoded in a valid URL), never past a line end.
 _USERINFO = re.compile(
-    r"(?<![a-zA-Z0-9+.\-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@"
+    r"(?<![a-zA-Z0-9+.\-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\n]*)@"
 )
-# Query parameters that carry secrets (presigned URLs, DSNs).
+# Query parameters that carry secrets (presigned URLs, DSNs: password=, sslpassword=, ...). The value runs
+# to the next '&' or quote, or the line's end: a space inside a password does not end the masking.
 _SECRET_QUERY = re.compile(
-    r"(?i)(?P<key>(?:password|secret|token|signature|x-amz-signature|x-amz-credential|x-amz-security-token"
-    r"|aws_secret_access_key|aws_session_token|sig)=)[^&\s]+"
+    r"(?i)(?P<key>(?:password|passwd|pwd|secret|token|signature|x-amz-signature|x-amz-credential"
+    r"|x-amz-security-token|aws_secret_access_key|aws_session_token|sig|sslkey)=)[^&\n'\"]+"
 )
 SECRET_OPTION_KEYS = frozenset(
     {"secret", "key", "token", "password", "aws_secret_access_key", "aws_session_token", "session_token",
@@ -32,6 +38,28 @@ def redact(text: str) -> str:
     """Mask passwords in URLs and secret query parameters anywhere in `text`."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
     return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
+
+
+def has_secret(text: str) -> bool:
+    """Whether `text` (a URL) carries a credential `redact` would mask: a password in its userinfo, or a
+    secret query parameter."""
+    return redact(text) != text
+
+
+def absolute_url(url: str) -> str:
+    """A storage location stated once and for all: local paths (and file:// URLs) become absolute,
+    normalised paths (`~` expanded); other URLs lose trailing slashes."""
+    if url.startswith("file://"):
+        url = url.removeprefix("file://")
+    if "://" not in url:
+        return str(Path(url).expanduser().resolve())
+    return url.rstrip("/")
+
+
+def is_under(url: str, root: str) -> bool:
+    """Whether `url` is `root` itself or an object under it (both as stored: absolute)."""
+    url, root = absolute_url(url), absolute_url(root)
+    return url == root or url.startswith(root.rstrip("/") + "/")
 
 
 def redact_options(options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -14,10 +14,21 @@ holds at most `_QUEUE_BLOCKS` x `_READ_BLOCK` bytes, plus one multipart part on 
 Sinks publish nothing at the final URL before commit:
 - local paths and file:// URLs: a hidden `.{name}.{uuid}.partial` file in the same directory, fsynced,
   then `os.replace`d onto the final name (atomic on POSIX); unlinked on abort;
-- S3: a multipart upload opened with `autocommit=False` (5 MiB parts), completed on commit and aborted
-  on failure, so no object, temporary or final, ever appears for a failed write;
+- S3: bytes are buffered in memory until they exceed one part (5 MiB, or `WANFLOW_S3_PART_SIZE` bytes:
+  `part_size()`). An object that never does (a
+  sidecar, a thumbnail, a short video) is written on commit with one PUT, atomic by itself, so a killed
+  process leaves nothing behind. A bigger one becomes a multipart upload, started only then, completed
+  on commit and aborted on failure: no object, temporary or final, ever appears for a failed write. A
+  process killed mid-upload leaves the upload open (billed): `storage.faults.abort_open_uploads` ends
+  such uploads when the run is planned again;
 - any other fsspec filesystem: a hidden temporary key next to the final one, moved onto it on commit.
   Not atomic on filesystems without rename (the move may be a copy and a delete there).
+
+Failures raise StorageError, or PermanentStorageError (also a ValueError) when retrying cannot help: a
+read-only or unwritable root, permission denied, a missing bucket, a full disk (see storage.faults). On
+every failure path the temporary file, key or upload is removed before the error propagates. Network
+calls get connect and read timeouts and a bounded retry count (`storage.faults.with_timeouts`) unless the
+storage options set their own.
 
 Every URL in an error or a log line goes through `storage.urls.redact`.
 """
@@ -37,7 +48,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ffmpeg
@@ -46,10 +57,21 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from storage.faults import (
+    PermanentStorageError,
+    StorageError,
+    describe_exception,
+    filesystem,
+    head_bucket,
+    is_s3,
+    storage_error,
+    storage_errors,
+)
 from storage.urls import redact
 
 __all__ = [
     "PART_SIZE",
+    "PermanentStorageError",
     "StorageError",
     "VideoWriteError",
     "VideoWriter",
@@ -57,6 +79,7 @@ __all__ = [
     "encoder_stream",
     "ffmpeg_executable",
     "object_info",
+    "part_size",
     "verify_object",
     "write_bytes",
     "write_image",
@@ -64,17 +87,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PART_SIZE = 5 * 2**20  # S3 multipart part size (the smallest S3 allows)
+PART_SIZE = 5 * 2**20  # S3 multipart part size by default (the smallest S3 allows)
+PART_SIZE_ENV = "WANFLOW_S3_PART_SIZE"
+MIN_PART_SIZE = 1024  # S3 itself refuses parts under 5 MiB but the last; test servers can be set lower
+MAX_PART_SIZE = 5 * 2**30  # the largest part S3 takes
 POSTER_WIDTH = 256  # kept frames are shrunk to at most this width
 _READ_BLOCK = 256 * 1024  # one read of ffmpeg's stdout
 _QUEUE_BLOCKS = 32  # encoded blocks waiting for the sink: at most 8 MiB
 _VERIFY_BLOCK = 8 * 2**20  # one ranged read while verifying
 _STDERR_KEEP = 64 * 1024  # tail of ffmpeg's stderr that is kept
 _STDERR_SHOWN = 4000  # tail of it quoted in an exception message
-
-
-class StorageError(OSError):
-    """The destination cannot be written or read (missing bucket, permission denied, failed upload)."""
 
 
 class VideoWriteError(RuntimeError):
@@ -87,36 +109,6 @@ class VideoWriteError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- sinks
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, redacted description of why a storage call failed."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        text = f"{exc.strerror}{where}"
-    else:
-        text = str(exc) or type(exc).__name__
-    return redact(f"{type(exc).__name__}: {text}")
-
-
-@contextlib.contextmanager
-def _storage_errors(url: str, action: str) -> Iterator[None]:
-    """Turn any failure inside the block into a StorageError naming the redacted URL and the reason."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"cannot {action} {redact(url)}: {_reason(exc)}") from exc
-
-
-def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
-
-
-def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "s3" in protocols
 
 
 def _hidden_temp_name(name: str) -> str:
@@ -144,6 +136,7 @@ class _LocalSink:
         self.path = path
         self.temp = os.path.join(os.path.dirname(path), _hidden_temp_name(os.path.basename(path)))
         self.file = open(self.temp, "xb")  # noqa: SIM115 - closed by commit or abort
+        self._published = False
 
     def write(self, data: bytes | memoryview) -> None:
         self.file.write(data)
@@ -153,6 +146,7 @@ class _LocalSink:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.temp, self.path)
+        self._published = True
         directory = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -160,41 +154,96 @@ class _LocalSink:
             os.close(directory)
 
     def abort(self) -> None:
-        self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.temp)
+        """Close and unlink the temporary file. Closing flushes what is buffered, which fails on a full
+        disk: the file is closed and unlinked all the same, and that error is not raised over the cause.
+        A commit that failed after its rename (syncing the directory) takes the published file away too."""
+        try:
+            with contextlib.suppress(OSError):
+                self.file.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path if self._published else self.temp)
+
+
+def part_size() -> int:
+    """The S3 multipart part size in bytes: `WANFLOW_S3_PART_SIZE` if set, else `PART_SIZE` (5 MiB).
+
+    A larger part means fewer requests per big video (S3 allows 10,000 parts). Below 5 MiB only S3-compatible
+    servers configured for it accept the parts (moto's `S3_UPLOAD_PART_MIN_SIZE`): the chaos tests use it to
+    make small videos multipart uploads. ValueError naming the variable when it is not a whole number of
+    bytes from `MIN_PART_SIZE` to `MAX_PART_SIZE`.
+    """
+    text = os.environ.get(PART_SIZE_ENV, "").strip()
+    if not text:
+        return PART_SIZE
+    try:
+        size = int(text)
+    except ValueError:
+        raise ValueError(f"{PART_SIZE_ENV}={text!r}: expected a whole number of bytes") from None
+    if not MIN_PART_SIZE <= size <= MAX_PART_SIZE:
+        raise ValueError(f"{PART_SIZE_ENV}={size}: must be from {MIN_PART_SIZE} to {MAX_PART_SIZE} bytes")
+    return size
 
 
 class _S3Sink:
-    """A multipart upload that becomes visible only when `commit` completes it."""
+    """One PUT on commit for an object of at most `part_size` bytes; above that a multipart upload, started
+    once the buffer exceeds one part and visible only when `commit` completes it.
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+    Memory: at most one part plus one write is buffered. Every part but the last is exactly `part_size`
+    bytes and the last is never empty.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, part_size: int = PART_SIZE) -> None:
         bucket, key, _ = fs.split_path(path)
         if not key:
-            raise ValueError("the URL names a bucket, not an object key")
-        # A missing bucket fails now, before any encoding. Access denied does not: HeadBucket needs
-        # s3:ListBucket, which a write-only policy may not grant.
-        with contextlib.suppress(PermissionError):
-            fs.call_s3("head_bucket", Bucket=bucket)
-        self.file = fs.open(path, "wb", autocommit=False, block_size=PART_SIZE)
+            raise IsADirectoryError(errno.EISDIR, "the URL names a bucket, not an object key", path)
+        # A missing bucket fails now, before any encoding (BucketNotFoundError: permanent). Access denied
+        # does not: HeadBucket needs s3:ListBucket, which a write-only policy may not grant.
+        head_bucket(fs, bucket)
+        self.fs, self.path, self.bucket, self.key = fs, path, bucket, key
+        self.part_size = part_size
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
 
     def write(self, data: bytes | memoryview) -> None:
-        self.file.write(data)
+        self.buffer += data
+        while len(self.buffer) > self.part_size:
+            self._upload_part(bytes(memoryview(self.buffer)[: self.part_size]))
+            del self.buffer[: self.part_size]
+
+    def _upload_part(self, body: bytes) -> None:
+        if self.upload_id is None:
+            started = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)
+            self.upload_id = started["UploadId"]
+        number = len(self.parts) + 1
+        out = self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                              PartNumber=number, Body=body)  # fmt: skip
+        self.parts.append({"PartNumber": number, "ETag": out["ETag"]})
 
     def commit(self) -> None:
-        self.file.close()  # uploads the last, short part; committing first would drop it
-        self.file.commit()
+        if self.upload_id is None:
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+        else:
+            self._upload_part(bytes(self.buffer))
+            self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key,
+                            UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})  # fmt: skip
+            self.upload_id = None
+        self.buffer = bytearray()
+        self.fs.invalidate_cache(self.path)
 
     def abort(self) -> None:
-        upload = (self.file.mpu or {}).get("UploadId")
+        """Drop the buffer and abort the multipart upload, if one was started (safe to call twice)."""
+        self.buffer = bytearray()
+        upload, self.upload_id = self.upload_id, None
+        if upload is None:
+            return
         try:
-            self.file.discard()
+            self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload)
+        except FileNotFoundError:  # NoSuchUpload: already gone
+            pass
         except Exception as exc:
-            raise OSError(f"could not abort multipart upload {upload}: {exc}") from exc
-        finally:
-            # discard() leaves the file open with no buffer; without this its __del__ tries to flush
-            # and prints an AttributeError traceback.
-            self.file.closed = True
+            raise OSError(f"could not abort multipart upload {upload}: {describe_exception(exc)}") from exc
 
 
 class _TempKeySink:
@@ -227,13 +276,15 @@ _Sink = _LocalSink | _S3Sink | _TempKeySink
 
 def _open_sink(url: str, storage_options: dict | None) -> _Sink:
     """A sink for `url`, checked for writability now (StorageError naming the URL and the reason)."""
-    with _storage_errors(url, "write"):
-        fs, path = _filesystem(url, storage_options)
+    with storage_errors(url, "write"):
+        fs, path = filesystem(url, storage_options)
         if isinstance(fs, LocalFileSystem):
             return _LocalSink(path)
-        if _is_s3(fs):
-            return _S3Sink(fs, path)
-        return _TempKeySink(fs, path)
+        if not is_s3(fs):
+            return _TempKeySink(fs, path)
+    size = part_size()  # a bad setting is a ValueError, never retried
+    with storage_errors(url, "write"):
+        return _S3Sink(fs, path, size)
 
 
 def _abort_quietly(sink: _Sink, url: str) -> None:
@@ -241,7 +292,7 @@ def _abort_quietly(sink: _Sink, url: str) -> None:
     try:
         sink.abort()
     except Exception as exc:
-        logger.warning("could not clean up the partial write of %s: %s", redact(url), _reason(exc))
+        logger.warning("could not clean up the partial write of %s: %s", redact(url), describe_exception(exc))
 
 
 # ---------------------------------------------------------------------------------------------- frames
@@ -313,7 +364,7 @@ def write_bytes(url: str, data: bytes, *, storage_options: dict | None = None) -
     """Write `data` to `url` atomically (nothing visible until complete); returns (sha256 hex, bytes)."""
     sink = _open_sink(url, storage_options)
     try:
-        with _storage_errors(url, "write"):
+        with storage_errors(url, "write"):
             sink.write(data)
             sink.commit()
     except BaseException:
@@ -345,8 +396,8 @@ def write_image(
 
 def object_info(url: str, storage_options: dict | None = None) -> int | None:
     """Size in bytes of the object at `url`, or None when there is none (other failures: StorageError)."""
-    with _storage_errors(url, "look up"):
-        fs, path = _filesystem(url, storage_options)
+    with storage_errors(url, "look up"):
+        fs, path = filesystem(url, storage_options)
         fs.invalidate_cache(path)
         try:
             info = fs.info(path)
@@ -361,8 +412,8 @@ def verify_object(url: str, sha256: str, nbytes: int, storage_options: dict | No
     if object_info(url, storage_options) != nbytes:
         return False
     digest = hashlib.sha256()
-    with _storage_errors(url, "read"):
-        fs, path = _filesystem(url, storage_options)
+    with storage_errors(url, "read"):
+        fs, path = filesystem(url, storage_options)
         try:
             with fs.open(path, "rb", block_size=_VERIFY_BLOCK, cache_type="none") as file:
                 while block := file.read(_VERIFY_BLOCK):
@@ -538,8 +589,7 @@ class VideoWriter:
         self._kill()
         self._join()
         if self._upload_error is not None:
-            error = self._upload_error
-            return StorageError(f"cannot write {redact(self.url)}: upload failed: {_reason(error)}")
+            return storage_error(self.url, "write", self._upload_error, doing="upload failed")
         rc, text = self.process.returncode, self.stderr.strip()
         detail = redact(text[-_STDERR_SHOWN:]) if text else "(ffmpeg printed no error message)"
         message = f"ffmpeg failed while {doing} for {redact(self.url)}: {_describe_exit(rc)}\n{detail}"
@@ -584,7 +634,7 @@ class VideoWriter:
             raise RuntimeError(f"VideoWriter for {redact(self.url)} is already {self._state}")
         try:
             self._finish_encoding()
-            with _storage_errors(self.url, "write"):
+            with storage_errors(self.url, "write"):
                 self._sink.commit()
         except BaseException:
             self.abort()

@@ -18,6 +18,16 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_local_prefect_server_left():
+    """A test that runs `wanflow generate` outside a Prefect test harness starts the local server of this
+    session's PREFECT_HOME (flows/local_server.py): stop it when the session ends."""
+    yield
+    from flows.local_server import stop_local_server
+
+    stop_local_server(os.environ["PREFECT_HOME"])
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -75,19 +75,42 @@ def test_migrations_upgrade_and_downgrade(catalog_url):
     cat = Catalog(catalog_url)
     assert table_names(cat) == set()
     assert cat.current_revision() is None
-    assert cat.upgrade() == "0002"
+    assert cat.upgrade() == "0003"
     assert table_names(cat) == TABLES | {"alembic_version"}
-    assert cat.upgrade() == "0002"  # at head already: nothing to do
+    assert cat.upgrade() == "0003"  # at head already: nothing to do
+    with cat.engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0002")
+    assert "owner" not in {c["name"] for c in sa.inspect(cat.engine).get_columns("runs")}
     with cat.engine.begin() as conn:
         command.downgrade(alembic_config(conn), "0001")
     assert table_names(cat) == TABLES - {"rejections"} | {"alembic_version"}
-    assert cat.upgrade() == "0002"
+    assert cat.upgrade() == "0003"
     with cat.engine.begin() as conn:
         command.downgrade(alembic_config(conn), "base")
     assert table_names(cat) - {"alembic_version"} == set()
     assert cat.current_revision() is None
     cat.upgrade()
     assert table_names(cat) >= TABLES
+    cat.close()
+
+
+def test_migration_0003_keeps_old_rows_and_adds_crashed(catalog_url):
+    """A catalog written at 0002 keeps its runs and jobs through 0003; the new run status is allowed."""
+    cat = Catalog(catalog_url)
+    with cat.engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0002")
+    now = datetime.now(UTC)
+    with cat.engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO runs (name, manifest_uri, manifest_sha256, settings, status, created_at)"
+            " VALUES ('old', 'm.jsonl', :sha, '{}', 'running', :now)"
+        ), {"sha": "ab" * 32, "now": now})  # fmt: skip
+    assert cat.upgrade() == "0003"
+    run = cat.get_run("old")
+    assert run is not None and run.status == RunStatus.running and run.owner is None
+    assert cat.mark_crashed(run.id)
+    assert cat.get_run("old").status == RunStatus.crashed
+    assert not cat.mark_crashed(run.id)  # ended already
     cat.close()
 
 

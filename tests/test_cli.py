@@ -45,13 +45,13 @@ def test_queries_print_tables_and_json(filled):
     url, done, failed = filled
     result = _wanflow(url, "runs")
     assert result.exit_code == 0 and "nightly" in result.output
-    rows = json.loads(_wanflow(url, "jobs", "--run", "nightly", "--status", "failed", "--json").output)
+    rows = json.loads(_wanflow(url, "jobs", "--run", "nightly", "--status", "failed", "--json").stdout)
     assert [(r["item_id"], r["last_error"]) for r in rows] == [(failed.item_id, "CUDA out of memory")]
-    outputs = json.loads(_wanflow(url, "outputs", "--run", "nightly", "--json").output)
+    outputs = json.loads(_wanflow(url, "outputs", "--run", "nightly", "--json").stdout)
     assert [o["uri"] for o in outputs] == ["s3://b/nightly/x.mp4"]
-    shown = json.loads(_wanflow(url, "show", str(done.id), "--json").output)
+    shown = json.loads(_wanflow(url, "show", str(done.id), "--json").stdout)
     assert shown["output"]["sha256"] == "cd" * 32 and shown["params"]["prompt"] == f"a {done.item_id}"
-    stats = json.loads(_wanflow(url, "stats", "--run", "nightly", "--json").output)
+    stats = json.loads(_wanflow(url, "stats", "--run", "nightly", "--json").stdout)
     assert stats["by_status"]["succeeded"] == 1 and stats["by_status"]["failed"] == 1
     assert stats["output_bytes"] == 1234
 
@@ -109,6 +109,20 @@ def _manifest(tmp_path, rows) -> str:
     return str(path)
 
 
+TINY = ("--model", "tiny-t2v")  # random weights are run only when named
+
+
+def _placeholder_checkpoint(root):
+    """A directory with every file of the official t2v layout present (empty): enough for planning, which
+    looks at names only."""
+    root.mkdir()
+    (root / "config.json").write_text('{"model_type": "t2v"}')
+    for name in ("diffusion_pytorch_model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth"):
+        (root / name).write_bytes(b"")
+    (root / "google" / "umt5-xxl").mkdir(parents=True)
+    return root
+
+
 GOOD = [
     {"item_id": "fox", "prompt": "a fox", "size": "64*48", "frame_num": 5, "steps": 2},
     {"item_id": "owl", "prompt": "an owl", "size": "48*64", "frame_num": 5, "steps": 2},
@@ -118,25 +132,26 @@ GOOD = [
 def test_validate_lists_every_bad_row(tmp_path):
     bad = [*GOOD, {"item_id": "elk", "prompt": "an elk", "size": "50*48"}, "{not json", {"prompt": "no id"}]
     manifest = _manifest(tmp_path, bad)
-    result = runner.invoke(app, ["validate", manifest])
+    result = runner.invoke(app, ["validate", manifest, *TINY])
     assert result.exit_code == 1
     assert "line 3" in result.output and "size" in result.output
     assert "line 4" in result.output and "line 5" in result.output and "item_id" in result.output
-    doc = json.loads(runner.invoke(app, ["validate", manifest, "--json"]).stdout)
+    doc = json.loads(runner.invoke(app, ["validate", manifest, *TINY, "--json"]).stdout)
     assert doc["rows"] == 5 and doc["valid"] == 2 and [p["line"] for p in doc["problems"]] == [3, 4, 5]
-    ok = runner.invoke(app, ["validate", _manifest(tmp_path, GOOD), "--seeds", "3"])
+    ok = runner.invoke(app, ["validate", _manifest(tmp_path, GOOD), *TINY, "--seeds", "3"])
     assert ok.exit_code == 0 and "2 valid" in ok.output and "6 jobs" in ok.output
+    assert doc["invalid"] == 3
 
 
 def test_generate_refuses_an_invalid_manifest_before_starting(tmp_path):
     manifest = _manifest(tmp_path, [*GOOD, {"item_id": "elk", "prompt": "an elk", "frame_num": 6}])
-    result = runner.invoke(app, ["generate", manifest, "--catalog-url", f"sqlite:///{tmp_path}/c.db"])
+    result = runner.invoke(app, ["generate", manifest, *TINY, "--catalog-url", f"sqlite:///{tmp_path}/c.db"])
     assert result.exit_code == 1
     assert "line 3" in result.output and "frame_num" in result.output and "--skip-invalid" in result.output
     assert not (tmp_path / "c.db").exists()  # nothing was started
-    missing = runner.invoke(app, ["generate", str(tmp_path / "nope.jsonl")])
+    missing = runner.invoke(app, ["generate", str(tmp_path / "nope.jsonl"), *TINY])
     assert missing.exit_code == 1 and "nope.jsonl" in missing.output
-    needs_weights = runner.invoke(app, ["generate", manifest, "--model", "t2v-1.3B", "--skip-invalid"])
+    needs_weights = runner.invoke(app, ["generate", manifest, "--model", "t2v-1.3B"])
     assert needs_weights.exit_code == 1 and "--ckpt-dir" in needs_weights.output
 
 
@@ -148,6 +163,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
         [
             "generate",
             manifest,
+            *TINY,
             "--catalog-url",
             url,
             "--seeds",
@@ -172,7 +188,8 @@ def test_generate_then_dry_run_sees_everything_done(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     manifest = _manifest(tmp_path, GOOD)
     url = f"sqlite:///{tmp_path}/cat/c.db"
-    args = ["generate", manifest, "--catalog-url", url, "--out", str(tmp_path / "videos"), "--seeds", "2"]
+    args = ["generate", manifest, *TINY, "--catalog-url", url, "--out", str(tmp_path / "videos")]
+    args += ["--seeds", "2"]
     with prefect_test_harness(server_startup_timeout=90):
         result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -185,9 +202,7 @@ def test_generate_then_dry_run_sees_everything_done(tmp_path, monkeypatch):
 
 def test_generate_uses_the_given_checkpoint_dir(tmp_path):
     manifest = _manifest(tmp_path, [{"item_id": "fox", "prompt": "a fox"}])
-    ckpt = tmp_path / "Wan2.1-T2V-1.3B"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text("{}")
+    ckpt = _placeholder_checkpoint(tmp_path / "Wan2.1-T2V-1.3B")
     args = ["generate", manifest, "--model", "t2v-1.3B", "--ckpt-dir", str(ckpt), "--dry-run", "--json"]
     result = runner.invoke(app, [*args, "--catalog-url", f"sqlite:///{tmp_path}/c.db"])
     assert result.exit_code == 0, result.output
@@ -196,5 +211,5 @@ def test_generate_uses_the_given_checkpoint_dir(tmp_path):
 
 def test_markup_in_a_manifest_is_printed_as_text(tmp_path):
     manifest = _manifest(tmp_path, [{"item_id": "fox", "prompt": "a fox", "size": "[/x]"}])
-    result = runner.invoke(app, ["generate", manifest, "--catalog-url", f"sqlite:///{tmp_path}/c.db"])
+    result = runner.invoke(app, ["generate", manifest, *TINY, "--catalog-url", f"sqlite:///{tmp_path}/c.db"])
     assert result.exit_code == 1 and "[/x]" in result.output and "MarkupError" not in result.output

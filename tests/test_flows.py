@@ -15,8 +15,9 @@ import torch
 from prefect.testing.utilities import prefect_test_harness
 
 import flows.shard
-from flows.batch import BatchFailed, _worker_gone, generate_batch, plan_shards
+from flows.batch import BatchFailed, _worker_gone, generate_batch, plan_shards, summarise
 from flows.models import checkpoint_fingerprint, model_source
+from flows.settings import get_settings
 from storage.catalog import Catalog, JobGroupRow, JobStatus
 from storage.outputs import verifier
 
@@ -46,7 +47,8 @@ def run_batch(tmp_path: Path, catalog_url: str, manifest: str, **kwargs):
     """The run's summary, whether it succeeded or not (then the flow raised BatchFailed with it)."""
     try:
         return generate_batch(
-            manifest, out=str(tmp_path / "out"), catalog_url=catalog_url, seeds=2, shard_size=4, **kwargs
+            manifest, model="tiny-t2v", out=str(tmp_path / "out"), catalog_url=catalog_url, seeds=2,
+            shard_size=4, **kwargs,
         )
     except BatchFailed as failed:
         return failed.summary
@@ -249,7 +251,11 @@ def test_run_job_refuses_weights_other_than_planned(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_crashed_shard_fails_the_run_and_a_rerun_finishes_it(harness, fast_retries, tmp_path, monkeypatch):
+def test_a_shard_whose_model_cannot_load_fails_its_jobs_with_the_reason(
+    harness, fast_retries, tmp_path, monkeypatch
+):
+    """Every job of the shard is failed with the one-line reason (not left pending), the summary leads with
+    it, `catalog jobs --status failed` lists them; a re-run requeues and finishes them."""
     catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
     Catalog(catalog_url).upgrade()
     manifest = write_manifest(tmp_path / "crash.jsonl", items=("alpha",))
@@ -258,11 +264,19 @@ def test_a_crashed_shard_fails_the_run_and_a_rerun_finishes_it(harness, fast_ret
         raise RuntimeError("CUDA error: out of memory while loading (injected)")
 
     monkeypatch.setattr(flows.shard, "load_pipeline", broken)
-    with pytest.raises(BatchFailed, match="0 of 2 jobs failed, 2 unfinished") as failed:
-        generate_batch(manifest, out=str(tmp_path / "out"), catalog_url=catalog_url, seeds=2)
-    assert failed.value.summary["status"] == "failed" and failed.value.summary["by_status"]["pending"] == 2
+    reason = "model tiny-t2v could not load: RuntimeError: CUDA error: out of memory while loading (injected)"
+    with pytest.raises(BatchFailed, match=r"^run \S+: model tiny-t2v could not load.*2 of 2 jobs failed, 0"):
+        generate_batch(
+            manifest, model="tiny-t2v", out=str(tmp_path / "out"), catalog_url=catalog_url, seeds=2
+        )
     with Catalog(catalog_url) as catalog:
-        assert catalog.get_run(failed.value.summary["run_id"]).status == "failed"
+        run = catalog.runs(limit=1)[0]
+        assert run.status == "failed"
+        failed = catalog.jobs(run.id, status="failed")
+        assert len(failed) == 2 and {j.last_error for j in failed} == {reason}
+        assert summarise(catalog, run.id, get_settings(catalog_url=catalog_url))["failure_reasons"] == [
+            {"error": reason, "jobs": 2}
+        ]
     monkeypatch.undo()
     again = run_batch(tmp_path, catalog_url, manifest)
     assert again["status"] == "succeeded" and again["by_status"]["succeeded"] == 2
@@ -270,7 +284,7 @@ def test_a_crashed_shard_fails_the_run_and_a_rerun_finishes_it(harness, fast_ret
 
 def test_a_password_never_becomes_a_flow_parameter(tmp_path):
     manifest = write_manifest(tmp_path / "m.jsonl", items=("alpha",))
-    with pytest.raises(ValueError, match=r"holds a password.*WANFLOW_CATALOG_URL") as refused:
+    with pytest.raises(ValueError, match=r"holds a credential.*WANFLOW_CATALOG_URL") as refused:
         generate_batch.fn(manifest, catalog_url="postgresql+psycopg://wanflow:s3cret@db/wanflow")
     assert "s3cret" not in str(refused.value)
 
@@ -395,7 +409,9 @@ def test_a_shard_with_two_gpus_per_job_runs_on_one_torchrun_group(
     clear_pipelines()
     try:
         manifest = write_manifest(tmp_path / "group.jsonl")
-        summary = generate_batch(manifest, out=str(tmp_path / "out"), catalog_url=catalog_url, shard_size=4)
+        summary = generate_batch(
+            manifest, model="tiny-t2v", out=str(tmp_path / "out"), catalog_url=catalog_url, shard_size=4
+        )
         assert summary["by_status"]["succeeded"] == 3, summary
         pipe = _group_pipeline()
         assert pipe is not None and pipe.group.starts == 1 and pipe.group.generations == 3
@@ -424,7 +440,9 @@ def test_a_shard_with_two_gpus_per_job_runs_on_one_torchrun_group(
 
         thread = threading.Thread(target=kill_second_job, daemon=True)
         thread.start()
-        again = generate_batch(str(slow), out=str(tmp_path / "out"), catalog_url=catalog_url, shard_size=4)
+        again = generate_batch(
+            str(slow), model="tiny-t2v", out=str(tmp_path / "out"), catalog_url=catalog_url, shard_size=4
+        )
         thread.join(5)
         assert killed, "the test never saw the second job start"
         assert again["by_status"]["succeeded"] == 3, again
@@ -444,15 +462,23 @@ def test_inputs_outside_the_storage_root_take_their_own_options(monkeypatch):
     monkeypatch.setenv("WANFLOW_STORAGE_OPTIONS", '{"key": "writer"}')
     monkeypatch.setenv("WANFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
     settings = get_settings()
+
+    def options_for(url: str) -> dict:  # the options, less the timeouts every call gets
+        options = settings.storage_options_for(url)
+        options.pop("config_kwargs", None)
+        client = options.get("client_kwargs", {})
+        client.pop("timeout", None)
+        return {k: v for k, v in options.items() if v != {}}
+
     endpoint = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
-    assert settings.storage_options_for("s3://videos/out/run/a.mp4") == {"key": "writer", **endpoint}
-    assert settings.storage_options_for("s3://inputs/cat.png") == {"key": "writer", **endpoint}  # same kind
+    assert options_for("s3://videos/out/run/a.mp4") == {"key": "writer", **endpoint}
+    assert options_for("s3://inputs/cat.png") == {"key": "writer", **endpoint}  # same kind
     monkeypatch.setenv("WANFLOW_INPUT_STORAGE_OPTIONS", '{"s3": {"anon": true}}')
     settings = get_settings()
-    assert settings.storage_options_for("s3://inputs/cat.png") == {"anon": True, **endpoint}
-    assert settings.storage_options_for("https://example.org/cat.png") == {}  # other protocols: untouched
-    assert settings.storage_options_for("s3://videos/outside.png") == {"anon": True, **endpoint}
-    assert settings.storage_options_for("s3://videos/out/run/a.mp4") == {"key": "writer", **endpoint}
+    assert options_for("s3://inputs/cat.png") == {"anon": True, **endpoint}
+    assert options_for("https://example.org/cat.png") == {}  # other protocols: untouched
+    assert options_for("s3://videos/outside.png") == {"anon": True, **endpoint}
+    assert options_for("s3://videos/out/run/a.mp4") == {"key": "writer", **endpoint}
 
 
 @pytest.mark.slow

@@ -8,6 +8,11 @@ process workers started by the infra/ scripts, the PostgreSQL catalog and the S3
    run is cancelled (the operator's move, infra/README.md "Resuming"), the workers are started again
    and the manifest runs again: jobs finished before the kill are skipped, the rest are generated once
    each, every job ends with exactly one verified output, and storage matches the catalog.
+3. The workers hold secrets in their environment only, as infra/README.md tells operators to: a catalog URL
+   with a password (a PostgreSQL role made for this module) and S3 keys. After run 1, no secret is found
+   in Prefect's database (flow run parameters, names, logs, artifacts, events: the server's SQLite file
+   read byte for byte), in any catalog table, in any stored object, in the `prefect` and `wanflow` command
+   outputs, or in the workers' logs.
 
 The flow runs are real processes that import torch (several seconds each on 2 cores): the module takes
 about two to three minutes. Everything runs under `tmp_path`; the server uses SQLite for its own data.
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -31,10 +37,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import psycopg
 import pytest
 from databases import reset_postgres
+from psycopg import sql
 from s3_server import BUCKET, Target, free_port
+from sqlalchemy.engine import make_url
+from typer.testing import CliRunner
 
 from storage.catalog import Catalog, JobStatus, PlanOutcome
 from storage.video import verify_object
@@ -217,6 +228,55 @@ def deployed(prefect_server: PrefectServer) -> PrefectServer:
 # --------------------------------------------------------------------------------------- the stack
 
 
+@dataclass(frozen=True)
+class WorkerSecrets:
+    """What only the workers' environment holds: a catalog URL with a password (a PostgreSQL role of its
+    own; the test server trusts local connections, so any password works, but the URL carries it) and S3
+    keys (moto takes any)."""
+
+    role: str
+    password: str
+    catalog_url: str
+    aws_key_id: str
+    aws_secret: str
+
+    @property
+    def needles(self) -> dict[str, bytes]:
+        """What must be found nowhere: the password's random core (in whatever URL form, raw or
+        percent-encoded) and both S3 keys."""
+        core = self.password.split("-")[1]
+        return {"catalog password": core.encode(), "S3 key id": self.aws_key_id.encode(),
+                "S3 secret key": self.aws_secret.encode()}  # fmt: skip
+
+
+def _grant(admin_url: str, role: str) -> None:
+    """Let `role` read and write the catalog's tables in the test database (made by the admin role)."""
+    conninfo = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
+        conn.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
+        conn.execute(f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+
+
+@pytest.fixture(scope="module")
+def worker_secrets(postgres_database: str) -> Iterator[WorkerSecrets]:
+    role = f"wanflow_worker_{secrets.token_hex(4)}"
+    # Characters a URL must percent-encode around a random core: the core is what is searched for.
+    password = f"Pw-{secrets.token_hex(12)}-:/@%x"
+    url = make_url(postgres_database).set(username=role, password=password)
+    admin = make_url(postgres_database).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+        create = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
+        conn.execute(create.format(sql.Identifier(role), sql.Literal(password)))
+    yield WorkerSecrets(
+        role, password, url.render_as_string(hide_password=False),
+        aws_key_id=f"AKIA{secrets.token_hex(8).upper()}", aws_secret=f"S3k{secrets.token_hex(16)}",
+    )  # fmt: skip
+    with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(f'DROP OWNED BY "{role}"')
+        conn.execute(f'DROP ROLE "{role}"')
+
+
 @dataclass
 class Stack:
     """Server, catalog, bucket and this machine's workers (started by infra/start-workers.sh)."""
@@ -226,7 +286,9 @@ class Stack:
     s3: Target
     s3_port: int
     run_dir: Path
+    secrets: WorkerSecrets
     catalog: Catalog = field(init=False)
+    outputs: list[str] = field(default_factory=list)  # what the `prefect` commands printed
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.catalog_url)
@@ -236,9 +298,10 @@ class Stack:
         # the workers' environment, never in flow parameters.
         return self.server.env(
             WANFLOW_HOME=str(REPO), RUN_DIR=str(self.run_dir), GPUS="0,1", STOP_TIMEOUT="10",
-            WANFLOW_CATALOG_URL=self.catalog_url, WANFLOW_STORAGE_ROOT=self.s3.root,
-            WANFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}", AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", WANFLOW_RETRY_DELAY_S="0.5",
+            WANFLOW_CATALOG_URL=self.secrets.catalog_url, WANFLOW_STORAGE_ROOT=self.s3.root,
+            WANFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}", AWS_DEFAULT_REGION="us-east-1",
+            AWS_ACCESS_KEY_ID=self.secrets.aws_key_id, AWS_SECRET_ACCESS_KEY=self.secrets.aws_secret,
+            WANFLOW_RETRY_DELAY_S="0.5",
             PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
             PREFECT_LOGGING_LEVEL="INFO",
         )  # fmt: skip
@@ -270,10 +333,12 @@ class Stack:
 
     def run_batch(self, manifest: str, shard_size: int, defaults: dict[str, Any]) -> str:
         """`prefect deployment run generate-batch/generate-batch` (as infra/README.md shows); the run id."""
-        params = {"manifest": manifest, "seeds": 2, "shard_size": shard_size, "defaults": defaults}
+        params = {"manifest": manifest, "model": "tiny-t2v", "seeds": 2, "shard_size": shard_size,
+                  "defaults": defaults}  # fmt: skip
         out = self.server.cli(
             "deployment", "run", "generate-batch/generate-batch", "--params", json.dumps(params)
         )
+        self.outputs.append(out)
         found = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
         assert found, f"no flow run id in:\n{out}"
         return found.group(1)
@@ -301,13 +366,15 @@ class Stack:
 
 @pytest.fixture
 def stack(
-    deployed: PrefectServer, postgres_database: str, s3_target: Target, moto_port: int, tmp_path: Path
-) -> Iterator[Stack]:
+    deployed: PrefectServer, postgres_database: str, s3_target: Target, moto_port: int, tmp_path: Path,
+    worker_secrets: WorkerSecrets,
+) -> Iterator[Stack]:  # fmt: skip
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log: thousands of lines
     reset_postgres(postgres_database)
     Catalog(postgres_database).upgrade()
+    _grant(postgres_database, worker_secrets.role)
     run_dir = tmp_path / "run"
-    stack = Stack(deployed, postgres_database, s3_target, moto_port, run_dir)
+    stack = Stack(deployed, postgres_database, s3_target, moto_port, run_dir, worker_secrets)
     try:
         yield stack
     finally:
@@ -349,6 +416,97 @@ def check_storage_matches_catalog(stack: Stack) -> None:
     stored = {name for name in listing if not name.startswith("upload:")}
     assert not expected - stored, f"recorded in the catalog but not stored: {sorted(expected - stored)}"
     assert not stored - expected, f"stored without a catalog row: {sorted(stored - expected)}"
+
+
+def _hits(data: bytes, needles: dict[str, bytes]) -> list[str]:
+    """Which needles occur in `data`, each with a little context."""
+    found = []
+    for what, needle in needles.items():
+        at = data.find(needle)
+        if at >= 0:
+            found.append(f"{what}: ...{data[max(0, at - 120) : at + 60]!r}...")
+    return found
+
+
+def wanflow_outputs(stack: Stack, manifest: str) -> list[str]:
+    """What `wanflow` prints (stdout and stderr) when an operator queries the catalog with the secret URL
+    and plans the manifest again with the secret keys in the environment."""
+    from flows.cli import app
+
+    runner = CliRunner()
+    url = stack.secrets.catalog_url
+    env = {"AWS_ACCESS_KEY_ID": stack.secrets.aws_key_id, "AWS_SECRET_ACCESS_KEY": stack.secrets.aws_secret,
+           "WANFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{stack.s3_port}", "WANFLOW_CATALOG_URL": url,
+           "WANFLOW_STORAGE_ROOT": stack.s3.root}  # fmt: skip
+    commands = [["catalog", "runs"], ["catalog", "jobs"], ["catalog", "outputs"], ["catalog", "stats"],
+                ["catalog", "show", str(stack.catalog.jobs()[0].id)]]  # fmt: skip
+    said = []
+    for command in commands:
+        for extra in (["--json"], []):
+            result = runner.invoke(app, [*command, "--catalog-url", url, *extra], env=env)
+            assert result.exit_code == 0, result.output
+            said.append(result.output)
+    generate = ["generate", manifest, "--model", "tiny-t2v", "--out", stack.s3.root]
+    plan = runner.invoke(app, [*generate, "--seeds", "2", "--dry-run", "--json", "--catalog-url", url],
+                         env=env)  # fmt: skip
+    assert plan.exit_code == 0, plan.output
+    said.append(plan.output)
+    unreachable = f"postgresql+psycopg://u:{quote(stack.secrets.password, safe='')}@127.0.0.1:1/db"
+    refused = runner.invoke(app, [*generate, "--catalog-url", unreachable], env=env)
+    assert refused.exit_code == 1, refused.output  # the error names the catalog, masked
+    said.append(refused.output)
+    return said
+
+
+def check_no_secret_anywhere(stack: Stack, manifest: str) -> None:
+    """No worker secret in Prefect's database (every table: flow run parameters and names, task runs,
+    logs, artifacts, events), the catalog's tables, the stored objects, the command outputs or the workers'
+    logs. Each place is also checked for something that must be there, so an empty search proves nothing."""
+    needles = stack.secrets.needles
+    found: dict[str, list[str]] = {}
+
+    def search(where: str, data: bytes, control: bytes | None = None) -> None:
+        if control is not None:
+            assert control in data, f"{where}: {control!r} is not there: the search would see nothing"
+        if hits := _hits(data, needles):
+            found[where] = hits
+
+    # Prefect's own database: the server's SQLite file and its write-ahead log, byte for byte.
+    database = stack.server.home / "server" / "prefect.db"
+    blob = b"".join(p.read_bytes() for p in sorted(database.parent.glob("prefect.db*")))
+    search("Prefect's database", blob, control=manifest.encode())
+    assert b"ready on" in blob, "the shards' log lines are not in Prefect's database"
+    # The same through the API: every flow run's parameters and name, every log line, every artifact.
+    api = [stack.server.request("POST", "/flow_runs/filter", {"limit": 200}),
+           stack.server.request("POST", "/task_runs/filter", {"limit": 200}),
+           stack.server.request("POST", "/logs/filter", {"limit": 200}),
+           stack.server.request("POST", "/artifacts/filter", {"limit": 200})]  # fmt: skip
+    search("the Prefect API", json.dumps(api).encode(), control=b"batch-outputs")
+
+    # Every catalog table, row by row; the runs record the workers' catalog, masked (role name, no password).
+    admin = make_url(stack.catalog_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, connect_timeout=3) as conn:
+        tables = [row[0] for row in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")]  # fmt: skip
+        rows = []
+        for table in tables:
+            query = sql.SQL("SELECT row_to_json(t)::text FROM {} t").format(sql.Identifier(table))
+            rows += [row[0] for row in conn.execute(query)]
+    search("the catalog", "\n".join(rows).encode(), control=stack.secrets.role.encode())
+
+    # Every stored object: videos, thumbnails, posters, sidecars, contact sheets, manifests.
+    fs = stack.s3.fs
+    objects = [path for path in fs.find(BUCKET)]
+    assert any(path.endswith(".json") for path in objects)
+    for path in objects:
+        search(f"object s3://{path}", fs.cat_file(path))
+
+    # What the commands printed, and the workers' logs.
+    search("`prefect deployment run` output", "\n".join(stack.outputs).encode(), control=b"UUID")
+    search("`wanflow` outputs", "\n".join(wanflow_outputs(stack, manifest)).encode(), control=b"***")
+    for log in sorted(stack.run_dir.glob("worker-*.log")):
+        search(f"worker log {log.name}", log.read_bytes())
+    assert not found, f"secrets found: {json.dumps(found, indent=2)}"
 
 
 def max_overlap(runs: list[dict[str, Any]]) -> int:
@@ -419,6 +577,7 @@ def test_manifest_finishes_on_the_deployed_pools(stack: Stack) -> None:
     assert {j.worker_id.rsplit(":", 1)[1] for j in jobs} <= {s["id"] for s in shards}
 
     check_storage_matches_catalog(stack)
+    check_no_secret_anywhere(stack, manifest)
 
 
 def test_killed_workers_then_rerun_completes_only_missing_jobs(stack: Stack) -> None:

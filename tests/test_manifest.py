@@ -16,6 +16,7 @@ import random
 import threading
 import time
 import tracemalloc
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -521,6 +522,301 @@ def test_manifest_error_lists_at_most_fifty(tmp_path):
     assert text.endswith("... and 10 more")
     again = pickle.loads(pickle.dumps(info.value))
     assert again.problems == info.value.problems and str(again) == text and isinstance(again, ValueError)
+
+
+# --------------------------------------------------------------------------- text that cannot be stored
+
+
+def assert_storable(problems: list[RowProblem]) -> None:
+    """What `Catalog.record_rejections` stores: no NUL, no lone surrogate, no invisible character in names."""
+    for problem in problems:
+        for key, value in problem._asdict().items():
+            if isinstance(value, str):
+                assert "\x00" not in value, (key, value)
+                value.encode("utf-8")  # no lone surrogate
+        for name in (problem.field, problem.item_id):
+            assert name is None or not any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in name)
+        problem.describe("m.jsonl").encode("utf-8")
+
+
+_TEXT_FIELDS = ["prompt", "negative_prompt", "id", "image", "size", "model", "solver"]
+
+
+def _row_with(field: str, value: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": "row", "prompt": "a prompt"}
+    if field == "image":
+        row["model"] = "tiny-i2v"
+    row[field] = value
+    return row
+
+
+@pytest.mark.parametrize("fmt", MANIFEST_FORMATS)
+@pytest.mark.parametrize("field", _TEXT_FIELDS)
+def test_nul_in_any_text_field_is_a_problem_of_that_row_and_field(tmp_path, fmt, field):
+    good = {"id": "ok", "prompt": "fine"}
+    url, first = write_manifest(
+        tmp_path, fmt, [good, _row_with(field, "ab\x00cd"), {"id": "ok2", "prompt": "x"}]
+    )
+    manifest = load_manifest(url)
+    assert [r.item_id for r in manifest.requests] == ["ok", "ok2"]
+    assert [(p.line, p.field) for p in manifest.problems] == [(first + 1, field)]
+    problem = manifest.problems[0]
+    assert "U+0000 NULL at character 3" in problem.reason
+    assert_storable(manifest.problems)
+    assert manifest.invalid_rows == 1
+    split = split_manifest(url, str(tmp_path / "out"), blocksize=64)
+    assert split.problems == manifest.problems and split.valid == 2
+
+
+def test_nul_prompt_reason_says_why():
+    problems = resolve({"id": "a", "prompt": "a cat\x00"}, 4, RunDefaults())
+    assert problems == [
+        RowProblem(4, "prompt", "prompt contains U+0000 NULL at character 6 (PostgreSQL text cannot store "
+                   "NUL)", "a", '{"id": "a", "prompt": "a cat\\u0000"}')
+    ]  # fmt: skip
+
+
+def test_nul_and_surrogates_in_names_and_ids_are_escaped_in_problems(tmp_path):
+    lines = [
+        '{"id": "a\\u0000b", "prompt": "p"}',  # NUL in the id
+        '{"id": "c", "prompt": "p", "pro\\u0000mpt": "x"}',  # NUL in a field name
+        '{"id": "d\\udc80", "prompt": "p"}',  # a lone surrogate in the id
+        '{"id": "e", "prompt": "p", "k\\ud800": 1}',  # ... in a field name
+        '{"id": "f", "prompt": "p", "x": 1, "x": 2, "\\u0000": 3, "\\u0000": 4}',  # a NUL key given twice
+        '{"id": "g\u202e", "prompt": "\\ud83d"}',
+        b'{"id": "h\x00", "prompt": "raw NUL byte"}',
+    ]
+    url = write_jsonl(tmp_path / "n.jsonl", lines)
+    manifest = load_manifest(url)
+    assert manifest.invalid_rows == 7 and manifest.requests == []
+    assert_storable(manifest.problems)
+    by_line = {p.line: p for p in manifest.problems}
+    assert by_line[1].field == "id" and by_line[1].item_id == "a\\x00b"
+    assert "U+0000 NULL" in by_line[1].reason
+    assert any(
+        p.line == 2 and p.field == "pro\\x00mpt" and "unknown field" in p.reason for p in manifest.problems
+    )
+    assert by_line[3].item_id == "d\\udc80" and "U+DC80" in by_line[3].reason
+    assert any(p.line == 4 and p.field == "k\\ud800" for p in manifest.problems)
+    assert by_line[5].field == "x" and "given twice" in by_line[5].reason
+    assert by_line[6].item_id == "g\\u202e"
+    assert "not valid JSON" in by_line[7].reason and "\\x00" in by_line[7].raw
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(url)
+    assert "\x00" not in str(info.value)
+    str(info.value).encode("utf-8")
+    # The same through CSV headers and Parquet column names.
+    path = tmp_path / "h.csv"
+    path.write_text("id,prompt,no\x00te\na\x00,p,\nb,p,x\n")
+    csv_manifest = load_manifest(str(path))
+    assert [(p.line, p.field) for p in csv_manifest.problems] == [(2, "id"), (3, "no\\x00te")]
+    assert csv_manifest.problems[0].item_id == "a\\x00"
+    assert_storable(csv_manifest.problems)
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["p"], "x\x00\u202e": ["1"]}), tmp_path / "h.parquet")
+    pq_manifest = load_manifest(str(tmp_path / "h.parquet"))
+    assert [(p.line, p.field) for p in pq_manifest.problems] == [(1, "x\\x00\\u202e")]
+    assert_storable(pq_manifest.problems)
+
+
+def test_a_problem_escapes_what_it_is_made_of():
+    problem = RowProblem(
+        3, "f\x00", "bad \x00 \ud800 \u202e\ttab\nline", "id\u200b\x00", "raw\x00\udfff\u2066"
+    )
+    assert problem == (
+        3,
+        "f\\x00",
+        "bad \\x00 \\ud800 \\u202e\ttab\nline",
+        "id\\u200b\\x00",
+        "raw\\x00\\udfff\\u2066",
+    )
+    assert problem._replace(field="g\x00").field == "g\\x00"
+    assert (
+        problem.describe("m.jsonl")
+        == "m.jsonl line 3 (id 'id\\u200b\\x00'), field 'f\\x00': bad \\x00 \\ud800 \\u202e tab line"
+    )
+    assert pickle.loads(pickle.dumps(problem)) == problem
+    assert RowProblem(1, "x" * 500, "r", "y" * 500, "z" * 5000)[1::2] == ("x" * 200, "y" * 200)
+    assert len(RowProblem(1, None, "r", None, "\x01" * 2000).raw) == 2000  # cut after escaping
+    emoji = RowProblem(1, "prompt", "ok", "a", '{"prompt": "👩\u200d👩 \u05e9\u05dc\u05d5\u05dd"}')
+    assert emoji.raw == '{"prompt": "👩\\u200d👩 \u05e9\u05dc\u05d5\u05dd"}'  # a ZWJ is shown, letters kept
+
+
+_SPOOFING = [
+    "\u202e", "\u202d", "\u202a", "\u200b", "\u200c", "\u200d", "\u2066", "\u2067", "\u2068", "\u2069",
+    "\u200e", "\u200f", "\u061c", "\ufeff", "\u00ad", "\u2060", "\u2028", "\u2029", "\u00a0", "\u3000",
+    "\u3164", "\u115f", "\ufe0f", "\U000e0041", "\x1b", "\x07", "\x85", "\x7f", "\t", "\n",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("char", _SPOOFING, ids=[f"U+{ord(c):04X}" for c in _SPOOFING])
+def test_ids_with_invisible_or_direction_changing_characters_are_refused(char):
+    problems = resolve({"id": f"invoice{char}fdp.exe", "prompt": "p"}, 2, RunDefaults())
+    assert isinstance(problems, list) and [(p.line, p.field) for p in problems] == [(2, "id")]
+    assert f"item_id contains U+{ord(char):04X} " in problems[0].reason
+    assert "at character 8" in problems[0].reason and " not allowed in ids)" in problems[0].reason
+    assert_storable(problems)
+
+
+def test_id_refusal_names_the_character():
+    problems = resolve({"item_id": "abc\u202egnp.exe", "prompt": "p"}, 1, RunDefaults())
+    assert isinstance(problems, list)
+    assert problems[0].reason == (
+        "item_id contains U+202E RIGHT-TO-LEFT OVERRIDE at character 4 "
+        "(invisible or direction-changing characters are not allowed in ids)"
+    )
+    assert problems[0].item_id == "abc\\u202egnp.exe"
+    ordinary = resolve({"id": "Ünïcödé ids, spaces too_日本", "prompt": "p"}, 1, RunDefaults())
+    assert isinstance(ordinary, ResolvedRequest)
+
+
+@pytest.mark.parametrize("field", ["image", "last_image", "size", "model", "solver"])
+def test_other_names_refuse_invisible_characters_too(field):
+    row = {"id": "a", "prompt": "p", "model": "tiny-flf2v", "image": "a.png", "last_image": "b.png"}
+    row[field] = {"size": "64*48", "model": "tiny-flf2v", "solver": "euler"}.get(field, "x.png") + "\u2067"
+    problems = resolve(row, 1, RunDefaults())
+    assert isinstance(problems, list) and [p.field for p in problems] == [field]
+    assert f"{field} contains U+2067 RIGHT-TO-LEFT ISOLATE" in problems[0].reason
+
+
+def test_prompts_keep_ordinary_unicode_and_whitespace_but_not_control_characters():
+    fine = [
+        "a family 👨\u200d👩\u200d👧 at the beach",  # ZWJ emoji sequence
+        "\u05e9\u05dc\u05d5\u05dd \u200fworld",  # Hebrew with a right-to-left mark
+        "tabs\tand\nnewlines\r\nare fine",
+        "zero\u200bwidth, soft\u00adhyphen, nbsp\u00a0and \u2028 separators",
+    ]
+    for prompt in fine:
+        resolved = resolve({"id": "a", "prompt": prompt, "negative_prompt": prompt}, 1, RunDefaults())
+        assert isinstance(resolved, ResolvedRequest), prompt
+        assert resolved.prompt == prompt.strip()
+    controls = [("\x07", "BELL"), ("\x1b", "ESCAPE"), ("\x0b", "LINE TABULATION"), ("\x85", "NEXT LINE"),
+                ("\x00", "NULL"), ("\x9f", "(control character)")]  # fmt: skip
+    for char, name in controls:
+        problems = resolve({"id": "a", "prompt": f"ab{char}c"}, 1, RunDefaults())
+        assert isinstance(problems, list) and [p.field for p in problems] == ["prompt"]
+        assert f"prompt contains U+{ord(char):04X} {name} at character 3" in problems[0].reason
+        assert_storable(problems)
+    with pytest.raises(ValueError, match="U\\+0000 NULL"):
+        RunDefaults(negative_prompt="blurry\x00")
+    with pytest.raises(ValueError, match="U\\+202E"):
+        RunDefaults(size="64*48\u202e")
+
+
+def test_bom_inside_a_jsonl_file_is_named(tmp_path):
+    lines = [b'\xef\xbb\xbf{"id": "a", "prompt": "p"}', b'\xef\xbb\xbf{"id": "b", "prompt": "p"}']
+    url = write_jsonl(tmp_path / "b.jsonl", lines)  # the first BOM is the file's: dropped
+    manifest = load_manifest(url)
+    assert [r.item_id for r in manifest.requests] == ["a"]
+    assert [p.line for p in manifest.problems] == [2] and "byte-order mark" in manifest.problems[0].reason
+
+
+# --------------------------------------------------------------------------- invalid rows
+
+
+@pytest.mark.parametrize("fmt", MANIFEST_FORMATS)
+def test_invalid_rows_counts_rows_not_problems(tmp_path, fmt):
+    rows = [{"id": f"r{i}", "prompt": "p"} for i in range(10)]
+    rows[3].update(seed=-1, size="13*13", steps=0)  # three problems, one row
+    rows[7]["frame_num"] = 10
+    url, _ = write_manifest(tmp_path, fmt, rows)
+    manifest = load_manifest(url)
+    assert len(manifest.problems) == 4 and manifest.invalid_rows == 2 and manifest.rows == 10
+    assert manifest.rows == len(manifest.requests) + manifest.invalid_rows
+    split = split_manifest(url, str(tmp_path / "out"), blocksize=128)
+    assert split.invalid_rows == split.invalid == 2 and len(split.problems) == 4
+    assert Manifest(url, fmt, "", 10, [], manifest.problems[:1], invalid_rows=2).invalid_rows == 2
+    assert Manifest(url, fmt, "", 10, [], manifest.problems).invalid_rows == 2
+    assert Manifest(url, fmt, "", 0, [], [RowProblem(0, None, "whole file")]).invalid_rows == 0
+
+    @dataclasses.dataclass
+    class Lazy(Manifest):  # as flows.batch subclasses it: a positional field after the base's
+        models: list[str] = dataclasses.field(default_factory=list)
+
+    lazy = Lazy(url, fmt, "", 10, [], manifest.problems, ["tiny-t2v"], invalid_rows=split.invalid_rows)
+    assert lazy.models == ["tiny-t2v"] and lazy.invalid_rows == 2
+
+
+# --------------------------------------------------------------------------- CSV cells and quotes
+
+
+def test_csv_cell_over_the_size_limit_names_line_field_and_limit(tmp_path):
+    limit = csv.field_size_limit()
+    path = tmp_path / "big.csv"
+    path.write_text(
+        "id,prompt,seed\n"
+        "a,fine,1\n"
+        f"b,{'x' * 1_000_000},2\n"  # line 3: an unquoted megabyte
+        f'c,"{"y, " * 50_000}",3\n'  # line 4: a quoted one
+        f'd,ok,"{"9" * 200_000}"\n'  # line 5: in another column
+        "e,fine too,5\n"
+    )
+    manifest = load_manifest(str(path))
+    assert [r.item_id for r in manifest.requests] == ["a", "e"]
+    assert [(p.line, p.field) for p in manifest.problems] == [(3, "prompt"), (4, "prompt"), (5, "seed")]
+    assert manifest.problems[0].reason == (
+        f"a cell of 1000000 characters; one CSV cell may hold at most {limit} characters"
+    )
+    assert all(str(limit) in p.reason for p in manifest.problems)
+    assert all(len(p.raw or "") <= 2000 for p in manifest.problems)
+    split = split_manifest(str(path), str(tmp_path / "out"), blocksize=100_000)
+    assert split.problems == manifest.problems and split.valid == 2
+
+
+def test_csv_unterminated_quote_is_reported_where_it_opens(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text(
+        "id,prompt,seed\n"
+        "a,fine,1\n"
+        'b,"a quote that never closes,2\n'  # line 3
+        "c,swallowed,3\n"
+        "d,swallowed too,4\n"
+        "e,,5\n"  # line 6: no prompt
+    )
+    manifest = load_manifest(str(path))
+    assert [(r.item_id, r.line) for r in manifest.requests] == [("a", 2), ("c", 4), ("d", 5)]
+    assert [(p.line, p.field) for p in manifest.problems] == [(3, "prompt"), (6, "prompt")]
+    assert manifest.problems[0].reason.startswith("unterminated quoted field starting on line 3")
+    assert "not valid UTF-8" not in manifest.problems[0].reason
+    assert manifest.rows == 5 and manifest.invalid_rows == 2
+    # A record that opens the quote on its second line: reported on its first line, naming where.
+    path.write_text('id,prompt,seed\na,"two\nlines",1\nb,"ok\n",2\nc,p,"3\nd,p,4\n')
+    manifest = load_manifest(str(path))
+    assert [(r.item_id, r.line) for r in manifest.requests] == [("a", 2), ("b", 4), ("d", 7)]
+    assert [(p.line, p.field) for p in manifest.problems] == [(6, "seed")]
+    assert "starting on line 6" in manifest.problems[0].reason
+
+
+def test_csv_unterminated_quote_in_a_large_file_stops_at_the_cell_limit(tmp_path):
+    path = tmp_path / "q.csv"
+    rows = "".join(f"r{i},{'z' * 100},{i}\n" for i in range(3000))  # 300 kB: more than a cell may hold
+    path.write_text(f'id,prompt,seed\na,"never closed,1\n{rows}')
+    manifest = load_manifest(str(path))
+    assert manifest.rows == 3001 and len(manifest.requests) == 3000 and manifest.invalid_rows == 1
+    assert [(p.line, p.field) for p in manifest.problems] == [(2, "prompt")]
+    assert f"within {csv.field_size_limit()} characters" in manifest.problems[0].reason
+    split = split_manifest(str(path), str(tmp_path / "out"), blocksize=50_000)
+    assert split.problems == manifest.problems and split.valid == 3000
+
+
+def test_csv_bad_bytes_and_carriage_returns_are_reported_on_their_own_line(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_bytes(b'id,prompt,seed\na,"multi\nline \xff",1\nb,x\ry,2\nc,ok,3\n,,,,\n\nd,"a ""q"" b",4\n')
+    manifest = load_manifest(str(path))
+    assert [(r.item_id, r.line) for r in manifest.requests] == [("c", 5), ("d", 8)]
+    assert manifest.requests[1].prompt == 'a "q" b'
+    assert [(p.line, p.field) for p in manifest.problems] == [(2, None), (4, None)]
+    assert manifest.problems[0].reason == "not valid UTF-8 (byte 6 of line 3)"
+    assert "carriage return" in manifest.problems[1].reason
+    assert_storable(manifest.problems)
+
+
+def test_csv_bad_header_record_is_a_manifest_error(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_bytes(b'id,"prompt\na,b\n')
+    with pytest.raises(ManifestError, match="line 1: cannot read the header: unterminated quoted field"):
+        load_manifest(str(path))
+    with pytest.raises(ManifestError, match="line 1: cannot read the header: unterminated quoted field"):
+        split_manifest(str(path), str(tmp_path / "out"))
 
 
 # --------------------------------------------------------------------------- fuzz

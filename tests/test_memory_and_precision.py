@@ -168,8 +168,8 @@ def test_a_run_records_its_memory_options(tmp_path, monkeypatch):
     memory = {"offload_model": True, "vae_tiling": "4:2"}  # the run's overrides
     monkeypatch.setenv("WANFLOW_T5_CPU", "true")  # the worker's own setting for the rest
     with prefect_test_harness(server_startup_timeout=90):
-        summary = generate_batch(str(manifest), out=str(tmp_path / "out"), catalog_url=catalog_url,
-                                 memory=memory)  # fmt: skip
+        summary = generate_batch(str(manifest), model="tiny-t2v", out=str(tmp_path / "out"),
+                                 catalog_url=catalog_url, memory=memory)  # fmt: skip
     assert summary["status"] == "succeeded"
     with Catalog(catalog_url) as catalog:
         run = catalog.get_run(summary["run_id"])

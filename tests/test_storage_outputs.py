@@ -4,14 +4,17 @@ re-planning skips verified outputs and redoes missing or corrupt ones."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
+from test_storage_faults import everything_in, fill, mounted_tmpfs
 
 from storage.catalog import Catalog, JobSpec, JobStatus
+from storage.faults import PermanentStorageError
 from storage.layout import OutputLayout
 from storage.outputs import store_job_output, verifier
-from storage.video import verify_object
+from storage.video import VideoWriter, verify_object
 
 W, H = 64, 48
 
@@ -137,4 +140,50 @@ def test_s3_outage_during_a_job_leaves_no_object_and_no_row(tmp_path, aws_env):
         assert verify_object(out.uri, out.sha256, out.bytes, s3_options(port))
     finally:
         stop_server(server)
+        catalog.close()
+
+
+def _one_job(catalog_url: str):
+    catalog = Catalog(catalog_url)
+    catalog.upgrade()
+    run = catalog.create_run("full", "m.jsonl", "ab" * 32, {})
+    catalog.plan_jobs(run.id, [JobSpec("fox", 3, "tiny-t2v", "fp0", {"prompt": "a fox"})])
+    return catalog, run
+
+
+def test_full_disk_fails_at_once_and_leaves_no_file(catalog_url, tmp_path):
+    """ENOSPC is permanent (a ValueError to the job runner: no retries with backoff) and neither the
+    temporary file nor anything else stays in the output folder."""
+    catalog, run = _one_job(catalog_url)
+    try:
+        with mounted_tmpfs(tmp_path / "full", "256k") as root:
+            fill(root)
+            job = _claim(catalog, run)
+            with pytest.raises(PermanentStorageError, match=r"disk full \(ENOSPC\)") as err:
+                store_job_output(catalog, job, _frames(3), layout=OutputLayout(str(root)), run_name=run.name,
+                                 width=W, height=H)  # fmt: skip
+            assert isinstance(err.value, ValueError)
+            assert everything_in(root) == ["filler"]
+            assert catalog.output_of(job.id) is None
+    finally:
+        catalog.close()
+
+
+def test_disk_full_after_the_video_removes_the_video(catalog_url, tmp_path):
+    """Room for the video and nothing more: the thumbnail fails, and the committed video goes again."""
+    with VideoWriter(str(tmp_path / "ref.mp4"), width=W, height=H) as reference:  # what the job will encode
+        for chunk in _frames(3):
+            reference.write(chunk)
+    pages = -(-reference.nbytes // 4096)  # tmpfs hands out whole pages
+    catalog, run = _one_job(catalog_url)
+    try:
+        with mounted_tmpfs(tmp_path / "full", "256k") as root:
+            fill(root)
+            os.truncate(root / "filler", os.path.getsize(root / "filler") // 4096 * 4096 - pages * 4096)
+            job = _claim(catalog, run)
+            with pytest.raises(PermanentStorageError, match=r"fox-s3\.thumb\.webp: disk full \(ENOSPC\)"):
+                store_job_output(catalog, job, _frames(3), layout=OutputLayout(str(root)), run_name=run.name,
+                                 width=W, height=H)  # fmt: skip
+            assert everything_in(root) == ["filler"]  # the video was stored, then removed again
+    finally:
         catalog.close()

@@ -20,10 +20,12 @@ import pytest
 import s3fs
 import torch
 from PIL import Image
-from s3_server import BUCKET, SECRET, Target, s3_options, start_server, stop_server, target_objects
+from s3_server import BUCKET, SECRET, Target, s3_options, start_server, stop_server
 
+from storage.faults import abort_open_uploads
 from storage.video import (
     PART_SIZE,
+    PermanentStorageError,
     StorageError,
     VideoWriteError,
     VideoWriter,
@@ -182,11 +184,13 @@ def test_s3_outage_mid_upload_then_retry(aws_env: None):
     try:
         restarted = Target("s3://outage/run", s3_options(port))
         # The abort could not reach the server: the upload is orphaned, but no object is visible.
-        assert target_objects(restarted) == []
-        restarted.fs.clear_multipart_uploads("outage")
+        fs = restarted.fs
+        assert fs.find("outage") == [] and len(fs.list_multipart_uploads("outage")) == 1
+        assert abort_open_uploads("s3://outage/run", restarted.options) == 1  # as a re-planned run does
+        assert fs.list_multipart_uploads("outage") == []
         retry = _write_small(restarted, "fox.mp4")
         assert verify_object(url, retry.sha256, retry.nbytes, restarted.options)
-        assert target_objects(restarted) == ["fox.mp4"]
+        assert restarted.fs.find("outage") == ["outage/run/fox.mp4"]
     finally:
         stop_server(server)
 
@@ -260,12 +264,12 @@ def test_local_root_under_a_regular_file(tmp_path: Path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     url = f"file://{blocker}/run/x.mp4"
-    with pytest.raises(StorageError, match="not a directory") as err:
+    with pytest.raises(PermanentStorageError, match="not a directory") as err:
         VideoWriter(url, width=W, height=H)
-    assert str(blocker) in str(err.value)
-    with pytest.raises(StorageError, match="not-a-dir"):
+    assert str(blocker) in str(err.value) and isinstance(err.value, ValueError)  # a job fails at once
+    with pytest.raises(PermanentStorageError, match="not-a-dir"):
         write_bytes(str(blocker / "x.json"), b"{}")
-    with pytest.raises(StorageError, match="the destination is a directory"):
+    with pytest.raises(PermanentStorageError, match="the destination is a directory"):
         write_bytes(str(tmp_path), b"{}")
 
 
@@ -277,20 +281,22 @@ def test_local_unwritable_root(tmp_path: Path):
     else:
         root = tmp_path / "ro"
         root.mkdir(mode=0o555)
-    with pytest.raises(StorageError, match=r"Permission denied|Read-only file system") as err:
+    with pytest.raises(PermanentStorageError, match=r"permission denied \((EACCES|EPERM)\)") as err:
         VideoWriter(str(root / "x.mp4"), width=W, height=H)
-    assert str(root) in str(err.value)
+    assert str(root) in str(err.value) and "Permission denied" in str(err.value)
+    assert isinstance(err.value, ValueError) and err.value.kind == "permission"
 
 
 @pytest.mark.integration
 def test_s3_missing_bucket(s3_target: Target):
     options = s3_target.options
-    with pytest.raises(StorageError, match=r"s3://no-such-bucket/x\.mp4") as err:
+    with pytest.raises(PermanentStorageError, match=r"s3://no-such-bucket/x\.mp4") as err:
         VideoWriter("s3://no-such-bucket/x.mp4", width=W, height=H, storage_options=options)
-    with pytest.raises(StorageError, match=r"s3://no-such-bucket/x\.webp") as err_image:
+    with pytest.raises(PermanentStorageError, match=r"s3://no-such-bucket/x\.webp") as err_image:
         write_image("s3://no-such-bucket/x.webp", _smooth(1)[0], format="webp", storage_options=options)
     for error in (err.value, err_image.value):
         assert SECRET not in str(error) and "Not Found" in str(error)
+        assert "bucket no-such-bucket does not exist" in str(error) and isinstance(error, ValueError)
 
 
 @pytest.mark.parametrize("image_format", ["png", "webp"])

@@ -1,0 +1,142 @@
+"""Runs whose process died: who owns a run, whether that process still lives, and marking the dead crashed.
+
+A batch run records its owner as `<host>:<pid>:<start>`, where `<start>` is the process's start time in
+clock ticks since boot (Linux `/proc/<pid>/stat`, field 22; empty elsewhere). A process id can be reused
+after its process dies; the start time tells a new process from the old one.
+
+`reap_crashed_runs` looks at every run still `pending` or `running` in the catalog and marks `crashed` those
+whose owner is on this host and gone, or whose Prefect flow run has already ended (when Prefect can be
+asked), setting the Prefect flow run to Crashed too where it still shows Running. Runs owned by other hosts
+are left to those hosts, or to their flow run's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from uuid import UUID
+
+from storage.catalog import Catalog, RunRecord
+
+__all__ = ["ended_flow_runs", "is_uuid", "owner_alive", "process_owner", "reap_crashed_runs"]
+
+log = logging.getLogger(__name__)
+
+
+def _start_ticks(pid: int) -> str:
+    """The start time of process `pid` in clock ticks since boot; '' where /proc is not there; None-like
+    '-' when the process does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "-" if Path("/proc/self/stat").exists() else ""
+    except OSError:
+        return ""
+    # The command name (field 2) is in parentheses and may hold spaces: count fields after its ')'.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_owner(pid: int | None = None) -> str:
+    """`<host>:<pid>:<start ticks>` of this process (or of `pid`)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the process named by an owner token still runs: None when it is on another host (or the
+    token cannot be read), so nobody here can tell."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _start_ticks(pid)
+    if now == "-":
+        return False
+    return not (start and now and start != now)  # another process took the pid
+
+
+def ended_flow_runs(flow_run_ids: Iterable[str | None]) -> dict[str, str]:
+    """{flow run id: state name} of the flow runs Prefect knows as ended; {} when Prefect can't be asked."""
+    ids = [i for i in flow_run_ids if is_uuid(i)]
+    if not ids:
+        return {}
+    try:
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in ids]))
+            )
+    except Exception as exc:
+        log.info("could not ask Prefect about unfinished runs: %s", exc)
+        return {}
+    return {str(r.id): r.state.name for r in runs if r.state is not None and r.state.is_final()}
+
+
+def _mark_prefect_crashed(flow_run_id: str, message: str) -> None:
+    """Set a flow run that still shows as running to Crashed (nothing when Prefect cannot be reached)."""
+    try:
+        from prefect import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(flow_run_id))
+            if run.state is not None and not run.state.is_final():
+                client.set_flow_run_state(UUID(flow_run_id), Crashed(message=message), force=True)
+    except Exception as exc:
+        log.info("could not mark flow run %s crashed in Prefect: %s", flow_run_id, exc)
+
+
+def is_uuid(text: str | None) -> bool:
+    try:
+        UUID(str(text))
+    except ValueError:
+        return False
+    return True
+
+
+def reap_crashed_runs(
+    catalog: Catalog, *, ask_prefect: bool = True, skip: int | None = None
+) -> list[RunRecord]:
+    """Mark `crashed` every unfinished run whose process is known to be gone; returns those runs.
+
+    `skip` is a run id to leave alone (the caller's own). With `ask_prefect`, a run whose owner cannot be
+    checked from here is crashed when its Prefect flow run has ended, and a dead owner's flow run that still
+    shows Running in Prefect is set to Crashed.
+    """
+    unfinished = [r for r in catalog.unfinished_runs() if r.id != skip]
+    if not unfinished:
+        return []
+    verdicts: dict[int, str] = {}
+    unknown: list[RunRecord] = []
+    for run in unfinished:
+        alive = owner_alive(run.owner) if run.owner else None
+        if alive is False:
+            verdicts[run.id] = f"its process ({run.owner}) is gone"
+        elif alive is None:
+            unknown.append(run)
+    if ask_prefect and unknown:
+        ended = ended_flow_runs([r.flow_run_id for r in unknown if r.flow_run_id])
+        for run in unknown:
+            if run.flow_run_id in ended:
+                verdicts[run.id] = f"its Prefect flow run ended {ended[run.flow_run_id]}"
+    crashed = []
+    for run in unfinished:
+        if run.id in verdicts and catalog.mark_crashed(run.id):
+            log.warning("run %s crashed: %s", run.name, verdicts[run.id])
+            if ask_prefect and run.flow_run_id and is_uuid(run.flow_run_id):
+                why = f"wanflow: the run's process died ({verdicts[run.id]})"
+                _mark_prefect_crashed(run.flow_run_id, why)
+            crashed.append(run)
+    return crashed
