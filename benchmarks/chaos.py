@@ -9,20 +9,25 @@ the server of `--postgres-url`, dropped at the end), one local Prefect server fo
 `wanflow` command itself as a subprocess, with the tiny random-weight model.
 
 Each trial has a storage root of its own (`s3://chaos/trial-NNN`) and a manifest of 3 rows x 2 seeds
-(2 sampling steps, 9 frames of 64x48). It starts `wanflow generate`, waits for an anchor and sends SIGKILL
+(2 sampling steps, 5 frames of 64x48). It starts `wanflow generate`, waits for an anchor and sends SIGKILL
 to its process group (the command and its ffmpeg encoders; the Prefect server lives in a session of its
-own). Anchors take turns, their parameters drawn from a seeded random generator:
+own). A trial's re-run overlaps the next trial's killed run (two commands at a time, on two roots, sharing
+the catalog, the bucket and the Prefect server as concurrent runs do; `--one-at-a-time` to not). Anchors
+take turns, their parameters drawn from a seeded random generator:
 
-- `start`: 0 to 14 s after the command started (imports, validation, Prefect, planning: the kill may land
+- `start`: 0 to 6 s after the command started (imports, validation, Prefect, planning: the kill often lands
   before the run has a catalog row);
 - `planned`: 0 to 6 s after the run's catalog row appeared (model load, first jobs);
 - `upload`: as soon as the n-th multipart upload under the root is seen (n from 1 to the job count);
-- `output`: 0 to 1.5 s after the n-th output row appeared (between jobs, or in the next job's upload).
+- `output`: 0 to 1.5 s after the n-th output row appeared (between jobs, or in the next job's upload);
+- `sheet`: as soon as the run's contact sheet is stored (the run then writes its last Prefect artifact and
+  finishes: the kill lands just before or just after the run ends in the catalog).
 
-Videos of the tiny model are about 10 KB, so S3 uploads are made multipart with a 2 KiB part size
-(`WANFLOW_S3_PART_SIZE`; moto's `S3_UPLOAD_PART_MIN_SIZE` is lowered to match): every video, and some
-sidecars and posters, go through an upload that a kill can leave open. The same command then runs again to
-completion, and the record is checked:
+Videos of the tiny model are about 8 KB, so S3 uploads are made multipart with a 2 KiB part size
+(`WANFLOW_S3_PART_SIZE`; moto's `S3_UPLOAD_PART_MIN_SIZE` is lowered to match): every video goes through an
+upload that a kill can leave open. moto is also made to tell when an upload began (`moto_patches`): it says
+2010 for all, which would let the planner's age-based clean-up end every upload and hide leaks. The same
+command then runs again to completion, and the record is checked:
 
 - every (row, seed) of the manifest has exactly one job under the root, succeeded, with exactly one output
   row and one video object (else it counts as duplicated, or unfinished);
@@ -30,9 +35,12 @@ completion, and the record is checked:
 - no object under the root lacks a catalog row (outputs, thumbnails, posters, sidecars). Allowed: each run's
   `contact_sheet.webp` (written at the end of a run that made videos; the catalog keeps no row for it) and
   `_manifests/` (split large manifests; none here);
-- no multipart upload is open in the bucket;
+- no multipart upload is open under the root (and, after the last trial, none anywhere in the bucket);
 - the killed run is marked `crashed` when its catalog row was still pending or running at the kill (a kill
-  before the row existed leaves no run to mark: counted apart).
+  before the row existed leaves no run to mark: counted apart);
+- no Prefect flow run of a run in the catalog is left unfinished (the killed batch and the shard subflows
+  that ran in its process show Crashed). A batch flow run killed before its catalog row existed has no run
+  to reap and stays Running in Prefect: counted apart.
 
 Open uploads seen right after a kill tell a kill during an upload. Prints a line per trial on standard
 error, then one JSON object. `tests/test_chaos.py` runs the same trials (fewer) on the test fixtures.
@@ -46,6 +54,7 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -54,15 +63,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ANCHORS = ("upload", "start", "output", "planned")
+ANCHORS = ("upload", "start", "output", "planned", "sheet")
 PART_SIZE = 2048  # bytes: a tiny-model video is several parts
 BUCKET = "chaos"
 MODEL = "tiny-t2v"
@@ -86,10 +98,11 @@ class Setup:
     rows: int = 3
     seeds: int = 2
     steps: int = 2
-    frame_num: int = 9
+    frame_num: int = 5
     part_size: int = PART_SIZE
     rerun_timeout_s: float = 300.0
     anchor_timeout_s: float = 180.0
+    anchors: tuple[str, ...] = ANCHORS  # taken in turn
 
     @property
     def endpoint(self) -> str:
@@ -113,7 +126,8 @@ class Setup:
     def s3(self) -> Any:
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+        # A session of its own: boto3's default session is not safe to share between threads.
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                             aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
                             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
 
@@ -130,6 +144,7 @@ class Trial:
     log: str
     reached_anchor: bool = False
     killed: bool = False  # the signal found the command still running
+    victim_rc: int | None = None  # the command's exit status when it ended before the kill
     kill_at_s: float | None = None  # seconds after the command started
     open_uploads_at_kill: int = 0
     killed_run: str | None = None
@@ -147,6 +162,8 @@ class Trial:
     orphans: list[str] = field(default_factory=list)
     allowed_extras: list[str] = field(default_factory=list)
     open_uploads_after: list[str] = field(default_factory=list)
+    prefect_left_running: list[str] = field(default_factory=list)  # flow runs not final after the re-run
+    prefect_runs_without_row: list[str] = field(default_factory=list)  # ... of a batch killed before its row
     rerun_tail: str = ""
 
     @property
@@ -169,6 +186,8 @@ class Trial:
         """What is wrong with the record after the re-run (empty: nothing)."""
         where = f"trial {self.index} ({self.anchor}, killed at {self.kill_at_s}s)"
         found = []
+        if self.victim_rc:
+            found.append(f"{where}: the command to kill failed by itself (exit {self.victim_rc})")
         if self.rerun_timed_out:
             found.append(f"{where}: the re-run hung (killed after {self.rerun_s:.0f} s)")
         elif self.rerun_rc != 0:
@@ -177,7 +196,8 @@ class Trial:
                             ("unexpected jobs", self.unexpected_jobs),
                             ("failing verification", self.failed_verification),
                             ("orphan objects", self.orphans),
-                            ("open uploads after the re-run", self.open_uploads_after)):  # fmt: skip
+                            ("open uploads after the re-run", self.open_uploads_after),
+                            ("Prefect flow runs left running", self.prefect_left_running)):  # fmt: skip
             if items:
                 found.append(f"{where}: {name}: {items}")
         if self.jobs != self.jobs_expected:
@@ -217,14 +237,16 @@ def _owned_by(owner: str | None, pid: int) -> bool:
 class _Watch:
     """What the catalog and the bucket show of one trial, looked at while the command runs."""
 
-    def __init__(self, setup: Setup, catalog: Any, root: str, root_key: str) -> None:
-        self.setup, self.catalog, self.root, self.prefix = setup, catalog, root, f"{root_key}/"
+    def __init__(self, setup: Setup, catalog: Any, root: str) -> None:
+        self.setup, self.catalog, self.root = setup, catalog, root
+        self.prefix = root.removeprefix(f"s3://{setup.bucket}/").rstrip("/") + "/"
         self.s3 = setup.s3()
         self.uploads_seen: set[str] = set()
 
-    def open_uploads(self, prefix: str | None = None) -> list[dict[str, Any]]:
+    def open_uploads(self) -> list[dict[str, Any]]:
+        """The multipart uploads open under the trial's root."""
         uploads: list[dict[str, Any]] = []
-        query = {"Bucket": self.setup.bucket, "Prefix": self.prefix if prefix is None else prefix}
+        query = {"Bucket": self.setup.bucket, "Prefix": self.prefix}
         while True:
             page = self.s3.list_multipart_uploads(**query)
             uploads += page.get("Uploads") or []
@@ -257,6 +279,9 @@ class _Watch:
             return bool(self.runs_of(pid))
         if anchor == "output":
             return self.outputs() >= n
+        if anchor == "sheet":
+            keys = _objects(self.s3, self.setup.bucket, self.prefix)
+            return any(key.endswith("/contact_sheet.webp") for key in keys)
         self.uploads_seen.update(u["UploadId"] for u in self.open_uploads())
         return len(self.uploads_seen) >= n
 
@@ -270,7 +295,7 @@ def _end_group(process: subprocess.Popen) -> None:
 def _kill_at_anchor(process: subprocess.Popen, watch: _Watch, trial: Trial, deadline: float) -> None:
     """Wait for the trial's anchor, then its delay, then SIGKILL the command (if it still runs)."""
     start = time.monotonic()
-    poll = 0.005 if trial.anchor == "upload" else 0.1
+    poll = 0.02 if trial.anchor in ("upload", "sheet") else 0.1  # each look costs CPU the command could use
     while process.poll() is None and time.monotonic() < deadline:
         if watch.reached(trial.anchor, trial.anchor_n, process.pid):
             trial.reached_anchor = True
@@ -284,63 +309,87 @@ def _kill_at_anchor(process: subprocess.Popen, watch: _Watch, trial: Trial, dead
         _end_group(process)
         trial.killed = True
         trial.kill_at_s = round(time.monotonic() - start, 2)
-    process.wait()
+    rc = process.wait()
+    if not trial.killed:
+        trial.victim_rc = rc
 
 
-def run_trial(setup: Setup, index: int, rng: random.Random) -> Trial:
-    """Start `wanflow generate`, SIGKILL it at the trial's anchor, run it again to its end, check the
-    record."""
+@dataclass
+class _Killed:
+    """A trial after its kill, ready for its re-run."""
+
+    trial: Trial
+    command: list[str]
+    expected: list[tuple[str, int]]
+    killed_runs: list[Any]
+
+
+def kill_phase(setup: Setup, index: int, rng: random.Random) -> _Killed:
+    """Start trial `index`'s `wanflow generate` and SIGKILL it at the trial's anchor; note what it left."""
     from storage.catalog import Catalog
 
     root_key = f"trial-{index:03d}"
     root = f"s3://{setup.bucket}/{root_key}"
     manifest = setup.workdir / f"{root_key}.jsonl"
     expected = write_manifest(manifest, setup, index)
-    anchor = ANCHORS[index % len(ANCHORS)]
+    anchor = setup.anchors[index % len(setup.anchors)]
     n = rng.randint(1, len(expected))
-    delay = {"start": rng.uniform(0, 14), "planned": rng.uniform(0, 6), "upload": 0.0,
-             "output": rng.uniform(0, 1.5)}[anchor]  # fmt: skip
+    delay = {"start": rng.uniform(0, 6), "planned": rng.uniform(0, 6), "upload": 0.0,
+             "output": rng.uniform(0, 1.5), "sheet": 0.0}[anchor]  # fmt: skip
     log = setup.workdir / f"{root_key}.log"
     trial = Trial(index, root, anchor, n, round(delay, 2), str(log), jobs_expected=len(expected))
     command = wanflow_command(manifest, root, setup.catalog_url)
-    env = setup.env()
-    catalog = Catalog(setup.catalog_url)
-    try:
-        watch = _Watch(setup, catalog, root, root_key)
-        with log.open("ab") as out:
-            out.write(b"--- chaos: the run to kill ---\n")
-            out.flush()
-            victim = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                      stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-            try:
-                _kill_at_anchor(victim, watch, trial, time.monotonic() + setup.anchor_timeout_s)
-            finally:
-                _end_group(victim)
-                victim.wait()
-            trial.open_uploads_at_kill = len(watch.open_uploads())
-            killed_runs = watch.runs_of(victim.pid)
-            if killed_runs:
-                trial.killed_run = killed_runs[-1].name
-                trial.killed_run_status_at_kill = _status(killed_runs[-1].status)
-            out.write(b"\n--- chaos: the re-run ---\n")
-            out.flush()
-            start = time.monotonic()
-            rerun = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-            try:
-                trial.rerun_rc = rerun.wait(timeout=setup.rerun_timeout_s)
-            except subprocess.TimeoutExpired:
-                trial.rerun_timed_out = True
-            finally:
-                _end_group(rerun)
-                rerun.wait()
-            trial.rerun_s = round(time.monotonic() - start, 2)
-        if trial.rerun_rc != 0:
-            trial.rerun_tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        check_record(setup, catalog, watch, trial, expected, killed_runs)
-    finally:
-        catalog.close()
+    with Catalog(setup.catalog_url) as catalog, log.open("ab") as out:
+        watch = _Watch(setup, catalog, root)
+        out.write(b"--- chaos: the run to kill ---\n")
+        out.flush()
+        victim = subprocess.Popen(command, env=setup.env(), stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            _kill_at_anchor(victim, watch, trial, time.monotonic() + setup.anchor_timeout_s)
+        finally:
+            _end_group(victim)
+            victim.wait()
+        trial.open_uploads_at_kill = len(watch.open_uploads())
+        killed_runs = watch.runs_of(victim.pid)
+    if killed_runs:
+        trial.killed_run = killed_runs[-1].name
+        trial.killed_run_status_at_kill = _status(killed_runs[-1].status)
+    return _Killed(trial, command, expected, killed_runs)
+
+
+def rerun_phase(setup: Setup, killed: _Killed) -> Trial:
+    """Run the killed trial's command again to its end, then check the record."""
+    from storage.catalog import Catalog
+
+    trial = killed.trial
+    log = Path(trial.log)
+    with log.open("ab") as out:
+        out.write(b"\n--- chaos: the re-run ---\n")
+        out.flush()
+        start = time.monotonic()
+        rerun = subprocess.Popen(killed.command, env=setup.env(), stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            trial.rerun_rc = rerun.wait(timeout=setup.rerun_timeout_s)
+        except subprocess.TimeoutExpired:
+            trial.rerun_timed_out = True
+        finally:
+            _end_group(rerun)
+            rerun.wait()
+        trial.rerun_s = round(time.monotonic() - start, 2)
+    if trial.rerun_rc != 0:
+        trial.rerun_tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+    with Catalog(setup.catalog_url) as catalog:
+        check_record(setup, catalog, _Watch(setup, catalog, trial.root), trial, killed.expected,
+                     killed.killed_runs)  # fmt: skip
     return trial
+
+
+def run_trial(setup: Setup, index: int, rng: random.Random) -> Trial:
+    """One trial: start `wanflow generate`, SIGKILL it at the trial's anchor, run it again to its end, check
+    the record."""
+    return rerun_phase(setup, kill_phase(setup, index, rng))
 
 
 # --------------------------------------------------------------------------------------- the checks
@@ -395,9 +444,34 @@ def check_record(
             trial.allowed_extras.append(key)
         else:
             trial.orphans.append(key)
-    trial.open_uploads_after = [f"{u['Key']} ({u['UploadId']})" for u in watch.open_uploads(prefix="")]
+    trial.open_uploads_after = [f"{u['Key']} ({u['UploadId']})" for u in watch.open_uploads()]
     if killed_runs:
         trial.killed_run_status = _status(runs[killed_runs[-1].id].status)
+    # This trial's flow runs: its batches (named after the manifest, trial-NNN) and their shards. A batch
+    # killed after its flow run began but before its catalog row was made has no run to reap: counted apart.
+    batch = f"batch-{watch.prefix.rstrip('/')}-"
+    mine = [r for r in runs.values() if r.name.startswith(batch)]
+    names = tuple([f"{r.name} " for r in mine] + [f"shard-{r.id}-" for r in mine])
+    left = unfinished_flow_runs(setup.prefect_home)
+    trial.prefect_left_running = [n for n in left if n.startswith(names) or n.startswith("(")]
+    trial.prefect_runs_without_row = [n for n in left if n.startswith(batch) and not n.startswith(names)]
+
+
+def unfinished_flow_runs(prefect_home: Path) -> list[str]:
+    """Names of the flow runs that the local Prefect server of `prefect_home` shows as not yet final (asked
+    over HTTP: this process does not import Prefect)."""
+    from flows.local_server import local_server
+
+    server = local_server(prefect_home)
+    if server is None:
+        return ["(the local Prefect server is gone)"]
+    final = ["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
+    body = json.dumps({"flow_runs": {"state": {"type": {"not_any_": final}}}, "limit": 200}).encode()
+    request = urllib.request.Request(f"{server.url}/flow_runs/filter", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=30) as response:
+        return [f"{run['name']} ({run['state_type']})" for run in json.loads(response.read())]
 
 
 def _status(value: Any) -> str:
@@ -415,22 +489,48 @@ def _objects(s3: Any, bucket: str, prefix: str) -> list[str]:
 # ------------------------------------------------------------------------------------- many trials
 
 
-def run_trials(setup: Setup, trials: int, seed: int = 0, *, echo: bool = True) -> list[Trial]:
-    """`trials` trials, one after another, on one local Prefect server (started first, stopped at the end)."""
+def run_trials(
+    setup: Setup, trials: int, seed: int = 0, *, echo: bool = True, overlap: bool = True
+) -> list[Trial]:
+    """`trials` trials on one local Prefect server (started first, stopped at the end).
+
+    With `overlap`, a trial's re-run and checks go on in a thread while the next trial's command is started
+    and killed (two commands at a time at most, each trial on its own root and manifest: they share the
+    catalog, the bucket and the Prefect server, as concurrent runs do); else one trial after another.
+    """
     from flows.local_server import ensure_local_server, stop_local_server
 
     rng = random.Random(seed)
     ensure_local_server(setup.prefect_home)
-    results = []
+
+    def finish(killed: _Killed) -> Trial:
+        trial = rerun_phase(setup, killed)
+        if echo:
+            print(describe(trial), file=sys.stderr, flush=True)
+        return trial
+
     try:
-        for index in range(trials):
-            trial = run_trial(setup, index, rng)
-            results.append(trial)
-            if echo:
-                print(describe(trial), file=sys.stderr, flush=True)
+        with ThreadPoolExecutor(max_workers=1) as reruns:
+            futures = []
+            for index in range(trials):
+                killed = kill_phase(setup, index, rng)
+                futures.append(reruns.submit(finish, killed))
+                if not overlap:
+                    futures[-1].result()
+            return [future.result() for future in futures]
     finally:
         stop_local_server(setup.prefect_home)
-    return results
+
+
+def bucket_uploads(setup: Setup) -> list[str]:
+    """Multipart uploads open anywhere in the bucket: '<key> (<upload id>)'."""
+    s3, query, found = setup.s3(), {"Bucket": setup.bucket}, []
+    while True:
+        page = s3.list_multipart_uploads(**query)
+        found += [f"{u['Key']} ({u['UploadId']})" for u in page.get("Uploads") or []]
+        if not page.get("IsTruncated"):
+            return found
+        query.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
 
 
 def describe(trial: Trial) -> str:
@@ -447,8 +547,10 @@ def describe(trial: Trial) -> str:
             f"re-run {trial.rerun_s:.1f}s: {verdict}")  # fmt: skip
 
 
-def summarise(trials: list[Trial], seconds: float | None = None) -> dict[str, Any]:
-    """The counts over all trials."""
+def summarise(
+    trials: list[Trial], seconds: float | None = None, uploads_in_bucket: list[str] | None = None
+) -> dict[str, Any]:
+    """The counts over all trials (`uploads_in_bucket`: `bucket_uploads` after the last one)."""
     return {
         "trials": len(trials),
         "killed": sum(t.killed for t in trials),
@@ -464,6 +566,8 @@ def summarise(trials: list[Trial], seconds: float | None = None) -> dict[str, An
         "orphan_objects": sum(len(t.orphans) for t in trials),
         "contact_sheets": sum(len(t.allowed_extras) for t in trials),
         "open_uploads_after_rerun": sum(len(t.open_uploads_after) for t in trials),
+        "prefect_flow_runs_left_running": sum(len(t.prefect_left_running) for t in trials),
+        "prefect_flow_runs_without_catalog_run": sum(len(t.prefect_runs_without_row) for t in trials),
         "runs_to_mark_crashed": sum(t.crash_expected for t in trials),
         "runs_marked_crashed": sum(t.marked_crashed for t in trials),
         "killed_runs_already_finished": sum(
@@ -475,17 +579,56 @@ def summarise(trials: list[Trial], seconds: float | None = None) -> dict[str, An
         "anchors": dict(Counter(t.anchor for t in trials)),
         "rerun_seconds_median": sorted(t.rerun_s for t in trials)[len(trials) // 2] if trials else None,
         **({"seconds": round(seconds, 1)} if seconds is not None else {}),
+        **({} if uploads_in_bucket is None else {"open_uploads_in_bucket_at_end": len(uploads_in_bucket)}),
     }
 
 
 # --------------------------------------------------------------------------------- the benchmark
 
 
-def allow_small_parts(size: int) -> None:
-    """Let this process's moto server take multipart parts of `size` bytes (S3's minimum is 5 MiB)."""
-    import moto.s3.models
+def moto_patches(part_size: int = PART_SIZE) -> list[tuple[Any, str, Any]]:
+    """(object, attribute, value) to set on this process's moto so that it behaves as S3 does in the trials:
 
-    moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = size
+    - parts of `part_size` bytes are taken (S3's minimum, which moto keeps too, is 5 MiB);
+    - ListMultipartUploads says when each upload was started. moto answers a fixed date in 2010 for all,
+      so every upload looks older than any timeout and the planner's age-based clean-up (`abort_open_uploads`
+      with `older_than_s`) would abort them all, hiding uploads that only that clean-up would ever end.
+
+    The test sets them with `monkeypatch.setattr`; the benchmark with `setattr`.
+    """
+    import moto.s3.models
+    from moto.s3.models import FakeMultipart
+    from moto.s3.responses import S3Response
+
+    created, listed = FakeMultipart.__init__, S3Response.list_multipart_uploads
+
+    def created_now(self: Any, *args: Any, **kwargs: Any) -> None:
+        created(self, *args, **kwargs)
+        self.wanflow_initiated = datetime.now(UTC)
+
+    def listed_with_dates(self: Any) -> Any:
+        status, headers, body = listed(self)
+        uploads = self.backend.list_multipart_uploads(self.bucket_name)
+        text = body.decode() if isinstance(body, bytes) else body
+
+        def dated(match: re.Match) -> str:
+            block = match.group(0)
+            upload_id = re.search(r"<UploadId>([^<]*)</UploadId>", block)
+            upload = uploads.get(upload_id.group(1)) if upload_id else None
+            when = getattr(upload, "wanflow_initiated", None)
+            if when is None:
+                return block
+            stamp = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+            return re.sub(r"<Initiated>[^<]*</Initiated>", f"<Initiated>{stamp}</Initiated>", block)
+
+        text = re.sub(r"<Upload>.*?</Upload>", dated, text, flags=re.S)
+        return status, headers, text.encode() if isinstance(body, bytes) else text
+
+    return [
+        (moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", part_size),
+        (FakeMultipart, "__init__", created_now),
+        (S3Response, "list_multipart_uploads", listed_with_dates),
+    ]
 
 
 @contextlib.contextmanager
@@ -533,25 +676,37 @@ def main() -> None:
     parser.add_argument("--postgres-url", default=os.environ.get("WANFLOW_TEST_POSTGRES_URL", ADMIN_URL),
                         help="a server and a database to connect to; a new database is made there")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (manifests, logs)")
+    parser.add_argument("--anchors", default=",".join(ANCHORS),
+                        help=f"comma-separated, taken in turn: {', '.join(ANCHORS)}")  # fmt: skip
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="re-run each trial before starting the next (default: a re-run overlaps the "
+                        "next trial's killed run)")  # fmt: skip
     args = parser.parse_args()
+    anchors = tuple(a.strip() for a in args.anchors.split(",") if a.strip())
+    if not anchors or set(anchors) - set(ANCHORS):
+        parser.error(f"--anchors {args.anchors!r}: expected some of {', '.join(ANCHORS)}")
     from storage.catalog import Catalog
 
     work = Path(tempfile.mkdtemp(prefix="wanflow-chaos-"))
-    allow_small_parts(PART_SIZE)
+    for target, name, value in moto_patches():
+        setattr(target, name, value)
     started = time.monotonic()
     try:
         with moto_server() as port, throwaway_database(args.postgres_url) as url:
             Catalog(url).upgrade()
-            setup = Setup(url, port, work / "prefect", work)
+            setup = Setup(url, port, work / "prefect", work, anchors=anchors)
             setup.s3().create_bucket(Bucket=setup.bucket)
-            trials = run_trials(setup, args.trials, args.seed)
+            trials = run_trials(setup, args.trials, args.seed, overlap=not args.one_at_a_time)
+            left_open = bucket_uploads(setup)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     for trial in trials:
         for problem in trial.problems():
             print(problem, file=sys.stderr)
-    print(json.dumps(summarise(trials, time.monotonic() - started), sort_keys=True))
+    for upload in left_open:
+        print(f"open upload at the end: {upload}", file=sys.stderr)
+    print(json.dumps(summarise(trials, time.monotonic() - started, left_open), sort_keys=True))
     if args.keep:
         (work / "trials.json").write_text(json.dumps([asdict(t) for t in trials], default=str, indent=1))
         print(f"kept {work}", file=sys.stderr)

@@ -740,20 +740,26 @@ def _run(
     by = summary["by_status"]
     complete = by["failed"] == by["pending"] == by["running"] == 0
     status = RunStatus.succeeded if complete else RunStatus.failed
-    catalog.finish_run(plan.run_id, status)
     summary["status"] = status.value
     summary["nothing_to_do"] = plan.to_generate == 0
     summary["crashed_runs"] = plan.crashed_runs
     summary["random_weights"] = sorted(name for name, source in sources.items() if source.ckpt_dir is None)
-    update_progress_artifact(progress_id, progress=100.0)
-    create_table_artifact(
-        key="batch-outputs", table=_output_rows(catalog, plan.run_id) or [{"item": "", "uri": ""}],
-        description=f"{plan.run_name}: outputs (first {MAX_TABLE_ROWS})",
-    )  # fmt: skip
-    sheet = _sheet(catalog, plan.run_id, plan.run_name, settings, store=by["succeeded"] > 0)
-    create_markdown_artifact(
-        key="batch-summary", markdown=_markdown(summary, plan, sheet), description=f"{plan.run_name}: summary"
-    )
+    # Finished in the catalog only after its artifacts and contact sheet: a process killed while writing them
+    # leaves the run unfinished, for the next run to mark crashed, its Prefect flow run too (finished first,
+    # the run said succeeded while its flow run showed Running for ever).
+    try:
+        update_progress_artifact(progress_id, progress=100.0)
+        create_table_artifact(
+            key="batch-outputs", table=_output_rows(catalog, plan.run_id) or [{"item": "", "uri": ""}],
+            description=f"{plan.run_name}: outputs (first {MAX_TABLE_ROWS})",
+        )  # fmt: skip
+        sheet = _sheet(catalog, plan.run_id, plan.run_name, settings, store=by["succeeded"] > 0)
+        create_markdown_artifact(
+            key="batch-summary", markdown=_markdown(summary, plan, sheet),
+            description=f"{plan.run_name}: summary",
+        )  # fmt: skip
+    finally:
+        catalog.finish_run(plan.run_id, status)
     summary["plan"] = plan.to_dict()
     if not complete:
         raise BatchFailed(summary)
@@ -774,6 +780,7 @@ def _finish_shared_jobs(
     each at most `SHARED_JOB_TRIES` times."""
     timeout = timedelta(seconds=settings.claim_timeout_s)
     tries: dict[int, int] = {}
+    waiting_for = 0
     while True:
         requeue_abandoned(catalog, run_id, timeout)
         pending = [row for row in catalog.job_groups(run_id, JobStatus.pending)
@@ -783,8 +790,12 @@ def _finish_shared_jobs(
                 tries[row[0]] = tries.get(row[0], 0) + 1
             run_here(plan_shards(pending, shard_size))
             continue
-        if not catalog.job_groups(run_id, JobStatus.running):
+        running = len(catalog.job_groups(run_id, JobStatus.running))
+        if not running:
             return
+        if running != waiting_for:
+            get_run_logger().info("waiting for %d jobs that another run is making", running)
+            waiting_for = running
         time.sleep(SHARED_POLL_S)
 
 

@@ -15,7 +15,9 @@
 Every listing prints a table, or JSON with `--json`. The catalog and storage locations come from
 `WANFLOW_*` settings (see flows/settings.py) unless `--catalog-url` is given; every command says on
 standard error which catalog it opened. Bad input of any kind ends in one line naming the option,
-variable or file and what it takes (exit code 1 or 2), never a traceback.
+variable or file and what it takes (exit code 1 or 2), never a traceback. Ctrl-C stops `generate` within
+seconds (exit code 130): the job in flight goes back to pending, the run is marked cancelled (in Prefect
+too), and running the same command again resumes it.
 """
 
 from __future__ import annotations

@@ -6,20 +6,22 @@ after its process dies; the start time tells a new process from the old one.
 
 `reap_crashed_runs` looks at every run still `pending` or `running` in the catalog and marks `crashed` those
 whose owner is on this host and gone, or whose Prefect flow run has already ended (when Prefect can be
-asked), setting the Prefect flow run to Crashed too where it still shows Running. Runs owned by other hosts
-are left to those hosts, or to their flow run's state.
+asked), setting the Prefect flow run to Crashed too where it still shows Running, with the shard subflows
+that ran in its process. Runs owned by other hosts are left to those hosts, or to their flow run's state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from uuid import UUID
 
-from storage.catalog import Catalog, RunRecord
+from storage.catalog import Catalog, RunRecord, RunStatus
 
 __all__ = ["ended_flow_runs", "is_uuid", "owner_alive", "process_owner", "reap_crashed_runs"]
 
@@ -85,15 +87,38 @@ def ended_flow_runs(flow_run_ids: Iterable[str | None]) -> dict[str, str]:
 
 
 def _mark_prefect_crashed(flow_run_id: str, message: str) -> None:
-    """Set a flow run that still shows as running to Crashed (nothing when Prefect cannot be reached)."""
+    """Set a flow run that still shows as running to Crashed, and with it the subflow runs that ran in its
+    process (nothing when Prefect cannot be reached).
+
+    A batch runs its shards as subflows in its own process unless they are deployed: when that process dies,
+    nobody reports their end either, and they would show Running for ever. Deployed shard runs (those with a
+    deployment) run on workers of their own, which report their own end: they are left alone.
+    """
     try:
         from prefect import get_client
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterDeploymentId,
+            FlowRunFilterParentFlowRunId,
+        )
         from prefect.states import Crashed
 
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(UUID(flow_run_id))
             if run.state is not None and not run.state.is_final():
-                client.set_flow_run_state(UUID(flow_run_id), Crashed(message=message), force=True)
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            parents, seen = [run.id], {run.id}
+            while parents:  # subflows, then theirs
+                children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=parents),
+                    deployment_id=FlowRunFilterDeploymentId(is_null_=True),
+                ))  # fmt: skip
+                parents = [child.id for child in children if child.id not in seen]
+                seen.update(parents)
+                for child in children:
+                    if child.id in parents and child.state is not None and not child.state.is_final():
+                        why = f"{message}; it ran in the process of its parent flow run {flow_run_id}"
+                        client.set_flow_run_state(child.id, Crashed(message=why), force=True)
     except Exception as exc:
         log.info("could not mark flow run %s crashed in Prefect: %s", flow_run_id, exc)
 
@@ -113,8 +138,11 @@ def reap_crashed_runs(
 
     `skip` is a run id to leave alone (the caller's own). With `ask_prefect`, a run whose owner cannot be
     checked from here is crashed when its Prefect flow run has ended, and a dead owner's flow run that still
-    shows Running in Prefect is set to Crashed.
+    shows Running in Prefect is set to Crashed, with the subflows that ran in its process; so is the flow run
+    of a recent run that ended in the catalog just before its process died, Prefect not told.
     """
+    if ask_prefect:
+        _crash_flow_runs_of_finished_runs(catalog, skip)
     unfinished = [r for r in catalog.unfinished_runs() if r.id != skip]
     if not unfinished:
         return []
@@ -140,3 +168,70 @@ def reap_crashed_runs(
                 _mark_prefect_crashed(run.flow_run_id, why)
             crashed.append(run)
     return crashed
+
+
+RECENT_RUNS = 20  # finished runs looked at for a flow run that their dead process never ended in Prefect
+
+
+def _crash_flow_runs_of_finished_runs(catalog: Catalog, skip: int | None) -> None:
+    """A process killed after it finished its run in the catalog but before Prefect heard that its flow run
+    ended leaves that flow run Running for ever. Among the newest `RECENT_RUNS` runs, those finished whose
+    owner is on this host and gone get such a flow run set to Crashed (the catalog keeps their status)."""
+    candidates = {
+        run.flow_run_id: run for run in catalog.runs(limit=RECENT_RUNS)
+        if run.id != skip and run.status not in (RunStatus.pending, RunStatus.running) and run.owner
+        and run.flow_run_id and is_uuid(run.flow_run_id) and owner_alive(run.owner) is False
+    }  # fmt: skip
+    if not candidates:
+        return
+    with _running_prefect() as available:
+        if not available:
+            return
+        for flow_run_id in _unfinished_flow_runs(list(candidates)):
+            run = candidates[flow_run_id]
+            log.warning("run %s (%s) ended without its Prefect flow run: marking it crashed", run.name,
+                        run.status.value)  # fmt: skip
+            why = f"wanflow: the run's process died after the run ended {run.status.value} in the catalog"
+            _mark_prefect_crashed(flow_run_id, why)
+
+
+@contextlib.contextmanager
+def _running_prefect() -> Iterator[bool]:
+    """Prefect's API as configured, else the local server of `PREFECT_HOME` if one runs (`wanflow catalog
+    runs` outside a run); yields whether there is one. Never starts a server: Prefect would start a temporary
+    one, which takes seconds, on every look at the catalog (nearly every recent run has a dead owner)."""
+    from flows.local_server import local_server, prefect_home
+
+    server = local_server()
+    profiles = os.environ.get("PREFECT_PROFILES_PATH") or prefect_home() / "profiles.toml"
+    configured = os.environ.get("PREFECT_API_URL") or Path(profiles).exists() or "prefect" in sys.modules
+    if not configured and server is None:
+        yield False  # nothing configured (and Prefect not imported, which takes a second or two)
+        return
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield True
+    elif server is not None and server.healthy:
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
+            yield True
+    else:
+        yield False
+
+
+def _unfinished_flow_runs(flow_run_ids: list[str]) -> list[str]:
+    """The ids of those flow runs that Prefect shows as not yet final; [] when Prefect can't be asked."""
+    if not flow_run_ids:
+        return []
+    try:
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids]))
+            )
+    except Exception as exc:
+        log.info("could not ask Prefect about the flow runs of ended runs: %s", exc)
+        return []
+    return [str(r.id) for r in runs if r.state is not None and not r.state.is_final()]

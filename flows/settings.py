@@ -9,6 +9,7 @@
 | `WANFLOW_STORAGE_OPTIONS` | `{}` | JSON fsspec options for that root |
 | `WANFLOW_S3_ENDPOINT_URL` | unset | S3-compatible endpoint (MinIO, a local test server) |
 | `WANFLOW_STORAGE_CONNECT_TIMEOUT_S` / `_READ_TIMEOUT_S` | `10` / `60` | every storage call's timeouts |
+| `WANFLOW_S3_PART_SIZE` | `5242880` | part size of streamed S3 uploads (smaller videos: one PUT) |
 | `WANFLOW_INPUT_STORAGE_OPTIONS` | unset | JSON map protocol -> fsspec options for inputs outside the root |
 | `WANFLOW_INPUT_ROOTS` | manifest's folder + root | JSON list of URL prefixes images may be read from |
 | `WANFLOW_CHECKPOINTS` | `{}` | JSON map of model (preset) name to checkpoint directory on the workers |

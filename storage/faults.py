@@ -390,6 +390,33 @@ def _probe_s3(fs: fsspec.AbstractFileSystem, path: str, probe_url: str) -> None:
         )
 
 
+def _remove_left_probes(fs: fsspec.AbstractFileSystem, path: str, probe_url: str) -> None:
+    """Best effort: delete the probes that processes killed between writing and deleting theirs left beside
+    `path` (local and S3 roots). A concurrent probe deleted early is harmless: its own delete of a missing
+    probe is not an error. Failures (a policy without s3:ListBucket) are logged, never raised."""
+    parent, _, _ = path.rpartition("/")
+    try:
+        if isinstance(fs, LocalFileSystem):
+            names = [name for name in os.listdir(parent) if name.startswith(PROBE_PREFIX)]
+            left = [os.path.join(parent, name) for name in names]
+            for name in left:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
+        else:
+            bucket, key, _ = fs.split_path(f"{parent}/{PROBE_PREFIX}")
+            page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=100)
+            left = [item["Key"] for item in page.get("Contents") or []]
+            for name in left:
+                fs.call_s3("delete_object", Bucket=bucket, Key=name)
+    except Exception as exc:
+        logger.info("could not look for storage probes left beside %s: %s", redact(probe_url),
+                    describe_exception(exc))  # fmt: skip
+        return
+    if left:
+        logger.info("removed %d storage probe(s) that killed processes left beside %s", len(left),
+                    redact(probe_url))  # fmt: skip
+
+
 def probe_storage_root(url: str, storage_options: dict | None = None) -> None:
     """Write a tiny hidden object (`.wanflow-probe-<uuid>`) under the storage root `url` and delete it
     again: call once per run or shard, before any model loads.
@@ -398,15 +425,18 @@ def probe_storage_root(url: str, storage_options: dict | None = None) -> None:
     PermanentStorageError with one clear line when retrying cannot help ("storage root /x is read-only
     (EROFS)", "bucket foo does not exist", "permission denied writing s3://...", "storage root /x: disk
     full (ENOSPC)"), StorageError for anything else (unreachable or hung endpoint: worth retrying later).
-    A probe that could be written but not deleted (write-only S3 policy) is logged, not raised.
+    A probe that could be written but not deleted (write-only S3 policy) is logged, not raised. Probes that
+    killed processes left behind (on local and S3 roots) are deleted too: they belong to no catalog row.
     """
     probe_url = join_url(url, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
     try:
         fs, path = filesystem(probe_url, storage_options)
         if isinstance(fs, LocalFileSystem):
             _probe_local(fs._strip_protocol(url), path)
+            _remove_left_probes(fs, path, probe_url)
         elif is_s3(fs):
             _probe_s3(fs, path, probe_url)
+            _remove_left_probes(fs, path, probe_url)
         else:
             root = fs._strip_protocol(url)
             if root:

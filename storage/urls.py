@@ -17,10 +17,10 @@ __all__ = [
     "redact_options",
 ]  # fmt: skip
 
-# Userinfo in a URL: scheme://user:password@host -> scheme://user:***@host. The password runs to the last
-# '@' before the host (it may hold spaces, '@' is percent-encoded in a valid URL), never past a line end.
+# Userinfo in a URL: scheme://user:password@host -> scheme://user:***@host. The password runs to the first
+# '@' (it may hold spaces and '/', as SQLAlchemy reads it; '@' is percent-encoded), never past a line end.
 _USERINFO = re.compile(
-    r"(?<![a-zA-Z0-9+.\-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\n]*)@"
+    r"(?<![a-zA-Z0-9+.\-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\n]*)@"
 )
 # Query parameters that carry secrets (presigned URLs, DSNs: password=, sslpassword=, ...). The value runs
 # to the next '&' or quote, or the line's end: a space inside a password does not end the masking.

@@ -15,12 +15,12 @@ Sinks publish nothing at the final URL before commit:
 - local paths and file:// URLs: a hidden `.{name}.{uuid}.partial` file in the same directory, fsynced,
   then `os.replace`d onto the final name (atomic on POSIX); unlinked on abort;
 - S3: bytes are buffered in memory until they exceed one part (5 MiB, or `WANFLOW_S3_PART_SIZE` bytes:
-  `part_size()`). An object that never does (a
-  sidecar, a thumbnail, a short video) is written on commit with one PUT, atomic by itself, so a killed
-  process leaves nothing behind. A bigger one becomes a multipart upload, started only then, completed
-  on commit and aborted on failure: no object, temporary or final, ever appears for a failed write. A
-  process killed mid-upload leaves the upload open (billed): `storage.faults.abort_open_uploads` ends
-  such uploads when the run is planned again;
+  `part_size()`). An object that never does (a short video), and any object written whole from memory
+  (`write_bytes`: sidecars, thumbnails, posters, contact sheets), is written on commit with one PUT,
+  atomic by itself, so a killed process leaves nothing behind. A bigger video becomes a multipart upload,
+  started only then, completed on commit and aborted on failure: no object, temporary or final, ever
+  appears for a failed write. A process killed mid-upload leaves the upload open (billed): the job, redone,
+  aborts it, and planning ends any older than a job may run (`storage.faults.abort_open_uploads`);
 - any other fsspec filesystem: a hidden temporary key next to the final one, moved onto it on commit.
   Not atomic on filesystems without rename (the move may be a copy and a delete there).
 
@@ -91,6 +91,7 @@ PART_SIZE = 5 * 2**20  # S3 multipart part size by default (the smallest S3 allo
 PART_SIZE_ENV = "WANFLOW_S3_PART_SIZE"
 MIN_PART_SIZE = 1024  # S3 itself refuses parts under 5 MiB but the last; test servers can be set lower
 MAX_PART_SIZE = 5 * 2**30  # the largest part S3 takes
+MAX_PUT_SIZE = 5 * 2**30  # the largest object one PUT takes
 POSTER_WIDTH = 256  # kept frames are shrunk to at most this width
 _READ_BLOCK = 256 * 1024  # one read of ffmpeg's stdout
 _QUEUE_BLOCKS = 32  # encoded blocks waiting for the sink: at most 8 MiB
@@ -274,8 +275,12 @@ class _TempKeySink:
 _Sink = _LocalSink | _S3Sink | _TempKeySink
 
 
-def _open_sink(url: str, storage_options: dict | None) -> _Sink:
-    """A sink for `url`, checked for writability now (StorageError naming the URL and the reason)."""
+def _open_sink(url: str, storage_options: dict | None, *, whole: int | None = None) -> _Sink:
+    """A sink for `url`, checked for writability now (StorageError naming the URL and the reason).
+
+    `whole`: the size of an object that is in memory already; on S3 it goes in one PUT whatever the part
+    size (up to the 5 GiB one PUT takes), so that a process killed while writing it leaves no upload open.
+    """
     with storage_errors(url, "write"):
         fs, path = filesystem(url, storage_options)
         if isinstance(fs, LocalFileSystem):
@@ -283,6 +288,8 @@ def _open_sink(url: str, storage_options: dict | None) -> _Sink:
         if not is_s3(fs):
             return _TempKeySink(fs, path)
     size = part_size()  # a bad setting is a ValueError, never retried
+    if whole is not None and whole <= MAX_PUT_SIZE:
+        size = max(size, whole)
     with storage_errors(url, "write"):
         return _S3Sink(fs, path, size)
 
@@ -361,8 +368,13 @@ def contact_sheet(frames: Sequence[Any], columns: int = 4, tile_width: int = 256
 
 
 def write_bytes(url: str, data: bytes, *, storage_options: dict | None = None) -> tuple[str, int]:
-    """Write `data` to `url` atomically (nothing visible until complete); returns (sha256 hex, bytes)."""
-    sink = _open_sink(url, storage_options)
+    """Write `data` to `url` atomically (nothing visible until complete); returns (sha256 hex, bytes).
+
+    On S3 that is one PUT (up to 5 GiB), never a multipart upload: a process killed meanwhile leaves nothing
+    behind, not even an open upload. (Sidecars, thumbnails, posters and contact sheets come this way; only
+    streamed videos need multipart uploads, and a job redone aborts those left under its own keys.)
+    """
+    sink = _open_sink(url, storage_options, whole=len(data))
     try:
         with storage_errors(url, "write"):
             sink.write(data)

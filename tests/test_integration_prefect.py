@@ -232,7 +232,7 @@ def deployed(prefect_server: PrefectServer) -> PrefectServer:
 class WorkerSecrets:
     """What only the workers' environment holds: a catalog URL with a password (a PostgreSQL role of its
     own; the test server trusts local connections, so any password works, but the URL carries it) and S3
-    keys (moto takes any)."""
+    keys (moto takes any). The `wanflow` commands also get the password percent-encoded."""
 
     role: str
     password: str
@@ -261,15 +261,18 @@ def _grant(admin_url: str, role: str) -> None:
 @pytest.fixture(scope="module")
 def worker_secrets(postgres_database: str) -> Iterator[WorkerSecrets]:
     role = f"wanflow_worker_{secrets.token_hex(4)}"
-    # Characters a URL must percent-encode around a random core: the core is what is searched for.
-    password = f"Pw-{secrets.token_hex(12)}-:/@%x"
-    url = make_url(postgres_database).set(username=role, password=password)
-    admin = make_url(postgres_database).set(drivername="postgresql").render_as_string(hide_password=False)
+    # Written by hand, as an operator would: spaces left as they are (SQLAlchemy takes them), around a
+    # random core, which is what is searched for.
+    password = f"Pw-{secrets.token_hex(12)}-with spaces"
+    test_db = make_url(postgres_database)
+    url = f"postgresql+psycopg://{role}:{password}@{test_db.host}:{test_db.port or 5432}/{test_db.database}"
+    assert make_url(url).password == password
+    admin = test_db.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
         create = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
         conn.execute(create.format(sql.Identifier(role), sql.Literal(password)))
     yield WorkerSecrets(
-        role, password, url.render_as_string(hide_password=False),
+        role, password, url,
         aws_key_id=f"AKIA{secrets.token_hex(8).upper()}", aws_secret=f"S3k{secrets.token_hex(16)}",
     )  # fmt: skip
     with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
@@ -462,6 +465,7 @@ def check_no_secret_anywhere(stack: Stack, manifest: str) -> None:
     """No worker secret in Prefect's database (every table: flow run parameters and names, task runs,
     logs, artifacts, events), the catalog's tables, the stored objects, the command outputs or the workers'
     logs. Each place is also checked for something that must be there, so an empty search proves nothing."""
+    started = time.monotonic()
     needles = stack.secrets.needles
     found: dict[str, list[str]] = {}
 
@@ -496,7 +500,7 @@ def check_no_secret_anywhere(stack: Stack, manifest: str) -> None:
 
     # Every stored object: videos, thumbnails, posters, sidecars, contact sheets, manifests.
     fs = stack.s3.fs
-    objects = [path for path in fs.find(BUCKET)]
+    objects = list(fs.find(BUCKET))
     assert any(path.endswith(".json") for path in objects)
     for path in objects:
         search(f"object s3://{path}", fs.cat_file(path))
@@ -507,6 +511,8 @@ def check_no_secret_anywhere(stack: Stack, manifest: str) -> None:
     for log in sorted(stack.run_dir.glob("worker-*.log")):
         search(f"worker log {log.name}", log.read_bytes())
     assert not found, f"secrets found: {json.dumps(found, indent=2)}"
+    print(f"\nno secret in {len(objects)} objects, Prefect's database, the catalog and the outputs "
+          f"({time.monotonic() - started:.1f} s)")  # fmt: skip
 
 
 def max_overlap(runs: list[dict[str, Any]]) -> int:

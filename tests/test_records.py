@@ -231,6 +231,7 @@ def test_a_password_in_the_catalog_url_works_and_reaches_no_parameter(harness, p
 def test_credentials_are_masked_wherever_they_hide():
     for url, secret in (
         ("postgresql+psycopg://u:pa ss word@db/x", "pa ss"),
+        ("postgresql+psycopg://u:Pw/0123@db/x", "Pw/0123"),
         ("postgresql+psycopg://u@db/x?password=hunter2&sslmode=require", "hunter2"),
         ("postgresql+psycopg://u@db/x?sslpassword=k3y", "k3y"),
         ("http://user:pass@127.0.0.1:9/img.png", "pass@"),

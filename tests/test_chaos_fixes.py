@@ -1,0 +1,213 @@
+"""What the chaos trials (tests/test_chaos.py, benchmarks/chaos.py) found, each reproduced on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefect import flow, get_client, task
+from prefect.states import Running
+from prefect.testing.utilities import prefect_test_harness
+from s3_server import Target
+
+from flows.recovery import process_owner, reap_crashed_runs
+from storage.catalog import Catalog, RunStatus
+from storage.faults import PROBE_PREFIX, probe_storage_root
+from storage.video import PART_SIZE_ENV, _S3Sink, write_bytes, write_image
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def _dead_owner() -> str:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = process_owner(child.pid)
+    child.wait()
+    return owner
+
+
+@flow(name="chaos-batch")
+def _batch() -> None: ...
+
+
+@flow(name="chaos-shard")
+def _shard() -> None: ...
+
+
+@task(name="chaos-shard-call")
+def _shard_call() -> None: ...
+
+
+@pytest.mark.slow
+def test_a_crashed_batch_crashes_its_in_process_shard_subflows_in_prefect(harness, tmp_path):
+    """A SIGKILLed `wanflow generate` left its shard subflow runs Running in Prefect for ever: only the batch
+    flow run was set to Crashed. Subflows that ran in the dead process now crash with it; a deployed shard
+    run (on a worker of its own, which reports its own end) is left alone."""
+    with get_client(sync_client=True) as client:
+        batch = client.create_flow_run(_batch, state=Running())
+
+        def subflow_of(parent_id, key: str, deployment_id=None):
+            call = client.create_task_run(_shard_call, parent_id, dynamic_key=key, state=Running())
+            if deployment_id is None:
+                return client.create_flow_run(_shard, parent_task_run_id=call.id, state=Running())
+            return client.create_flow_run_from_deployment(deployment_id, parent_task_run_id=call.id,
+                                                          state=Running())  # fmt: skip
+
+        shard = subflow_of(batch.id, "shard-1")
+        nested = subflow_of(shard.id, "inner")
+        deployment = client.create_deployment(flow_id=client.create_flow(_shard), name="gpu")
+        deployed = subflow_of(batch.id, "shard-2", deployment)
+        with Catalog(f"sqlite:///{tmp_path / 'c.db'}") as catalog:
+            catalog.upgrade()
+            run = catalog.create_run("killed", "/m.jsonl", "ab" * 32, {}, str(batch.id), owner=_dead_owner())
+            catalog.start_run(run.id, flow_run_id=str(batch.id))
+            assert [r.name for r in reap_crashed_runs(catalog)] == ["killed"]
+            assert catalog.get_run("killed").status == RunStatus.crashed
+
+        def state(flow_run) -> str:
+            return client.read_flow_run(flow_run.id).state.type.value
+
+        assert state(batch) == state(shard) == state(nested) == "CRASHED"
+        assert state(deployed) == "RUNNING"
+        assert "ran in the process of its parent" in client.read_flow_run(shard.id).state.message
+
+
+@pytest.mark.slow
+def test_a_run_is_finished_in_the_catalog_only_after_its_contact_sheet(harness, tmp_path, monkeypatch):
+    """A `wanflow generate` killed while it wrote its contact sheet (or artifacts) had already marked its run
+    succeeded in the catalog: no later run marked it crashed, and its Prefect flow run showed Running for
+    ever. The run is now finished last, so such a kill leaves it running, for the next run to reap."""
+    import flows.batch as batch
+
+    seen = []
+    sheet = batch._sheet
+
+    def watched_sheet(catalog, run_id, *args, **kwargs):
+        seen.append(catalog.get_run(run_id).status)
+        return sheet(catalog, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "_sheet", watched_sheet)
+    manifest = tmp_path / "m.jsonl"
+    row = {"item_id": "fox", "prompt": "a fox", "size": "64*48", "frame_num": 5, "steps": 2}
+    manifest.write_text(json.dumps(row) + "\n")
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    with Catalog(url) as catalog:
+        catalog.upgrade()
+    summary = batch.generate_batch(str(manifest), model="tiny-t2v", out=str(tmp_path / "videos"),
+                                   catalog_url=url)  # fmt: skip
+    assert summary["status"] == "succeeded" and summary["outputs"] == 1
+    assert seen == [RunStatus.running]
+    with Catalog(url) as catalog:
+        assert catalog.get_run(summary["run_id"]).status == RunStatus.succeeded
+
+
+@pytest.mark.integration
+def test_objects_written_whole_are_one_put_whatever_the_part_size(s3_target: Target, monkeypatch):
+    """A `wanflow generate` killed while it uploaded its contact sheet (a multipart upload once the sheet was
+    over the part size) left the upload open, and no later run aborted it: only each job's own keys are
+    cleaned when the job is redone, and planning ends only uploads older than a job may run. Objects
+    written whole from memory (sidecars, thumbnails, posters, contact sheets) now go in one PUT."""
+    monkeypatch.setenv(PART_SIZE_ENV, "2048")
+    started = []
+    upload_part = _S3Sink._upload_part
+
+    def counted(self, body):
+        started.append(self.key)
+        return upload_part(self, body)
+
+    monkeypatch.setattr(_S3Sink, "_upload_part", counted)
+    noise = np.random.default_rng(0).integers(0, 256, (192, 256, 3), dtype=np.uint8)
+    _, size = write_image(s3_target.url("run/contact_sheet.webp"), noise, format="webp",
+                          storage_options=s3_target.options)  # fmt: skip
+    write_bytes(s3_target.url("run/fox/fox-s1.json"), b"{}" * 4096, storage_options=s3_target.options)
+    assert size > 2048 and started == []
+    assert s3_target.listing() == ["run/contact_sheet.webp", "run/fox/fox-s1.json"]  # no upload left open
+
+
+@pytest.mark.slow
+def test_a_run_that_ended_just_before_its_process_died_gets_its_flow_run_crashed(harness, tmp_path):
+    """Killed after its run ended in the catalog but before Prefect heard the flow run end, a process left
+    that flow run Running for ever: the reaper looked at unfinished runs only. The next run's reaper now sets
+    it to Crashed; the catalog keeps the run's status, and a live process's flow run is left alone."""
+    with get_client(sync_client=True) as client, Catalog(f"sqlite:///{tmp_path / 'c.db'}") as catalog:
+        catalog.upgrade()
+        flow_runs = {}
+        for name, owner in (("dead", _dead_owner()), ("alive", process_owner())):
+            flow_runs[name] = client.create_flow_run(_batch, state=Running())
+            run = catalog.create_run(name, "/m.jsonl", "ab" * 32, {}, str(flow_runs[name].id), owner=owner)
+            catalog.start_run(run.id)
+            catalog.finish_run(run.id, RunStatus.succeeded)
+        assert reap_crashed_runs(catalog) == []  # nothing unfinished in the catalog
+        assert catalog.get_run("dead").status == catalog.get_run("alive").status == RunStatus.succeeded
+        state = client.read_flow_run(flow_runs["dead"].id).state
+        assert state.type.value == "CRASHED" and "ended succeeded in the catalog" in state.message
+        assert client.read_flow_run(flow_runs["alive"].id).state.type.value == "RUNNING"
+
+
+_KILLED_PROBE = """
+import json, os, signal, sys
+import storage.faults as faults
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+url, options = sys.argv[1], json.loads(sys.argv[2]) or None
+if url.startswith("s3://"):
+    bounded = faults._bounded_s3_class()
+    call = bounded.call_s3
+
+    def dying(self, method, *args, **kwargs):  # dies once the probe is written, before it is deleted
+        return die() if method == "delete_object" else call(self, method, *args, **kwargs)
+
+    bounded.call_s3 = dying
+else:
+    os.fsync = die  # the probe file is written; the process dies before deleting it
+faults.probe_storage_root(url, options)
+"""
+
+
+def test_a_probe_left_by_a_killed_process_is_removed_by_the_next(target: Target):
+    """A process killed between writing its storage probe and deleting it (each run and each shard probes
+    its root first) left a `.wanflow-probe-*` object under the root for ever, with no catalog row. The next
+    probe of that root now deletes it."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    done = subprocess.run([sys.executable, "-c", _KILLED_PROBE, target.root, json.dumps(target.options)],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = target.listing()
+    assert len(left) == 1 and left[0].startswith(PROBE_PREFIX)
+    probe_storage_root(target.root, target.options)
+    assert target.listing() == []
+
+
+def test_catalog_runs_starts_no_prefect_server_to_ask_about_ended_runs(tmp_path):
+    """Looking for the flow runs of ended runs (the test above) must not make `wanflow catalog runs` start a
+    temporary Prefect server when none runs: it took about 20 s, at every look (nearly every recent run has
+    a dead owner). With no API configured and no local server, Prefect is not asked."""
+    import uuid
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    with Catalog(url) as catalog:
+        catalog.upgrade()
+        run = catalog.create_run("ended", "/m.jsonl", "ab" * 32, {}, str(uuid.uuid4()), owner=_dead_owner())
+        catalog.start_run(run.id)
+        catalog.finish_run(run.id, RunStatus.succeeded)
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    wanflow = Path(sys.executable).with_name("wanflow")
+    done = subprocess.run([str(wanflow), "catalog", "runs", "--json", "--catalog-url", url], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [r["status"] for r in json.loads(done.stdout)] == ["succeeded"]
+    assert not (home / "prefect.db").exists()  # no temporary server made its database there
