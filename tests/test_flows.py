@@ -185,7 +185,15 @@ def test_transient_failure_is_retried_and_permanent_one_fails_alone(
 
     for request in load_manifest(manifest).requests:
         min_seed[request.item_id] = min(request.seeds)
-    summary = run_batch(tmp_path, catalog_url, manifest)
+    events: list[dict] = []
+    with flows.shard.add_progress_listener(events.append):
+        summary = run_batch(tmp_path, catalog_url, manifest)
+    # the retry is announced as it happens (the CLI prints it: "retrying beta-s<seed> (attempt 2/3): ...")
+    retries = [e for e in events if e.get("event") == "retrying"]
+    assert [(e["item_id"], e["seed"], e["attempt"], e["attempts"]) for e in retries] == [
+        ("beta", min_seed["beta"], 2, 3)
+    ]
+    assert "connection reset by storage (injected)" in retries[0]["error"]
     assert summary["status"] == "failed"
     assert summary["by_status"] == {"pending": 0, "running": 0, "succeeded": 4, "failed": 2, "skipped": 0}
     with Catalog(catalog_url) as catalog:
