@@ -21,14 +21,13 @@ import io
 import itertools
 import logging
 import os
-import posixpath
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
@@ -41,6 +40,7 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
+from flows.inputs import LazyManifest, check_requests, model_names, resolve_image_uri
 from flows.manifest import (
     Manifest,
     ManifestError,
@@ -164,13 +164,6 @@ def read_manifest(
     )
 
 
-@dataclass
-class LazyManifest(Manifest):
-    """A split manifest: `requests` is a one-pass iterator over its shard manifests."""
-
-    model_names: list[str] = field(default_factory=list)
-
-
 def is_large_manifest(url: str, settings: Settings) -> bool:
     """Whether a manifest is over `settings.large_manifest_bytes` (then it is split with dask, never
     loaded whole). An unreadable one counts as small: `load_manifest` reports it with its name."""
@@ -182,13 +175,6 @@ def is_large_manifest(url: str, settings: Settings) -> bool:
     return size > settings.large_manifest_bytes
 
 
-def model_names(manifest: Manifest) -> list[str]:
-    """The models a manifest's valid rows use."""
-    if isinstance(manifest, LazyManifest):
-        return manifest.model_names
-    return sorted({r.model for r in manifest.requests})
-
-
 def load_inputs(
     url: str, defaults: RunDefaults, settings: Settings, *, skip_invalid: bool, ckpt_dir: str | None,
     split_to: str | None = None,
@@ -197,8 +183,6 @@ def load_inputs(
     local image is missing (`flows.inputs.check_requests`), with a source for every model still used, and
     the problems a split manifest's rows will show as they stream (recorded when the run is planned).
     Without `skip_invalid`, any problem raises ManifestError listing them all."""
-    from flows.inputs import check_requests
-
     manifest = read_manifest(url, defaults, settings, skip_invalid=True, split_to=split_to)
     checked, sources, late = check_requests(manifest, settings, ckpt_dir, defaults.model)
     whole_file = [p for p in checked.problems if p.line == 0]  # unreadable: --skip-invalid cannot help
@@ -255,20 +239,6 @@ def _hash_images(uris: list[str], settings: Settings | None) -> dict[str, str | 
         return {}
     with ThreadPoolExecutor(max_workers=min(IMAGE_HASH_THREADS, len(uris))) as pool:
         return dict(zip(uris, pool.map(lambda uri: image_sha256(uri, settings), uris), strict=True))
-
-
-def resolve_image_uri(image: str, manifest_url: str) -> str:
-    """An image reference as written in a manifest -> an absolute URL or path: URLs and absolute paths
-    stay; relative paths are taken from the manifest's directory (local: made absolute, so the job does
-    not depend on where the run started; remote: normalised, without the manifest URL's query)."""
-    if "://" in image or image.startswith("/"):
-        return image
-    if "://" in manifest_url:
-        scheme, _, rest = manifest_url.partition("://")
-        path = rest.split("?", 1)[0].split("#", 1)[0]
-        base = posixpath.dirname(path)
-        return f"{scheme}://{posixpath.normpath(posixpath.join(base, image))}"
-    return str((Path(manifest_url).expanduser().resolve().parent / image).resolve())
 
 
 def image_sha256(uri: str, settings: Settings | None, attempts: int = 3) -> str | None:

@@ -18,6 +18,7 @@ import dataclasses
 import os
 import posixpath
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,40 @@ from flows.models import ModelSource, model_source
 from flows.settings import Settings
 from storage.urls import has_secret, redact
 
-__all__ = ["check_requests", "input_roots", "local_path", "outside_roots"]
+__all__ = [
+    "LazyManifest", "check_requests", "input_roots", "local_path", "model_names", "outside_roots",
+    "resolve_image_uri",
+]  # fmt: skip
 
 IMAGE_FIELDS = ("image", "last_image")
+
+
+@dataclass
+class LazyManifest(Manifest):
+    """A split manifest: `requests` is a one-pass iterator over its shard manifests."""
+
+    model_names: list[str] = field(default_factory=list)
+
+
+def model_names(manifest: Manifest) -> list[str]:
+    """The models a manifest's valid rows use."""
+    if isinstance(manifest, LazyManifest):
+        return manifest.model_names
+    return sorted({r.model for r in manifest.requests})
+
+
+def resolve_image_uri(image: str, manifest_url: str) -> str:
+    """An image reference as written in a manifest -> an absolute URL or path: URLs and absolute paths
+    stay; relative paths are taken from the manifest's directory (local: made absolute, so the job does
+    not depend on where the run started; remote: normalised, without the manifest URL's query)."""
+    if "://" in image or image.startswith("/"):
+        return image
+    if "://" in manifest_url:
+        scheme, _, rest = manifest_url.partition("://")
+        path = rest.split("?", 1)[0].split("#", 1)[0]
+        base = posixpath.dirname(path)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(base, image))}"
+    return str((Path(manifest_url).expanduser().resolve().parent / image).resolve())
 
 
 def local_path(uri: str) -> str | None:
@@ -76,8 +108,6 @@ def check_requests(
     """(the manifest without the rows a run would reject, a source for every model its rows still use, the
     problems found here). `ckpt_dir` is the weights of the run's `model`; other models take theirs from
     `settings.checkpoints`. A split manifest's rows are checked as they stream by."""
-    from flows.batch import LazyManifest, model_names, resolve_image_uri
-
     sources: dict[str, ModelSource] = {}
     refused: dict[str, str] = {}
     for name in model_names(manifest):

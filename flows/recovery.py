@@ -67,8 +67,9 @@ def owner_alive(owner: str) -> bool | None:
     return not (start and now and start != now)  # another process took the pid
 
 
-def ended_flow_runs(flow_run_ids: Iterable[str | None]) -> dict[str, str]:
-    """{flow run id: state name} of the flow runs Prefect knows as ended; {} when Prefect can't be asked."""
+def _final_states(flow_run_ids: Iterable[str | None], doing: str) -> dict[str, tuple[bool, str]] | None:
+    """{flow run id: (whether its state is final, state name)} for the flow runs Prefect knows among these;
+    None when Prefect can't be asked (`doing` says why we asked, for the log)."""
     ids = [i for i in flow_run_ids if is_uuid(i)]
     if not ids:
         return {}
@@ -81,9 +82,15 @@ def ended_flow_runs(flow_run_ids: Iterable[str | None]) -> dict[str, str]:
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in ids]))
             )
     except Exception as exc:
-        log.info("could not ask Prefect about unfinished runs: %s", exc)
-        return {}
-    return {str(r.id): r.state.name for r in runs if r.state is not None and r.state.is_final()}
+        log.info("could not ask Prefect about %s: %s", doing, exc)
+        return None
+    return {str(r.id): (r.state.is_final(), r.state.name) for r in runs if r.state is not None}
+
+
+def ended_flow_runs(flow_run_ids: Iterable[str | None]) -> dict[str, str]:
+    """{flow run id: state name} of the flow runs Prefect knows as ended; {} when Prefect can't be asked."""
+    states = _final_states(flow_run_ids, "unfinished runs") or {}
+    return {run_id: name for run_id, (final, name) in states.items() if final}
 
 
 def _mark_prefect_crashed(flow_run_id: str, message: str) -> None:
@@ -221,17 +228,5 @@ def _running_prefect() -> Iterator[bool]:
 
 def _unfinished_flow_runs(flow_run_ids: list[str]) -> list[str]:
     """The ids of those flow runs that Prefect shows as not yet final; [] when Prefect can't be asked."""
-    if not flow_run_ids:
-        return []
-    try:
-        from prefect import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids]))
-            )
-    except Exception as exc:
-        log.info("could not ask Prefect about the flow runs of ended runs: %s", exc)
-        return []
-    return [str(r.id) for r in runs if r.state is not None and not r.state.is_final()]
+    states = _final_states(flow_run_ids, "the flow runs of ended runs") or {}
+    return [run_id for run_id, (final, _) in states.items() if not final]

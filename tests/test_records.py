@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from databases import reset_postgres
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
@@ -197,7 +198,9 @@ def test_export_has_every_setting_and_input_under_the_manifest_names(harness, tm
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_password_in_the_catalog_url_works_and_reaches_no_parameter(harness, postgres_database, tmp_path):
+def test_a_password_in_the_catalog_url_works_and_reaches_no_parameter(
+    harness, postgres_database, tmp_path, request
+):
     """The documented production URL (user:password@host) runs locally; the password (here with a space,
     percent-encoded, and again as sslpassword=) is in no Prefect parameter, catalog row, object or output."""
     from prefect import get_client
@@ -207,6 +210,7 @@ def test_a_password_in_the_catalog_url_works_and_reaches_no_parameter(harness, p
     url = base.set(password="s3cr3t pw").render_as_string(hide_password=False)
     url += "?sslpassword=0therS3cret"
     Catalog(postgres_database).upgrade()
+    request.addfinalizer(lambda: reset_postgres(postgres_database))  # the session's database, left empty
     manifest = write_manifest(tmp_path / "m.jsonl", items=("alpha",))
     args = ["generate", manifest, *TINY, "--catalog-url", url, "--out", str(tmp_path / "out")]
     result = runner.invoke(app, args)
