@@ -38,9 +38,9 @@ command then runs again to completion, and the record is checked:
 - no multipart upload is open under the root (and, after the last trial, none anywhere in the bucket);
 - the killed run is marked `crashed` when its catalog row was still pending or running at the kill (a kill
   before the row existed leaves no run to mark: counted apart);
-- no Prefect flow run of a run in the catalog is left unfinished (the killed batch and the shard subflows
-  that ran in its process show Crashed). A batch flow run killed before its catalog row existed has no run
-  to reap and stays Running in Prefect: counted apart.
+- no Prefect flow run of the trial is left unfinished (the killed batch and the shard subflows that ran in
+  its process show Crashed), nor any of their task runs; a batch flow run killed before its catalog row
+  existed is found by its owner tag and crashed too (counted apart as well, to see how often it happens).
 
 Open uploads seen right after a kill tell a kill during an upload. Prints a line per trial on standard
 error, then one JSON object. `tests/test_chaos.py` runs the same trials (fewer) on the test fixtures.
@@ -164,6 +164,7 @@ class Trial:
     open_uploads_after: list[str] = field(default_factory=list)
     prefect_left_running: list[str] = field(default_factory=list)  # flow runs not final after the re-run
     prefect_runs_without_row: list[str] = field(default_factory=list)  # ... of a batch killed before its row
+    prefect_tasks_left_running: list[str] = field(default_factory=list)  # task runs of the trial's flow runs
     rerun_tail: str = ""
 
     @property
@@ -197,7 +198,10 @@ class Trial:
                             ("failing verification", self.failed_verification),
                             ("orphan objects", self.orphans),
                             ("open uploads after the re-run", self.open_uploads_after),
-                            ("Prefect flow runs left running", self.prefect_left_running)):  # fmt: skip
+                            ("Prefect flow runs left running", self.prefect_left_running),
+                            ("Prefect flow runs without a catalog run left running",
+                             self.prefect_runs_without_row),
+                            ("Prefect task runs left running", self.prefect_tasks_left_running)):  # fmt: skip
             if items:
                 found.append(f"{where}: {name}: {items}")
         if self.jobs != self.jobs_expected:
@@ -455,23 +459,49 @@ def check_record(
     left = unfinished_flow_runs(setup.prefect_home)
     trial.prefect_left_running = [n for n in left if n.startswith(names) or n.startswith("(")]
     trial.prefect_runs_without_row = [n for n in left if n.startswith(batch) and not n.startswith(names)]
+    trial.prefect_tasks_left_running = [
+        f"{task} in {flow}" for task, flow in unfinished_task_runs(setup.prefect_home)
+        if flow.startswith((*names, batch))
+    ]  # fmt: skip
 
 
-def unfinished_flow_runs(prefect_home: Path) -> list[str]:
-    """Names of the flow runs that the local Prefect server of `prefect_home` shows as not yet final (asked
-    over HTTP: this process does not import Prefect)."""
+FINAL_STATES = ["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
+
+
+def _ask_prefect(prefect_home: Path, path: str, query: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """POST `query` to `path` of the local Prefect server of `prefect_home` (over HTTP: this process does not
+    import Prefect); None when that server is gone."""
     from flows.local_server import local_server
 
     server = local_server(prefect_home)
     if server is None:
-        return ["(the local Prefect server is gone)"]
-    final = ["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
-    body = json.dumps({"flow_runs": {"state": {"type": {"not_any_": final}}}, "limit": 200}).encode()
-    request = urllib.request.Request(f"{server.url}/flow_runs/filter", data=body, method="POST",
+        return None
+    request = urllib.request.Request(f"{server.url}{path}", data=json.dumps(query).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})  # fmt: skip
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=30) as response:
-        return [f"{run['name']} ({run['state_type']})" for run in json.loads(response.read())]
+        return json.loads(response.read())
+
+
+def unfinished_flow_runs(prefect_home: Path) -> list[str]:
+    """Names of the flow runs that the local Prefect server of `prefect_home` shows as not yet final."""
+    query = {"flow_runs": {"state": {"type": {"not_any_": FINAL_STATES}}}, "limit": 200}
+    runs = _ask_prefect(prefect_home, "/flow_runs/filter", query)
+    if runs is None:
+        return ["(the local Prefect server is gone)"]
+    return [f"{run['name']} ({run['state_type']})" for run in runs]
+
+
+def unfinished_task_runs(prefect_home: Path) -> list[tuple[str, str]]:
+    """(task run name, its flow run's name) of the task runs the local Prefect server shows as not final."""
+    unfinished = ["SCHEDULED", "PENDING", "RUNNING"]
+    query = {"task_runs": {"state": {"type": {"any_": unfinished}}}, "limit": 200}
+    tasks = _ask_prefect(prefect_home, "/task_runs/filter", query) or []
+    flow_ids = sorted({t["flow_run_id"] for t in tasks if t.get("flow_run_id")})
+    query = {"flow_runs": {"id": {"any_": flow_ids}}, "limit": 200}
+    flows = _ask_prefect(prefect_home, "/flow_runs/filter", query) if flow_ids else []
+    names = {run["id"]: run["name"] for run in flows or []}
+    return [(t["name"], names.get(t.get("flow_run_id"), "(no flow run)")) for t in tasks]
 
 
 def _status(value: Any) -> str:
@@ -567,7 +597,8 @@ def summarise(
         "contact_sheets": sum(len(t.allowed_extras) for t in trials),
         "open_uploads_after_rerun": sum(len(t.open_uploads_after) for t in trials),
         "prefect_flow_runs_left_running": sum(len(t.prefect_left_running) for t in trials),
-        "prefect_flow_runs_without_catalog_run": sum(len(t.prefect_runs_without_row) for t in trials),
+        "prefect_orphan_flow_runs_left_running": sum(len(t.prefect_runs_without_row) for t in trials),
+        "prefect_task_runs_left_running": sum(len(t.prefect_tasks_left_running) for t in trials),
         "runs_to_mark_crashed": sum(t.crash_expected for t in trials),
         "runs_marked_crashed": sum(t.marked_crashed for t in trials),
         "killed_runs_already_finished": sum(

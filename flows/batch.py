@@ -20,8 +20,6 @@ import hashlib
 import io
 import itertools
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +38,7 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
+from flows.events import notify
 from flows.inputs import LazyManifest, check_requests, model_names, resolve_image_uri
 from flows.manifest import (
     Manifest,
@@ -52,9 +51,9 @@ from flows.manifest import (
     split_manifest,
 )
 from flows.models import ModelSource, memory_options, model_source
-from flows.recovery import ended_flow_runs, is_uuid, process_owner, reap_crashed_runs
+from flows.recovery import process_owner, reap_crashed_runs, requeue_abandoned
 from flows.settings import Settings, check_secret_free, get_settings, parameter_safe
-from flows.shard import _notify, generate_shard
+from flows.shard import generate_shard
 from storage.catalog import (
     Catalog,
     CatalogError,
@@ -277,54 +276,6 @@ def plan_shards(jobs: Iterable[JobGroupRow], shard_size: int) -> list[ShardPlan]
             label = f"{model}-{size.replace('*', 'x')}-f{frames}-{k // shard_size + 1}"
             shards.append(ShardPlan(model, size, frames, ids[k : k + shard_size], label))
     return shards
-
-
-def _worker_gone(
-    worker: str | None, claimed_at: datetime | None, timeout: timedelta, run_states: dict[str, str]
-) -> str | None:
-    """Why a running job's claim is abandoned, or None if its worker may still be at work.
-
-    A worker id is '<host>:<pid>[:<flow run id>]'. The claim is abandoned when its flow run has ended
-    (`run_states` maps flow run ids to the final state of those that have), when the process is gone
-    from this very host, or when the claim is older than `timeout` (a worker elsewhere that died
-    without its flow run being marked, for instance a machine that lost power).
-    """
-    host, _, rest = (worker or "").partition(":")
-    pid, _, flow_run_id = rest.partition(":")
-    if flow_run_id and flow_run_id in run_states:
-        return f"worker {worker}: its flow run ended {run_states[flow_run_id]}"
-    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-        return f"worker {worker} is gone (process {pid} no longer exists)"
-    if claimed_at is not None and datetime.now(UTC) - claimed_at > timeout:
-        return f"claim by {worker} expired after {timeout}"
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def requeue_abandoned(catalog: Catalog, run_id: int, timeout: timedelta) -> int:
-    """Give the run's running jobs whose worker died back to pending; returns how many."""
-    running = catalog.jobs(run_id, status=JobStatus.running)
-    flow_runs = set()
-    for job in running:
-        flow_run_id = (job.worker_id or "").split(":", 2)[2:]
-        if flow_run_id and is_uuid(flow_run_id[0]):
-            flow_runs.add(flow_run_id[0])
-    ended = ended_flow_runs(flow_runs)
-    requeued = 0
-    for job in running:
-        reason = _worker_gone(job.worker_id, job.claimed_at, timeout, ended)
-        if reason:
-            requeued += catalog.requeue_abandoned([job.id], reason, worker=job.worker_id)
-    return requeued
 
 
 def _run_settings(settings: Settings, defaults: RunDefaults, **extra: Any) -> dict[str, Any]:
@@ -573,7 +524,8 @@ class BatchFailed(RuntimeError):
         by = summary["by_status"]
         unfinished = by["pending"] + by["running"]
         reasons = summary.get("failure_reasons") or []
-        lead = f"{reasons[0]['error']} ({reasons[0]['jobs']} jobs); " if reasons else ""
+        jobs = reasons[0]["jobs"] if reasons else 0
+        lead = f"{reasons[0]['error']} ({jobs} job{'s' if jobs != 1 else ''}); " if reasons else ""
         super().__init__(
             f"run {summary['run_name']}: {lead}{by['failed']} of {summary['jobs']} jobs failed, {unfinished} "
             f"unfinished (see `wanflow catalog jobs --run {summary['run_name']} --status failed`)"
@@ -677,7 +629,7 @@ def _run(
             "in %d shards", plan.run_name, plan.jobs, plan.created, plan.already_done, plan.requeued,
             plan.abandoned, plan.to_generate, len(plan.shards),
         )  # fmt: skip
-        _notify(
+        notify(
             {"event": "planned", "run_id": plan.run_id, "run_name": plan.run_name, "total": plan.to_generate}
         )
         progress_id = create_progress_artifact(
@@ -813,14 +765,7 @@ def _run_deployed(
                 elif state is not None and state.is_scheduled() and time.monotonic() - waiting_since > 300:
                     logger.warning("shard run %s still waits for a worker on its pool", run.name)
                     waiting_since = time.monotonic()
-            finished, jobs = _finished(catalog, plan.run_id)
+            finished, jobs = catalog.progress(plan.run_id)
             update_progress_artifact(progress_id, progress=100.0 * finished / max(jobs, 1))
             # this run's jobs finished elsewhere, for a local progress bar (`wanflow generate`)
-            _notify({"event": "progress", "run_id": plan.run_id, "completed": finished - plan.already_done})
-
-
-def _finished(catalog: Catalog, run_id: int) -> tuple[int, int]:
-    """(jobs finished, jobs) of a run, as the catalog counts them now."""
-    stats = catalog.stats(run_id)
-    by = stats["by_status"]
-    return by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped], stats["jobs"]
+            notify({"event": "progress", "run_id": plan.run_id, "completed": finished - plan.already_done})

@@ -350,15 +350,17 @@ def _run_batch(
     URL reaches the flow through the environment, never as a (stored, displayed) flow parameter; so does a
     storage root that holds a credential."""
     _quiet_prefect(verbose)
+    from prefect import tags
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows.batch import BatchFailed, generate_batch
     from flows.local_server import LocalServerError, prefect_api
+    from flows.recovery import owner_tag
     from storage.urls import absolute_url
 
     manifest = absolute_url(manifest)
+    from flows.events import add_progress_listener
     from flows.settings import parameter_safe
-    from flows.shard import add_progress_listener
 
     out_param = parameter_safe(out)
     seen_errors: set[str] = set()
@@ -402,6 +404,7 @@ def _run_batch(
                 _environ(WANFLOW_CATALOG_URL=catalog_url, WANFLOW_STORAGE_ROOT=secret_root),
                 prefect_api(),  # one local Prefect server per PREFECT_HOME, shared by concurrent runs
                 _without_interrupt_crash_lines(),
+                tags(owner_tag()),  # a kill before the run reaches the catalog: the reaper finds it by this
             ):
                 try:
                     state = batch(

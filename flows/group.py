@@ -33,7 +33,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from flows.group_worker import ADDRESS_ENV, AUTHKEY_ENV
+from flows.group_protocol import (
+    ADDRESS_ENV,
+    AUTHKEY_ENV,
+    Answer,
+    AskSettings,
+    AskVideoSize,
+    Chunk,
+    Done,
+    Failed,
+    Generate,
+    GroupSpec,
+    Ready,
+    Stop,
+)
 
 __all__ = ["GroupPipeline", "RankListener", "WorkerGroup", "WorkerGroupDied"]
 
@@ -57,6 +70,7 @@ class WorkerGroup:
     ) -> None:  # fmt: skip
         self.model, self.ckpt_dir, self.nproc, self.dtype = model, ckpt_dir, nproc, dtype
         self.layout = dict(layout or {})
+        self.spec = GroupSpec.from_layout(model, ckpt_dir, dtype, self.layout)  # what every rank loads
         self.starts = 0  # how many times the group was started (the model loaded)
         self.generations = 0  # how many generations were sent to it
         self.last_done: dict[str, Any] = {}  # rank 0's report on the last finished generation
@@ -68,23 +82,9 @@ class WorkerGroup:
 
     # ------------------------------------------------------------------------------------- lifecycle
     def command(self) -> list[str]:
+        """`torchrun` for `nproc` ranks of `flows.group_worker`, with the group's spec as its arguments."""
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd = [*launcher, f"--nproc_per_node={self.nproc}", "-m", "flows.group_worker", "--model", self.model]
-        if self.ckpt_dir:
-            cmd += ["--ckpt-dir", self.ckpt_dir]
-        if self.dtype:
-            cmd += ["--dtype", self.dtype]
-        for key, value in sorted(self.layout.items()):
-            flag = "--" + key.replace("_", "-")
-            if key == "cfg_parallel":  # three states: None (auto), on, off
-                cmd += [flag, {None: "auto", True: "on", False: "off"}[value]]
-            elif value is None or value is False:
-                continue
-            elif value is True:
-                cmd.append(flag)
-            else:
-                cmd += [flag, str(value)]
-        return cmd
+        return [*launcher, f"--nproc_per_node={self.nproc}", "-m", "flows.group_worker", *self.spec.to_argv()]
 
     @property
     def alive(self) -> bool:
@@ -121,8 +121,8 @@ class WorkerGroup:
                     raise WorkerGroupDied(f"the worker group for {self.model} did not start: {self._tail()}")
             self._conn = conn
             message = self._recv()
-            if message[0] != "ready":
-                raise WorkerGroupDied(f"unexpected first message from the worker group: {message[0]!r}")
+            if not isinstance(message, Ready):
+                raise WorkerGroupDied(f"unexpected first message from the worker group: {message!r:.80}")
         except BaseException:
             self.close()
             raise
@@ -131,14 +131,14 @@ class WorkerGroup:
             if listener.dropped:
                 log.warning("worker group for %s: %d connections to its socket were turned away (no key, "
                             "or too slow to authenticate)", self.model, listener.dropped)  # fmt: skip
-        self.info = message[1]
+        self.info = message.info
         log.info("worker group ready: %s", self.info)
 
     def close(self, *, grace_s: float = 30.0) -> None:
         """Ask the group to stop, then make sure every process of it is gone and its files removed."""
         if self._conn is not None:
             with contextlib.suppress(OSError):
-                self._conn.send(("stop",))
+                self._conn.send(Stop())
             self._conn.close()
             self._conn = None
         if self._proc is not None:
@@ -172,7 +172,7 @@ class WorkerGroup:
         tail = "\n".join(tail.splitlines()[-lines:])
         return f"torchrun exit code {code}; last log lines ({self._log}):\n{tail}"
 
-    def _recv(self) -> tuple:
+    def _recv(self) -> Any:
         """The next message from rank 0; `WorkerGroupDied` when the group ends first."""
         assert self._conn is not None
         while True:
@@ -191,39 +191,41 @@ class WorkerGroup:
         self._conn = None
         raise WorkerGroupDied(message)
 
-    def request(self, message: tuple) -> Any:
-        """Send one request and return rank 0's answer ("ok", value); a bad request raises ValueError."""
+    def request(self, message: AskSettings | AskVideoSize) -> Any:
+        """Send one request and return rank 0's answer; a bad request raises ValueError."""
         if not self.alive:
             self.start()
         assert self._conn is not None
         self._conn.send(message)
         reply = self._recv()
-        if reply[0] == "error":
-            raise ValueError(reply[2])
-        return reply[1]
+        if isinstance(reply, Failed):
+            raise ValueError(reply.message)
+        if not isinstance(reply, Answer):
+            raise WorkerGroupDied(f"unexpected answer from the worker group: {reply!r:.80}")
+        return reply.value
 
-    def stream(self, request: dict[str, Any]) -> Iterator[torch.Tensor]:
+    def stream(self, request: Generate) -> Iterator[torch.Tensor]:
         """Run one generation on the group; yields uint8 frame chunks [n, H, W, 3] as rank 0 decodes."""
         if not self.alive:
             self.start()
         assert self._conn is not None
-        self._conn.send(("generate", request))
+        self._conn.send(request)
         self.generations += 1
         finished = False
         try:
             while True:
                 reply = self._recv()
-                if reply[0] == "chunk":
-                    yield torch.from_numpy(reply[1])
-                elif reply[0] == "done":
-                    self.last_done = reply[1] if len(reply) > 1 else {}
+                if isinstance(reply, Chunk):
+                    yield torch.from_numpy(reply.frames)
+                elif isinstance(reply, Done):
+                    self.last_done = {"peak_memory_bytes": reply.peak_memory_bytes}
                     finished = True
                     return
-                elif reply[0] == "error":
+                elif isinstance(reply, Failed):
                     finished = True
-                    raise ValueError(reply[2])
+                    raise ValueError(reply.message)
                 else:
-                    raise WorkerGroupDied(f"unexpected message from the worker group: {reply[0]!r}")
+                    raise WorkerGroupDied(f"unexpected message from the worker group: {reply!r:.80}")
         finally:
             if not finished and self._conn is not None:
                 # The caller stopped reading (a storage error mid-video): frames of this job are still on
@@ -349,16 +351,14 @@ class RankListener:
 
 
 class GroupPipeline:
-    """The slice of `WanPipeline` that `flows.shard` uses, served by a `WorkerGroup` of `nproc` processes."""
-
-    remote = True
+    """A `flows.backend.GenerationBackend` served by a `WorkerGroup` of `nproc` processes: the slice of
+    `WanPipeline` that `flows.shard` uses."""
 
     def __init__(self, group: WorkerGroup) -> None:
-        from flows.models import MEMORY_KEYS
         from wan.pipeline import MemoryOptions
 
         self.group = group
-        self.memory = MemoryOptions.parse(**{key: group.layout.get(key) for key in MEMORY_KEYS})
+        self.memory = MemoryOptions.parse(**group.spec.memory())
         if not group.alive:
             group.start()
 
@@ -371,9 +371,12 @@ class GroupPipeline:
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.group.info.get("dtype", "torch.float32").removeprefix("torch."))
 
+    def reset_peak_memory(self) -> None:
+        """Nothing here: rank 0 measures each generation afresh and reports it when the video is done."""
+
     @property
     def peak_memory_bytes(self) -> int | None:
-        """Rank 0's peak GPU memory during the last generation (None on the CPU)."""
+        """Rank 0's peak GPU memory during the last generation (None on the CPU), once its frames are in."""
         return self.group.last_done.get("peak_memory_bytes")
 
     def describe(self) -> dict[str, Any]:
@@ -383,7 +386,7 @@ class GroupPipeline:
     def settings(self, **kwargs: Any) -> Any:
         from wan.pipeline import GenerationSettings
 
-        values = self.group.request(("settings", kwargs))
+        values = self.group.request(AskSettings(kwargs))
         values["size"] = tuple(values["size"])
         return GenerationSettings(**values)
 
@@ -395,7 +398,7 @@ class GroupPipeline:
         from wan.conditioning import image_tensor
 
         height, width = image_tensor(image).shape[1:]
-        return tuple(self.group.request(("video_size", dataclasses.asdict(settings), (height, width))))
+        return tuple(self.group.request(AskVideoSize(dataclasses.asdict(settings), height, width)))
 
     def generate_stream(
         self, prompt: str, *, seed: int = 0, image: Any = None, last_image: Any = None,
@@ -404,4 +407,4 @@ class GroupPipeline:
         given = {"image": image, "last_image": last_image}
         images = {name: np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)
                   for name, img in given.items() if img is not None}  # fmt: skip
-        return self.group.stream({"prompt": prompt, "seed": seed, "images": images, "settings": settings})
+        return self.group.stream(Generate(prompt, seed, images, settings))

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wan.configs import get_preset
+from flows.group_protocol import MEMORY_KEYS
+from wan.configs import RANDOM_WEIGHTS_SEED, get_preset
 
 __all__ = [
     "MEMORY_KEYS",
@@ -29,9 +30,7 @@ __all__ = [
     "model_source",
 ]
 
-MEMORY_KEYS = ("offload_model", "t5_cpu", "vae_tiling")
-
-RANDOM_SEED = 0
+RANDOM_SEED = RANDOM_WEIGHTS_SEED
 _SAMPLE = 1 << 20
 _SMALL_FILE = 4 << 20
 

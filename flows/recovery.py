@@ -1,4 +1,5 @@
-"""Runs whose process died: who owns a run, whether that process still lives, and marking the dead crashed.
+"""Runs and workers whose process died: who owns a run or holds a claim, whether that process still lives,
+marking dead runs crashed (in the catalog and in Prefect) and giving dead workers' claims back.
 
 A batch run records its owner as `<host>:<pid>:<start>`, where `<start>` is the process's start time in
 clock ticks since boot (Linux `/proc/<pid>/stat`, field 22; empty elsewhere). A process id can be reused
@@ -8,6 +9,10 @@ after its process dies; the start time tells a new process from the old one.
 whose owner is on this host and gone, or whose Prefect flow run has already ended (when Prefect can be
 asked), setting the Prefect flow run to Crashed too where it still shows Running, with the shard subflows
 that ran in its process. Runs owned by other hosts are left to those hosts, or to their flow run's state.
+
+A job's claim records its worker as `<host>:<pid>[:<flow run id>]` (`worker_id`, read back by
+`parse_worker_id`); `requeue_abandoned` gives back to pending the claims of workers that are gone
+(`worker_gone`: their flow run ended, their process left this host, or the claim expired).
 """
 
 from __future__ import annotations
@@ -18,12 +23,26 @@ import os
 import socket
 import sys
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
-from storage.catalog import Catalog, RunRecord, RunStatus
+from storage.catalog import Catalog, JobStatus, RunRecord, RunStatus
 
-__all__ = ["ended_flow_runs", "is_uuid", "owner_alive", "process_owner", "reap_crashed_runs"]
+__all__ = [
+    "OWNER_TAG",
+    "ended_flow_runs",
+    "is_uuid",
+    "owner_alive",
+    "owner_tag",
+    "parse_worker_id",
+    "process_owner",
+    "reap_crashed_runs",
+    "requeue_abandoned",
+    "worker_gone",
+    "worker_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +84,71 @@ def owner_alive(owner: str) -> bool | None:
     if now == "-":
         return False
     return not (start and now and start != now)  # another process took the pid
+
+
+# ------------------------------------------------------------------------------ workers and their claims
+
+
+def worker_id() -> str:
+    """'<host>:<pid>[:<flow run id>]': who holds a job's claim (this process, in the flow run it runs in);
+    lets a later run see that the worker died (`worker_gone`)."""
+    from prefect.runtime import flow_run
+
+    run = flow_run.get_id()
+    return f"{socket.gethostname()}:{os.getpid()}" + (f":{run}" if run else "")
+
+
+def parse_worker_id(worker: str | None) -> tuple[str, int | None, str | None]:
+    """(host, pid, flow run id) of a `worker_id`; None for the parts it lacks or that do not read."""
+    host, _, rest = (worker or "").partition(":")
+    pid, _, flow_run_id = rest.partition(":")
+    return host, int(pid) if pid.isdigit() else None, flow_run_id or None
+
+
+def worker_gone(
+    worker: str | None, claimed_at: datetime | None, timeout: timedelta, run_states: dict[str, str]
+) -> str | None:
+    """Why a running job's claim is abandoned, or None if its worker may still be at work.
+
+    The claim is abandoned when its worker's flow run has ended (`run_states` maps flow run ids to the final
+    state of those that have), when the process is gone from this very host, or when the claim is older
+    than `timeout` (a worker elsewhere that died without its flow run being marked, for instance a machine
+    that lost power).
+    """
+    host, pid, flow_run_id = parse_worker_id(worker)
+    if flow_run_id and flow_run_id in run_states:
+        return f"worker {worker}: its flow run ended {run_states[flow_run_id]}"
+    if host == socket.gethostname() and pid is not None and not _pid_alive(pid):
+        return f"worker {worker} is gone (process {pid} no longer exists)"
+    if claimed_at is not None and datetime.now(UTC) - claimed_at > timeout:
+        return f"claim by {worker} expired after {timeout}"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def requeue_abandoned(catalog: Catalog, run_id: int, timeout: timedelta) -> int:
+    """Give the run's running jobs whose worker died back to pending; returns how many."""
+    running = catalog.jobs(run_id, status=JobStatus.running)
+    flow_runs = {run for job in running if is_uuid(run := parse_worker_id(job.worker_id)[2])}
+    ended = ended_flow_runs(flow_runs)
+    requeued = 0
+    for job in running:
+        reason = worker_gone(job.worker_id, job.claimed_at, timeout, ended)
+        if reason:
+            requeued += catalog.requeue_abandoned([job.id], reason, worker=job.worker_id)
+    return requeued
+
+
+# ------------------------------------------------------------------------------------------ Prefect
 
 
 def _final_states(flow_run_ids: Iterable[str | None], doing: str) -> dict[str, tuple[bool, str]] | None:
@@ -126,8 +210,79 @@ def _mark_prefect_crashed(flow_run_id: str, message: str) -> None:
                     if child.id in parents and child.state is not None and not child.state.is_final():
                         why = f"{message}; it ran in the process of its parent flow run {flow_run_id}"
                         client.set_flow_run_state(child.id, Crashed(message=why), force=True)
+            _crash_task_runs(client, list(seen), f"{message}; it ran in that flow run's process")
     except Exception as exc:
         log.info("could not mark flow run %s crashed in Prefect: %s", flow_run_id, exc)
+
+
+def _crash_task_runs(client: Any, flow_run_ids: list[UUID], message: str) -> None:
+    """Set the task runs of these flow runs that still show as scheduled, pending or running to Crashed
+    (a job's task, the task that called a shard subflow): nobody else will ever end them."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    unfinished = TaskRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING])
+    for k in range(0, len(flow_run_ids), 100):
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids[k : k + 100])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=unfinished)),
+        )
+        for task_run in task_runs:
+            client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+
+
+OWNER_TAG = "wanflow-owner:"
+ORPHANS_LOOKED_AT = 200  # unfinished top-level flow runs looked at for an owner tag
+
+
+def owner_tag() -> str:
+    """The Prefect tag that names this process as the owner of the flow runs it starts
+    (`wanflow-owner:<host>:<pid>:<start>`): a flow run whose process died before the run reached the catalog
+    is found by it."""
+    return OWNER_TAG + process_owner()
+
+
+def _crash_orphaned_flow_runs() -> list[str]:
+    """Set to Crashed the top-level flow runs still unfinished in Prefect whose owner tag names a process of
+    this host that is gone (killed before its run had a catalog row, which is how the reaper otherwise finds
+    them), with their in-process subflows and task runs; returns their ids. Prefect must be configured."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    unfinished = FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING])
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=unfinished),
+                    parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
+                ),
+                limit=ORPHANS_LOOKED_AT,
+            )
+    except Exception as exc:
+        log.info("could not ask Prefect about unfinished flow runs: %s", exc)
+        return []
+    orphans = []
+    for run in runs:
+        owners = [tag.removeprefix(OWNER_TAG) for tag in run.tags if tag.startswith(OWNER_TAG)]
+        if owners and owner_alive(owners[0]) is False:
+            log.warning("flow run %s (%s): its process %s is gone", run.name, run.id, owners[0])
+            _mark_prefect_crashed(str(run.id), f"wanflow: the flow run's process ({owners[0]}) died")
+            orphans.append(str(run.id))
+    return orphans
 
 
 def is_uuid(text: str | None) -> bool:
@@ -149,7 +304,7 @@ def reap_crashed_runs(
     of a recent run that ended in the catalog just before its process died, Prefect not told.
     """
     if ask_prefect:
-        _crash_flow_runs_of_finished_runs(catalog, skip)
+        _crash_flow_runs_of_dead_processes(catalog, skip)
     unfinished = [r for r in catalog.unfinished_runs() if r.id != skip]
     if not unfinished:
         return []
@@ -180,21 +335,24 @@ def reap_crashed_runs(
 RECENT_RUNS = 20  # finished runs looked at for a flow run that their dead process never ended in Prefect
 
 
-def _crash_flow_runs_of_finished_runs(catalog: Catalog, skip: int | None) -> None:
-    """A process killed after it finished its run in the catalog but before Prefect heard that its flow run
-    ended leaves that flow run Running for ever. Among the newest `RECENT_RUNS` runs, those finished whose
-    owner is on this host and gone get such a flow run set to Crashed (the catalog keeps their status)."""
+def _crash_flow_runs_of_dead_processes(catalog: Catalog, skip: int | None) -> None:
+    """Flow runs that a dead process left Running in Prefect, found two ways.
+
+    A process killed before its run reached the catalog leaves a flow run that only its owner tag leads to
+    (`_crash_orphaned_flow_runs`). A process killed after it finished its run in the catalog but before
+    Prefect heard that its flow run ended leaves that flow run Running too: among the newest `RECENT_RUNS`
+    runs, those finished whose owner is on this host and gone get such a flow run set to Crashed (the catalog
+    keeps their status)."""
     candidates = {
         run.flow_run_id: run for run in catalog.runs(limit=RECENT_RUNS)
         if run.id != skip and run.status not in (RunStatus.pending, RunStatus.running) and run.owner
         and run.flow_run_id and is_uuid(run.flow_run_id) and owner_alive(run.owner) is False
     }  # fmt: skip
-    if not candidates:
-        return
     with _running_prefect() as available:
         if not available:
             return
-        for flow_run_id in _unfinished_flow_runs(list(candidates)):
+        _crash_orphaned_flow_runs()
+        for flow_run_id in _unfinished_flow_runs(list(candidates)) if candidates else []:
             run = candidates[flow_run_id]
             log.warning("run %s (%s) ended without its Prefect flow run: marking it crashed", run.name,
                         run.status.value)  # fmt: skip

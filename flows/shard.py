@@ -16,13 +16,10 @@ The work itself is `run_job`, a plain function that tests call without Prefect.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
-import os
-import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +29,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
+from flows.backend import GenerationBackend
+from flows.events import add_progress_listener, notify
 from flows.models import ModelSource, load_pipeline, model_source
+from flows.recovery import worker_id
 from flows.settings import Settings, check_secret_free, get_settings
 from storage.catalog import Catalog, JobRecord, JobStatus
 from storage.faults import PermanentStorageError, filesystem, is_permanent_storage_error, probe_storage_root
@@ -58,12 +58,6 @@ def is_transient(exc: BaseException) -> bool:
     return not isinstance(exc, PERMANENT_ERRORS) and not is_permanent_storage_error(exc)
 
 
-def worker_id() -> str:
-    """'<host>:<pid>[:<flow run id>]': who holds a claim; lets a later run see that a local worker died."""
-    run = flow_run.get_id()
-    return f"{socket.gethostname()}:{os.getpid()}" + (f":{run}" if run else "")
-
-
 def job_task_name(item_id: str, seed: int) -> str:
     """The task run's name in the Prefect UI."""
     return f"{item_id}-s{seed}"
@@ -77,7 +71,7 @@ class JobContext:
     run_id: int
     run_name: str
     source: ModelSource
-    pipeline: Any
+    pipeline: GenerationBackend | None  # None: no job of the shard was planned for this worker's weights
     layout: OutputLayout
     storage_options: dict[str, Any]
     worker: str
@@ -91,26 +85,6 @@ class JobContext:
         return self.settings.storage_options_for(url) if self.settings else {}
 
 
-# Local progress listeners (the terminal progress bar of `wanflow generate`): called after every job with
-# {"run_id", "job_id", "item_id", "seed", "status", "error"}.
-_listeners: list[Callable[[dict[str, Any]], None]] = []
-
-
-@contextmanager
-def add_progress_listener(listener: Callable[[dict[str, Any]], None]) -> Iterator[None]:
-    """Call `listener` after every job this process finishes, while the context is open."""
-    _listeners.append(listener)
-    try:
-        yield
-    finally:
-        _listeners.remove(listener)
-
-
-def _notify(event: dict[str, Any]) -> None:
-    for listener in list(_listeners):
-        listener(event)
-
-
 def _settings_args(params: dict[str, Any]) -> dict[str, Any]:
     """Catalog job parameters -> `WanPipeline.settings` keyword arguments."""
     return {
@@ -119,6 +93,9 @@ def _settings_args(params: dict[str, Any]) -> dict[str, Any]:
         "shift": params.get("shift"), "guide_scale": params.get("guide_scale"),
         "sample_solver": params.get("solver"),
     }  # fmt: skip
+
+
+TIMEOUT_SETTING = "WANFLOW_JOB_TIMEOUT_S"
 
 
 def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]:
@@ -142,26 +119,32 @@ def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]
     try:
         output = _generate_and_store(ctx, job)
     except BaseException as exc:
-        # An interrupt gives the job back; a bad request or the last attempt fails it for good.
-        interrupted = not isinstance(exc, Exception)
+        # An interrupt gives the job back; a bad request or the last attempt fails it for good. Prefect ends
+        # an attempt that outlives the job deadline by raising its CancelledError inside it: a failed attempt.
+        timeout_s = ctx.settings.job_timeout_s if ctx.settings is not None else None
+        timed_out = isinstance(exc, asyncio.CancelledError) and timeout_s is not None
+        interrupted = not isinstance(exc, Exception) and not timed_out
         retry = interrupted or (is_transient(exc) and attempt < ctx.max_attempts)
         message = f"{type(exc).__name__}: {exc}"
+        if timed_out:
+            retry = attempt < ctx.max_attempts
+            message = f"TimeoutError: the job ran past its deadline of {timeout_s:g} s ({TIMEOUT_SETTING})"
         try:
             ctx.catalog.mark_failed(job.id, message, retry=retry, worker=ctx.worker)
         except Exception as record_error:  # the job's own error is the one to raise
             log.warning("could not record the failure of job %s: %s", job.id, redact(str(record_error)))
         if not retry:
-            _notify({"run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
+            notify({"run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
                      "status": JobStatus.failed.value, "error": message})  # fmt: skip
         elif not interrupted:  # said where the person running it sees it, not only in Prefect's log
             log.warning("retrying %s (attempt %d/%d): %s", job_task_name(job.item_id, job.seed), attempt + 1,
                         ctx.max_attempts, redact(message))  # fmt: skip
-            _notify({"event": "retrying", "run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id,
+            notify({"event": "retrying", "run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id,
                      "seed": job.seed, "attempt": attempt + 1, "attempts": ctx.max_attempts,
                      "error": redact(message)})  # fmt: skip
         raise
     seconds = time.perf_counter() - start
-    _notify({"run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
+    notify({"run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
              "status": JobStatus.succeeded.value, "error": None})  # fmt: skip
     return {"job_id": job.id, "item_id": job.item_id, "seed": job.seed, "status": "succeeded",
             "uri": output.uri, "seconds": round(seconds, 3)}  # fmt: skip
@@ -178,13 +161,12 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         )
     params = dict(job.params)
     pipe = ctx.pipeline
+    assert pipe is not None  # loaded: the job was planned for this worker's weights (checked above)
     settings = pipe.settings(**_settings_args(params))  # ValueError: a bad request, never retried
     images = {name: read_image(params, name, ctx) for name in ("image", "last_image") if params.get(name)}
     width, height = pipe.video_size(settings, images.get("image"))  # image-to-video: the image's aspect
     device = torch.device(pipe.device)
-    local = not getattr(pipe, "remote", False)  # a worker group measures nothing in this process
-    if local and device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    pipe.reset_peak_memory()
     frames = pipe.generate_stream(
         params["prompt"], seed=job.seed, progress=False, **images, **_settings_args(params)
     )
@@ -201,20 +183,14 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         "noise": "torch CPU generator, float32",
         "device": str(device), "dtype": str(pipe.dtype).removeprefix("torch."),
         "worker": ctx.worker,
-        **({"parallel": pipe.describe()} if not local else {}),
+        **({"parallel": parallel} if (parallel := pipe.describe()) else {}),
         "memory": pipe.memory.describe(),
     }  # fmt: skip
-    if not local:
-        peak = lambda: pipe.peak_memory_bytes  # noqa: E731  rank 0's, reported with the last frames
-    elif device.type == "cuda":
-        peak = lambda: torch.cuda.max_memory_allocated(device)  # noqa: E731  read after the frames
-    else:
-        peak = None
     return store_job_output(
         ctx.catalog, job, frames, layout=ctx.layout, run_name=_objects_run_name(ctx, job), width=width,
         height=height,
         fps=ctx.fps, storage_options=ctx.storage_options, provenance=provenance, device=str(device),
-        peak_memory_bytes=peak,
+        peak_memory_bytes=lambda: pipe.peak_memory_bytes,  # read once the last frames are in
     )  # fmt: skip
 
 
@@ -285,14 +261,6 @@ def _shard_run_name() -> str:
     params = flow_run.get_parameters()
     label = params.get("label") or f"{len(params.get('job_ids', []))}-jobs"
     return f"shard-{params.get('run_id')}-{label}"
-
-
-def _progress(catalog: Catalog, run_id: int) -> tuple[int, int]:
-    """(jobs finished, jobs in the run) as the catalog sees it now."""
-    stats = catalog.stats(run_id)
-    by = stats["by_status"]
-    done = by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped]
-    return done, stats["jobs"]
 
 
 @flow(name="generate-shard", flow_run_name=_shard_run_name, log_prints=True, persist_result=False)
@@ -389,7 +357,7 @@ def _fail_shard(
     for job in catalog.get_jobs(list(jobs)):
         if job.status != JobStatus.failed or job.last_error != reason:
             continue  # done meanwhile, or held by another worker
-        _notify({"run_id": run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
+        notify({"run_id": run_id, "job_id": job.id, "item_id": job.item_id, "seed": job.seed,
                  "status": JobStatus.failed.value, "error": reason})  # fmt: skip
         results.append({"job_id": job.id, "item_id": job.item_id, "seed": job.seed, "status": "failed",
                         "error": reason})  # fmt: skip
@@ -424,7 +392,7 @@ def _run_jobs(
                             "error": state.message})  # fmt: skip
         # The run's progress, as the catalog counts it (other shards included), every few seconds.
         if progress_artifact_id and (time.monotonic() - last_update > PROGRESS_EVERY_S or n == len(job_ids)):
-            done, total = _progress(ctx.catalog, ctx.run_id)
+            done, total = ctx.catalog.progress(ctx.run_id)
             update_progress_artifact(progress_artifact_id, progress=100.0 * done / max(total, 1))
             last_update = time.monotonic()
     return results

@@ -1179,6 +1179,12 @@ class Catalog:
                 query = query.join(RunJob, RunJob.job_id == Output.job_id).where(RunJob.run_id == run_id)
             return [_record(OutputRecord, row) for row in session.scalars(query).all()]
 
+    def progress(self, run_id: int) -> tuple[int, int]:
+        """(jobs finished, jobs) of a run as it sees them now: succeeded, failed and skipped are finished."""
+        by = self.stats(run_id)["by_status"]
+        done = by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped]
+        return done, sum(by.values())
+
     def stats(self, run_id: int | None = None) -> dict[str, Any]:
         """Job counts by status (a run's view with `run_id`), output count and bytes, generation seconds."""
         with self._session() as session:

@@ -109,6 +109,7 @@ _S3_KINDS: dict[str, str] = {
     "InvalidAccessKeyId": "permission",
     "SignatureDoesNotMatch": "permission",
     "403": "permission",  # HEAD requests: the status code is all there is
+    "EntityTooSmall": "part-size",  # a WANFLOW_S3_PART_SIZE below what the server takes: every upload fails
 }
 
 _PHRASES: dict[str, str] = {
@@ -118,6 +119,7 @@ _PHRASES: dict[str, str] = {
     "permission": "permission denied",
     "not-a-directory": "not a directory",
     "is-a-directory": "the destination is a directory",
+    "part-size": "the server refused a part under its minimum size (set WANFLOW_S3_PART_SIZE to 5 MiB)",
 }
 
 
@@ -191,7 +193,8 @@ def _find_fault(exc: BaseException) -> _Fault | None:
 def is_permanent_storage_error(exc: BaseException) -> bool:
     """Whether retrying cannot fix `exc` or any of its causes: errno EROFS, EACCES, EPERM, ENOSPC, EDQUOT,
     ENOTDIR, EISDIR; S3 NoSuchBucket, AccessDenied, AllAccessDisabled, InvalidAccessKeyId,
-    SignatureDoesNotMatch (or a bare 403); a PermanentStorageError or BucketNotFoundError.
+    SignatureDoesNotMatch (or a bare 403), EntityTooSmall (a part size the server refuses); a
+    PermanentStorageError or BucketNotFoundError.
 
     Timeouts, refused connections, throttling, server errors and a plain StorageError are transient.
     """

@@ -67,3 +67,4 @@ def test_sigkilled_generate_resumes_with_a_whole_record(
     assert summary["runs_marked_crashed"] == summary["runs_to_mark_crashed"] >= 5, report
     assert summary["duplicated_jobs"] == summary["orphan_objects"] == summary["open_uploads_after_rerun"] == 0
     assert summary["prefect_flow_runs_left_running"] == 0, report
+    assert summary["prefect_orphan_flow_runs_left_running"] == summary["prefect_task_runs_left_running"] == 0

@@ -153,6 +153,42 @@ def test_a_run_that_ended_just_before_its_process_died_gets_its_flow_run_crashed
         assert client.read_flow_run(flow_runs["alive"].id).state.type.value == "RUNNING"
 
 
+@pytest.mark.slow
+def test_a_flow_run_killed_before_its_catalog_run_existed_is_crashed_with_its_task_runs(harness, tmp_path):
+    """Killed in the second or two between its flow run starting and its run reaching the catalog, a
+    `wanflow generate` left that flow run Running in Prefect for ever (1 of 20 chaos trials): the reaper found
+    flow runs through catalog rows only, and the task runs of a crashed flow run stayed Running too. The CLI
+    now tags its flow run with its process (`wanflow-owner:<host>:<pid>:<start>`): the next reaper crashes
+    such a run whose process is gone, with its subflows and their task runs; live and untagged runs stay."""
+    from flows.recovery import OWNER_TAG
+
+    with get_client(sync_client=True) as client:
+        runs = {}
+        for name, tags in (("dead", [OWNER_TAG + _dead_owner()]), ("alive", [OWNER_TAG + process_owner()]),
+                           ("untagged", [])):  # fmt: skip
+            runs[name] = client.create_flow_run(_batch, state=Running(), tags=tags)
+        dead, alive = runs["dead"], runs["alive"]
+        call = client.create_task_run(_shard_call, dead.id, dynamic_key="shard-1", state=Running())
+        shard = client.create_flow_run(_shard, parent_task_run_id=call.id, state=Running(), tags=dead.tags)
+        job = client.create_task_run(_shard_call, shard.id, dynamic_key="job-1", state=Running())
+        alive_job = client.create_task_run(_shard_call, alive.id, dynamic_key="job-1", state=Running())
+        with Catalog(f"sqlite:///{tmp_path / 'c.db'}") as catalog:
+            catalog.upgrade()
+            assert reap_crashed_runs(catalog) == []  # the catalog never heard of any of them
+
+        def state(run_id) -> str:
+            return client.read_flow_run(run_id).state.type.value
+
+        def task_state(task_run) -> str:
+            return client.read_task_run(task_run.id).state.type.value
+
+        assert state(dead.id) == state(shard.id) == "CRASHED"
+        assert "died" in client.read_flow_run(dead.id).state.message
+        assert task_state(call) == task_state(job) == "CRASHED"
+        assert state(alive.id) == state(runs["untagged"].id) == "RUNNING"
+        assert task_state(alive_job) == "RUNNING"
+
+
 _KILLED_PROBE = """
 import json, os, signal, sys
 import storage.faults as faults

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import torch
 from prefect.testing.utilities import prefect_test_harness
 
 import flows.shard
-from flows.batch import BatchFailed, _worker_gone, generate_batch, plan_shards, summarise
+from flows.batch import BatchFailed, generate_batch, plan_shards, summarise
 from flows.models import checkpoint_fingerprint, model_source
+from flows.recovery import worker_gone
 from flows.settings import get_settings
 from storage.catalog import Catalog, JobGroupRow, JobStatus
 from storage.outputs import verifier
@@ -74,12 +76,12 @@ def test_shards_group_by_model_size_and_frames():
 
 def test_abandoned_claims_are_recognised():
     host, now, hour = socket.gethostname(), datetime.now(UTC), timedelta(hours=1)
-    assert _worker_gone(f"{host}:{os.getpid()}:run", now, hour, {}) is None  # this process: alive
+    assert worker_gone(f"{host}:{os.getpid()}:run", now, hour, {}) is None  # this process: alive
     dead = f"{host}:999999999:run"
-    assert "no longer exists" in _worker_gone(dead, now, hour, {})
-    assert _worker_gone("elsewhere:1:run", now, hour, {}) is None  # another host: its flow run or time tells
-    assert "ended Crashed" in _worker_gone("elsewhere:1:run", now, hour, {"run": "Crashed"})
-    assert "expired" in _worker_gone("elsewhere:1:run", now - 2 * hour, hour, {})
+    assert "no longer exists" in worker_gone(dead, now, hour, {})
+    assert worker_gone("elsewhere:1:run", now, hour, {}) is None  # another host: its flow run or time tells
+    assert "ended Crashed" in worker_gone("elsewhere:1:run", now, hour, {"run": "Crashed"})
+    assert "expired" in worker_gone("elsewhere:1:run", now - 2 * hour, hour, {})
 
 
 def test_model_sources_and_fingerprints(tmp_path):
@@ -211,6 +213,49 @@ def test_transient_failure_is_retried_and_permanent_one_fails_alone(
     again = run_batch(tmp_path, catalog_url, manifest)
     assert again["status"] == "succeeded"
     assert again["plan"]["requeued"] == 2 and again["plan"]["already_done"] == 4
+
+
+def test_a_job_past_its_deadline_is_retried_then_failed_with_the_reason(harness, tmp_path, monkeypatch):
+    """`WANFLOW_JOB_TIMEOUT_S` ends an attempt that outlives it (Prefect's task timeout): the attempt is
+    announced as retried, its claim is given back, and the last one fails the job with the deadline named
+    (before, the job stayed pending with `CancelledError:` and the run re-ran it again and again)."""
+    monkeypatch.setenv("WANFLOW_JOB_TIMEOUT_S", "5")
+    monkeypatch.setenv("WANFLOW_JOB_RETRIES", "1")
+    monkeypatch.setenv("WANFLOW_RETRY_DELAY_S", "0")
+    catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(catalog_url).upgrade()
+    real = flows.shard.store_job_output
+    calls: dict[str, int] = {}
+
+    def stalled_store(catalog, job, frames, **kwargs):
+        calls[job.item_id] = calls.get(job.item_id, 0) + 1
+        if job.item_id == "hung" or calls[job.item_id] == 1:  # "slow" stalls once, "hung" every time
+            for _ in range(600):  # a storage call that never answers (interruptible between sleeps)
+                time.sleep(0.05)
+        return real(catalog, job, frames, **kwargs)
+
+    monkeypatch.setattr(flows.shard, "store_job_output", stalled_store)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"item_id": item, "prompt": item, **FAST}) + "\n"
+                                for item in ("slow", "hung")))  # fmt: skip
+    events: list[dict] = []
+    out = str(tmp_path / "out")
+    with flows.shard.add_progress_listener(events.append), pytest.raises(BatchFailed) as failed:
+        generate_batch(str(manifest), model="tiny-t2v", out=out, catalog_url=catalog_url)
+    summary = failed.value.summary
+    deadline = "TimeoutError: the job ran past its deadline of 5 s (WANFLOW_JOB_TIMEOUT_S)"
+    retries = [(e["item_id"], e["attempt"], e["attempts"], e["error"]) for e in events
+               if e.get("event") == "retrying"]  # fmt: skip
+    assert ("slow", 2, 2, deadline) in retries and ("hung", 2, 2, deadline) in retries
+    assert summary["by_status"] == {"pending": 0, "running": 0, "succeeded": 1, "failed": 1, "skipped": 0}
+    assert summary["failure_reasons"] == [{"error": deadline, "jobs": 1}]
+    with Catalog(catalog_url) as catalog:
+        jobs = {j.item_id: j for j in catalog.jobs(summary["run_id"])}
+    assert jobs["slow"].status == JobStatus.succeeded and jobs["slow"].attempts == 2
+    assert jobs["hung"].status == JobStatus.failed and jobs["hung"].attempts == 2
+    assert jobs["hung"].last_error == deadline
+    assert calls == {"slow": 2, "hung": 2}  # the run did not go on re-running the failed job
+    assert not [p for p in (tmp_path / "out").rglob("*") if "partial" in p.name]
 
 
 @pytest.mark.slow

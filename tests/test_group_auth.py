@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.group import HANDSHAKE_TIMEOUT_S, RankListener, WorkerGroup
-from flows.group_worker import ADDRESS_ENV, AUTHKEY_ENV
+from flows.group_protocol import ADDRESS_ENV, AUTHKEY_ENV
 
 # A local process that connects to the group's socket and then says nothing for `hold` seconds.
 SILENT = """
@@ -29,19 +29,20 @@ print("connected", flush=True)
 time.sleep(float(sys.argv[2]))
 """
 
-# Rank 0 of a group, as far as the flow process can tell: it connects back with the key and says "ready",
-# then waits for "stop". Before it connects, it starts a silent process that connects first.
+# Rank 0 of a group, as far as the flow process can tell: it connects back with the key and says `Ready`,
+# then waits for `Stop`. Before it connects, it starts a silent process that connects first.
 RANK0 = f"""
 import os, subprocess, sys
 from multiprocessing.connection import Client
+from flows.group_protocol import Ready, Stop
 address, key = os.environ[{ADDRESS_ENV!r}], bytes.fromhex(os.environ[{AUTHKEY_ENV!r}])
 silent = subprocess.Popen([sys.executable, "-c", sys.argv[1], address, sys.argv[2]], stdout=subprocess.PIPE)
 assert silent.stdout.readline().strip() == b"connected"
 conn = Client(address, family="AF_UNIX", authkey=key)
-conn.send(("ready", {{"pids": [os.getpid()], "device": "cpu", "dtype": "torch.float32", "layout": {{}},
-                      "silent_pid": silent.pid}}))
+conn.send(Ready({{"pids": [os.getpid()], "device": "cpu", "dtype": "torch.float32", "layout": {{}},
+                 "silent_pid": silent.pid}}))
 try:
-    assert conn.recv() == ("stop",)
+    assert isinstance(conn.recv(), Stop)
 finally:
     silent.kill()
     silent.wait()

@@ -134,6 +134,7 @@ def _client_error(code: str, bucket: str = "") -> ClientError:
         _client_error("AccessDenied"),
         _client_error("InvalidAccessKeyId"),
         _client_error("SignatureDoesNotMatch"),
+        _client_error("EntityTooSmall"),  # WANFLOW_S3_PART_SIZE under the server's minimum: never retried
         PermanentStorageError("cannot write x: disk full", kind="disk-full", code="ENOSPC"),
     ],
     ids=repr,

@@ -17,6 +17,7 @@ __all__ = [
     "FLF2V_NEGATIVE_PROMPT",
     "I2V_NEGATIVE_PROMPT",
     "PRESETS",
+    "RANDOM_WEIGHTS_SEED",
     "DiTConfig",
     "Preset",
     "SamplingDefaults",
@@ -163,6 +164,7 @@ _TINY_DIT = DiTConfig(dim=64, ffn_dim=128, freq_dim=256, num_heads=4, num_layers
 _TINY_I2V_DIT = dataclasses.replace(_TINY_DIT, model_type="i2v", in_dim=36, image_dim=32)
 _TINY_FLF2V_DIT = dataclasses.replace(_TINY_I2V_DIT, model_type="flf2v", image_tokens=2 * 5)
 _TINY_SIZES = ((64, 48), (48, 64), (96, 64), (64, 96), (128, 128))
+RANDOM_WEIGHTS_SEED = 0  # the seed of a preset's random weights where no checkpoint is given
 
 PRESETS: dict[str, Preset] = {
     "t2v-1.3B": Preset(

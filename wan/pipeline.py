@@ -206,6 +206,20 @@ class WanPipeline:
         a parallel pipeline (they sample with the others and decode nothing)."""
         return self.parallel is None or self.parallel.rank == 0
 
+    def describe(self) -> dict[str, object]:
+        """How one video is spread over processes (the parallel layout, for sidecars); {} on one process."""
+        return self.parallel.config.describe() if self.parallel is not None else {}
+
+    def reset_peak_memory(self) -> None:
+        """Start measuring this process's peak GPU memory afresh (`peak_memory_bytes`); nothing on the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        """Peak GPU memory allocated since `reset_peak_memory` (None on the CPU)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
     @contextlib.contextmanager
     def resident(self, *modules: Any) -> Iterator[None]:
         """With `offload_model`: `modules` on the device for the block, back on the CPU after (and the
