@@ -6,7 +6,7 @@
 Random weights, batch 1 (`--batch 2`: the conditional and unconditional passes in one forward, as the
 pipeline samples with CFG). Full sizes on a GPU: t2v-1.3B at 832x480x81 (latents [16, 21, 60, 104],
 32,760 tokens) and t2v-14B at 1280x720x81 ([16, 21, 90, 160], 75,600 tokens), in bf16 with the time
-path and modulation in float32 (`wan.pipeline._cast_dit`, as the pipeline runs). The model is built on the
+path and modulation in float32 (`WanModel.cast`, as the pipeline runs). The model is built on the
 meta device and materialised on the target device (no slow CPU init; the 14B is ~28.6 GB in bf16),
 then filled in place: normal(0, 0.02) everywhere except norms (weights 1, biases 0).
 
@@ -38,7 +38,6 @@ from common import emit, peak_memory
 
 from wan.configs import DiTConfig, get_preset
 from wan.model import WanModel
-from wan.pipeline import _cast_dit
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets. Assumptions: the
 # clock a given card sustains may be lower. First match wins, so the more specific names come first.
@@ -110,7 +109,7 @@ def forward_flops(cfg: DiTConfig, grid: tuple[int, int, int], batch: int = 1) ->
 
 
 def build_random(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanModel:
-    """A `WanModel` straight on `device`, cast like the pipeline's (`_cast_dit`), with random weights.
+    """A `WanModel` straight on `device`, cast like the pipeline's (`WanModel.cast`), with random weights.
 
     Built on the meta device (no allocation, no init), materialised with `to_empty`, then filled in place
     from a generator on `device`: norm weights 1 and norm biases 0 (LayerNorm `norm3`, the q/k RMSNorms),
@@ -118,7 +117,7 @@ def build_random(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, seed:
     """
     with torch.device("meta"):
         model = WanModel(cfg)
-    model = _cast_dit(model, dtype).to_empty(device=device).eval().requires_grad_(False)
+    model = model.cast(dtype).to_empty(device=device).eval().requires_grad_(False)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -45,8 +45,8 @@ from storage.export import EXPORT_FORMATS, export_run
 from storage.urls import redact
 
 if TYPE_CHECKING:
-    from flows.batch import BatchPlan
     from flows.manifest import RunDefaults
+    from flows.planning import BatchPlan
 
 app = typer.Typer(
     help="wanflow: bulk video generation with Wan 2.1.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -275,8 +275,8 @@ def _load(
     manifest: str, defaults: RunDefaults, *, skip_invalid: bool, catalog_url: str | None, out: str | None,
     ckpt_dir: str | None = None, split_to: str | None = None,
 ):  # fmt: skip
-    from flows.batch import load_inputs
     from flows.manifest import ManifestError
+    from flows.planning import load_inputs
 
     settings = _settings(catalog_url=catalog_url, storage_root=out)
     try:
@@ -618,7 +618,7 @@ def generate(
                  ckpt_dir=ckpt_dir, shard_size=shard_size, as_json=as_json,
                  read_inputs=read_inputs)  # fmt: skip
         return
-    from flows.batch import is_large_manifest
+    from flows.planning import is_large_manifest
 
     if not is_large_manifest(manifest, _settings(catalog_url=catalog_url, storage_root=out)):
         # Check here first, for a quick and readable answer; a large manifest is checked by the run itself
@@ -659,7 +659,7 @@ def _dry_run(
     """Print what `generate` would do; writes nothing (a large manifest is split into a temporary dir)."""
     import tempfile
 
-    from flows.batch import dry_run as plan_dry_run
+    from flows.planning import dry_run as plan_dry_run
 
     with tempfile.TemporaryDirectory(prefix="wanflow-dry-run-") as scratch:
         settings, loaded, sources = _load(

@@ -1,7 +1,7 @@
 """One process of a worker group: `torchrun --nproc_per_node N -m flows.group_worker <GroupSpec argv>`,
 started by `flows.group.WorkerGroup` for a shard whose jobs each run on N GPUs.
 
-Every rank loads the model once and spreads it with `wan.distributed.parallel.parallelize`. Rank 0
+Every rank loads the model once and spreads it with `WanPipeline.parallelize`. Rank 0
 connects back to the shard's flow process (address and key in `WANFLOW_GROUP_ADDRESS` /
 `WANFLOW_GROUP_AUTHKEY`) and serves its requests, in the messages of `flows.group_protocol`:
 
@@ -54,7 +54,7 @@ def layout(spec: GroupSpec, world_size: int, num_heads: int) -> Any:
 def load(spec: GroupSpec) -> Any:
     """The pipeline on this rank's device, parallelised over the group."""
     from wan.configs import RANDOM_WEIGHTS_SEED
-    from wan.distributed.parallel import local_device, parallelize, zero3_parts
+    from wan.distributed.parallel import local_device, zero3_parts
     from wan.pipeline import MemoryOptions, WanPipeline
 
     device = local_device()
@@ -69,7 +69,7 @@ def load(spec: GroupSpec) -> Any:
         pipe = WanPipeline.from_pretrained(
             spec.ckpt_dir, task=spec.model, device=device, dtype=dtype, memory=memory, defer=defer
         )
-    return parallelize(pipe, layout(spec, dist.get_world_size(), pipe.dit.cfg.num_heads))
+    return pipe.parallelize(layout(spec, dist.get_world_size(), pipe.dit.cfg.num_heads))
 
 
 def _answer(pipe: Any, message: AskSettings | AskVideoSize) -> Answer:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.images import IMAGE_FIELDS, resolve_image_uri
 from flows.manifest import Manifest, RowProblem
 from flows.models import ModelSource, model_source
 from flows.settings import Settings
@@ -32,7 +33,6 @@ __all__ = [
     "resolve_image_uri",
 ]  # fmt: skip
 
-IMAGE_FIELDS = ("image", "last_image")
 
 
 @dataclass
@@ -47,20 +47,6 @@ def model_names(manifest: Manifest) -> list[str]:
     if isinstance(manifest, LazyManifest):
         return manifest.model_names
     return sorted({r.model for r in manifest.requests})
-
-
-def resolve_image_uri(image: str, manifest_url: str) -> str:
-    """An image reference as written in a manifest -> an absolute URL or path: URLs and absolute paths
-    stay; relative paths are taken from the manifest's directory (local: made absolute, so the job does
-    not depend on where the run started; remote: normalised, without the manifest URL's query)."""
-    if "://" in image or image.startswith("/"):
-        return image
-    if "://" in manifest_url:
-        scheme, _, rest = manifest_url.partition("://")
-        path = rest.split("?", 1)[0].split("#", 1)[0]
-        base = posixpath.dirname(path)
-        return f"{scheme}://{posixpath.normpath(posixpath.join(base, image))}"
-    return str((Path(manifest_url).expanduser().resolve().parent / image).resolve())
 
 
 def local_path(uri: str) -> str | None:

@@ -17,7 +17,6 @@ The work itself is `run_job`, a plain function that tests call without Prefect.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,11 +30,12 @@ from prefect.tasks import exponential_backoff
 
 from flows.backend import GenerationBackend
 from flows.events import add_progress_listener, notify
+from flows.images import read_image
 from flows.models import ModelSource, load_pipeline, model_source
 from flows.recovery import worker_id
 from flows.settings import Settings, check_secret_free, get_settings
 from storage.catalog import Catalog, JobRecord, JobStatus
-from storage.faults import PermanentStorageError, filesystem, is_permanent_storage_error, probe_storage_root
+from storage.faults import PermanentStorageError, is_permanent_storage_error, probe_storage_root
 from storage.layout import OutputLayout
 from storage.outputs import store_job_output
 from storage.urls import redact
@@ -192,41 +192,6 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         fps=ctx.fps, storage_options=ctx.storage_options, provenance=provenance, device=str(device),
         peak_memory_bytes=lambda: pipe.peak_memory_bytes,  # read once the last frames are in
     )  # fmt: skip
-
-
-MAX_IMAGE_BYTES = 64 << 20
-
-
-class BadImage(ValueError):
-    """An image a job cannot use (missing, unreadable, not an image, changed since planning): not retried."""
-
-
-def read_image(params: dict[str, Any], name: str, ctx: JobContext) -> Any:
-    """The job's `name` image ("image" or "last_image") as an RGB PIL image, read once, its bytes checked
-    against the sha256 recorded when the job was planned."""
-    import hashlib
-
-    from PIL import Image, UnidentifiedImageError
-
-    uri = params[name]
-    where = f"{name} {redact(uri)}"
-    try:
-        fs, path = filesystem(uri, ctx.storage_options_for(uri))  # with connect and read timeouts
-        size = fs.size(path)
-        if size is not None and size > MAX_IMAGE_BYTES:
-            raise BadImage(f"{where} is {size} bytes; images over {MAX_IMAGE_BYTES} bytes are refused")
-        data = fs.cat_file(path)
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        raise BadImage(f"{where} cannot be read: {type(exc).__name__}: {redact(str(exc))}") from None
-    # Other errors (a throttled or unreachable object store) propagate as they are: transient, retried.
-    expected = params.get(f"{name}_sha256")
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise BadImage(f"{where} changed since the job was planned (sha256 differs); plan it again")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise BadImage(f"{where} is not a readable image: {exc}") from None
 
 
 def _objects_run_name(ctx: JobContext, job: JobRecord) -> str:

@@ -1,7 +1,7 @@
 """${message}
 
 Revision: ${up_revision} (after ${down_revision | comma,n}), written ${create_date}.
-Name every constraint and index with op.f() as the naming convention in storage/catalog.py does, and keep
+Name every constraint and index with op.f() as the naming convention in storage/catalog/tables.py does, and keep
 SQLite in mind: env.py sets render_as_batch, so column changes go through op.batch_alter_table.
 """
 

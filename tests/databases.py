@@ -81,13 +81,15 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
 
 def claim_until_empty(url: str, worker: str, limit: int, barrier: Any, results: Any) -> None:
     """Process body for the concurrency tests: claim until nothing is left, report the ids claimed."""
+    from catalog_helpers import claim
+
     from storage.catalog import Catalog
 
     claimed: list[int] = []
     try:
         catalog = Catalog(url)
         barrier.wait(timeout=60)
-        while jobs := catalog.claim(limit, worker=worker):
+        while jobs := claim(catalog, limit, worker=worker):
             claimed.extend(job.id for job in jobs)
             time.sleep(0.002)  # a moment of "work", so one process cannot drain the queue alone
         catalog.close()

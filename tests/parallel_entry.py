@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 4 tests/parallel_entry.py --out DIR --case NAME [--case ...]
 
 Every case builds the seeded tiny pipeline (the same weights the test's single process uses), spreads it
-with `wan.distributed.parallel.parallelize` and streams one video with CFG on. Rank 0 saves the uint8
+with `WanPipeline.parallelize` and streams one video with CFG on. Rank 0 saves the uint8
 frames and the ZeRO-3 partition shares to DIR/NAME.pt; the other ranks check they got no frames.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wan.distributed.parallel import ParallelConfig, init_distributed, parallelize
+from wan.distributed.parallel import ParallelConfig, init_distributed
 from wan.pipeline import WanPipeline
 
 SETTINGS = dict(size=(64, 48), frame_num=9, sampling_steps=6, guide_scale=5.0)
@@ -65,7 +65,7 @@ def main() -> None:
         config = ParallelConfig(ulysses, ring, cfg, dit_zero3=zero3, t5_zero3=zero3,
                                 deepspeed_config=str(ds_config))  # fmt: skip
         defer = ["dit", "text_encoder"] if zero3 else []  # left on the CPU until ZeRO-3 shards them
-        pipe = parallelize(WanPipeline.from_config(preset, seed=0, device="cpu", defer=defer), config)
+        pipe = WanPipeline.from_config(preset, seed=0, device="cpu", defer=defer).parallelize(config)
         frames = generate(pipe)
         shares = {}
         if zero3:

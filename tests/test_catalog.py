@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from catalog_helpers import claim, mark_started, rejections, release, requeue_stale
 
 from storage.catalog import (
     MAX_ERROR_CHARS,
@@ -57,7 +58,7 @@ def output(n: int = 0, **changes) -> OutputRecord:
 def finish_all(cat: Catalog, run_id: int) -> list[int]:
     """Claim every pending job of the run and mark it succeeded; returns the job ids."""
     done = []
-    while jobs := cat.claim(10, run_id=run_id, worker="w"):
+    while jobs := claim(cat, 10, run_id=run_id, worker="w"):
         for job in jobs:
             cat.mark_succeeded(job.id, output(job.id))
             done.append(job.id)
@@ -194,7 +195,7 @@ def test_verified_output_is_skipped_by_a_new_run(catalog):
     assert sorted(seen) == sorted(f"file:///out/{j}.mp4" for j in done)
     jobs = catalog.jobs(run_id=second.id)
     assert {(j.status, j.outcome) for j in jobs} == {(JobStatus.skipped, PlanOutcome.already_done)}
-    assert catalog.claim(5, run_id=second.id, worker="w") == []
+    assert claim(catalog, 5, run_id=second.id, worker="w") == []
     assert len(catalog.outputs(run_id=second.id)) == 6  # the run's dataset includes what it skipped
     assert catalog.stats(second.id)["by_status"]["skipped"] == 6
     assert {j.status for j in catalog.jobs()} == {JobStatus.succeeded}  # in the jobs table: still succeeded
@@ -214,7 +215,7 @@ def test_output_failing_verification_is_requeued(catalog):
     assert {j.id: j.outcome for j in catalog.jobs(run_id=second.id)} == {
         good: PlanOutcome.already_done, bad: PlanOutcome.requeued,
     }  # fmt: skip
-    (again,) = catalog.claim(5, run_id=second.id, worker="w")
+    (again,) = claim(catalog, 5, run_id=second.id, worker="w")
     assert again.id == bad and again.attempts == 2
 
 
@@ -224,8 +225,8 @@ def test_output_failing_verification_is_requeued(catalog):
 def test_mark_succeeded_is_one_transaction(catalog):
     run = catalog.create_run("r", "m", "0" * 64, {})
     catalog.plan_jobs(run.id, specs(n_items=1, seeds=(1,)))
-    (job,) = catalog.claim(worker="gpu-0")
-    catalog.mark_started(job.id)
+    (job,) = claim(catalog, worker="gpu-0")
+    mark_started(catalog, job.id)
     with pytest.raises(CatalogError, match=f"output of job {job.id}"):
         catalog.mark_succeeded(job.id, output(uri=None))  # NOT NULL fails after the status update ran
     assert catalog.get_job(job.id).status == JobStatus.running
@@ -246,36 +247,36 @@ def test_mark_succeeded_is_one_transaction(catalog):
 def test_mark_failed_with_and_without_retry(catalog):
     run = catalog.create_run("r", "m", "0" * 64, {})
     catalog.plan_jobs(run.id, specs(n_items=1, seeds=(1,)))
-    (job,) = catalog.claim(worker="gpu-0")
+    (job,) = claim(catalog, worker="gpu-0")
     error = "connect to postgresql://app:hunter2@db/x failed\n" + "x" * 20_000
     catalog.mark_failed(job.id, error, retry=True)
     retried = catalog.get_job(job.id)
     assert retried.status == JobStatus.pending and retried.attempts == 1
     assert "hunter2" not in retried.last_error and "app:***@db" in retried.last_error
     assert len(retried.last_error) < MAX_ERROR_CHARS + 100 and "characters cut" in retried.last_error
-    (job,) = catalog.claim(worker="gpu-1")
+    (job,) = claim(catalog, worker="gpu-1")
     assert job.attempts == 2 and job.worker_id == "gpu-1"
     catalog.mark_failed(job.id, "out of memory", retry=False)
     assert catalog.get_job(job.id).status == JobStatus.failed
-    assert catalog.claim(worker="gpu-1") == []
+    assert claim(catalog, worker="gpu-1") == []
     rerun = catalog.create_run("r2", "m", "0" * 64, {})
     assert catalog.plan_jobs(rerun.id, specs(n_items=1, seeds=(1,))).requeued == 1  # failed: try again
-    (job,) = catalog.claim(worker="gpu-1")
-    catalog.release(job.id)  # given back, not a failure
+    (job,) = claim(catalog, worker="gpu-1")
+    release(catalog, job.id)  # given back, not a failure
     released = catalog.get_job(job.id)
     assert (released.status, released.attempts, released.worker_id) == (JobStatus.pending, 2, None)
-    (job,) = catalog.claim(worker="gpu-2")
-    assert catalog.requeue_stale(timedelta(hours=1)) == 0
-    assert catalog.requeue_stale(timedelta(0)) == 1  # its worker is presumed dead
+    (job,) = claim(catalog, worker="gpu-2")
+    assert requeue_stale(catalog, timedelta(hours=1)) == 0
+    assert requeue_stale(catalog, timedelta(0)) == 1  # its worker is presumed dead
     assert catalog.get_job(job.id).status == JobStatus.pending
 
 
 def test_an_expired_claim_cannot_be_recorded_by_its_old_worker(catalog):
     run = catalog.create_run("r", "m.jsonl", "ab", {})
     catalog.plan_jobs(run.id, specs(1, seeds=(1,)))
-    (job,) = catalog.claim(1, run_id=run.id, worker="w1")
-    assert catalog.requeue_stale(timedelta(0)) == 1
-    (again,) = catalog.claim(1, run_id=run.id, worker="w2")
+    (job,) = claim(catalog, 1, run_id=run.id, worker="w1")
+    assert requeue_stale(catalog, timedelta(0)) == 1
+    (again,) = claim(catalog, 1, run_id=run.id, worker="w2")
     assert again.id == job.id and again.attempts == 2
     with pytest.raises(CatalogError, match="is held by worker 'w2', not 'w1'"):
         catalog.mark_succeeded(job.id, output(1), worker="w1")
@@ -323,7 +324,7 @@ def test_stats_and_queries(catalog):
     assert [r.name for r in catalog.runs()] == ["run-2", "run-1", "run-0"]
     assert len(catalog.runs(limit=2)) == 2
     catalog.plan_jobs(runs[0].id, specs(n_items=2, seeds=(1,)))
-    first, second = catalog.claim(2, worker="w")
+    first, second = claim(catalog, 2, worker="w")
     catalog.mark_succeeded(first.id, output(1, bytes=500), seconds=2.5)
     catalog.mark_failed(second.id, "boom", retry=False)
     catalog.plan_jobs(runs[1].id, specs(n_items=3, seeds=(1,)))  # one done, one failed, one new
@@ -440,9 +441,9 @@ def test_rejections_are_recorded_per_run(catalog):
     ]  # fmt: skip
     assert catalog.record_rejections(run.id, rows) == 2
     assert catalog.record_rejections(run.id, []) == 0
-    got = catalog.rejections(run.id)
+    got = rejections(catalog, run.id)
     assert [(r.line, r.field, r.item_id) for r in got] == [(3, None, None), (7, "size", "a")]
-    assert catalog.rejections(other.id) == []
+    assert rejections(catalog, other.id) == []
     assert catalog.stats(run.id)["rejected"] == 2 and catalog.stats(other.id)["rejected"] == 0
     with pytest.raises(CatalogError):
         catalog.record_rejections(9999, rows)
@@ -459,6 +460,6 @@ def test_job_groups_name_what_sharding_needs(catalog):
         ("tiny-t2v", "64*48", 9),
         ("tiny-t2v", "48*64", 13),
     ]
-    (first,) = catalog.claim(1, run_id=run.id, worker="w")
+    (first,) = claim(catalog, 1, run_id=run.id, worker="w")
     assert [r.job_id for r in catalog.job_groups(run.id)] == [rows[1].job_id]
     assert [r.job_id for r in catalog.job_groups(run.id, "running")] == [first.id] == [rows[0].job_id]

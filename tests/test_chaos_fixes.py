@@ -87,15 +87,16 @@ def test_a_run_is_finished_in_the_catalog_only_after_its_contact_sheet(harness, 
     succeeded in the catalog: no later run marked it crashed, and its Prefect flow run showed Running for
     ever. The run is now finished last, so such a kill leaves it running, for the next run to reap."""
     import flows.batch as batch
+    import flows.reporting as reporting
 
     seen = []
-    sheet = batch._sheet
+    sheet = reporting._sheet
 
     def watched_sheet(catalog, run_id, *args, **kwargs):
         seen.append(catalog.get_run(run_id).status)
         return sheet(catalog, run_id, *args, **kwargs)
 
-    monkeypatch.setattr(batch, "_sheet", watched_sheet)
+    monkeypatch.setattr(reporting, "_sheet", watched_sheet)
     manifest = tmp_path / "m.jsonl"
     row = {"item_id": "fox", "prompt": "a fox", "size": "64*48", "frame_num": 5, "steps": 2}
     manifest.write_text(json.dumps(row) + "\n")

@@ -6,6 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from catalog_helpers import claim
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -29,7 +30,7 @@ def filled(catalog_url):
         for item, seed in (("fox", 1), ("owl", 2), ("elk", 3))
     ]
     catalog.plan_jobs(run.id, specs)
-    claimed = {job.item_id: job for job in catalog.claim(2, run_id=run.id, worker="w1")}
+    claimed = {job.item_id: job for job in claim(catalog, 2, run_id=run.id, worker="w1")}
     done, failed = claimed.values()
     catalog.mark_succeeded(
         done.id,

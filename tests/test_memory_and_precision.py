@@ -14,7 +14,7 @@ from flows.models import memory_options
 from wan.configs import get_preset
 from wan.generate import main
 from wan.model import WanModel
-from wan.pipeline import MemoryOptions, WanPipeline, _cast_dit, parse_vae_tiling
+from wan.pipeline import MemoryOptions, WanPipeline, parse_vae_tiling
 from wan.vae import VAETiling, WanVAE
 
 SMALL = dict(size=(64, 48), frame_num=5, sampling_steps=4, guide_scale=5.0)
@@ -40,7 +40,7 @@ def test_bf16_dit_keeps_its_time_path_in_fp32_and_stays_close():
     context = torch.randn(2, model.cfg.text_len, model.cfg.text_dim, generator=g)
     with torch.no_grad():
         expected = model(x, t, context)
-        low = _cast_dit(model, torch.bfloat16)
+        low = model.cast(torch.bfloat16)
         assert low.blocks[0].modulation.dtype == torch.float32
         assert next(low.time_embedding.parameters()).dtype == torch.float32
         assert low.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
@@ -239,8 +239,8 @@ def test_casting_twice_keeps_the_float32_parts_exact():
     with torch.no_grad():
         randomise_dit(model, 2)
     modulation = model.blocks[0].modulation.detach().clone()
-    once = _cast_dit(model, torch.bfloat16)
-    twice = _cast_dit(once, torch.bfloat16)
+    once = model.cast(torch.bfloat16)
+    twice = once.cast(torch.bfloat16)
     assert torch.equal(twice.blocks[0].modulation, modulation)
     assert twice.blocks[0].ffn[0].weight.dtype == torch.bfloat16
     pipe = WanPipeline.from_config("tiny-t2v", seed=0, device="cpu", dtype=torch.bfloat16)

@@ -120,11 +120,10 @@ def test_layout_checks_and_auto_layout():
 
 def test_deferred_parts_are_placed_by_parallelize():
     """Parts left on the CPU for ZeRO-3 that end up unsharded are moved to the device whole."""
-    from wan.distributed.parallel import parallelize
 
     with pytest.raises(ValueError, match=r"defer: unknown parts \['vae'\]"):
         WanPipeline.from_config("tiny-t2v", seed=0, device="cpu", defer=["vae"])
     pipe = WanPipeline.from_config("tiny-t2v", seed=0, device="cpu", defer=["dit", "text_encoder"])
     assert pipe.deferred == {"dit", "text_encoder"}
-    parallelize(pipe, ParallelConfig())  # one process, nothing sharded
+    pipe.parallelize(ParallelConfig())  # one process, nothing sharded
     assert pipe.deferred == set() and pipe.parallel.mesh.world_size == 1

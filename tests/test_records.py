@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from catalog_helpers import rejections
 from databases import reset_postgres
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
@@ -417,7 +418,7 @@ def test_rows_with_nul_are_rejected_per_row_and_stored_the_same_on_both_database
     catalog.record_rejections(run.id, [p._asdict() for p in loaded.problems])
     catalog.record_rejections(run.id, [{"line": 9, "item_id": "raw\u0000id", "field": "f\u0000",
                                         "reason": "r\u0000", "raw": "x\ud800"}])  # fmt: skip
-    stored = catalog.rejections(run.id)
+    stored = rejections(catalog, run.id)
     assert len(stored) == len(loaded.problems) + 1
     texts = [str(r.to_dict()) for r in stored]
     assert not any("\x00" in t for t in texts) and any("\\x00" in t for t in texts)

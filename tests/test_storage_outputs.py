@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from catalog_helpers import claim
 from test_storage_faults import everything_in, fill, mounted_tmpfs
 
 from storage.catalog import Catalog, JobSpec, JobStatus
@@ -40,7 +41,7 @@ def setup(catalog_url, target):
 
 
 def _claim(catalog, run):
-    (job,) = catalog.claim(1, run_id=run.id, worker="test")
+    (job,) = claim(catalog, 1, run_id=run.id, worker="test")
     return job
 
 

@@ -14,7 +14,6 @@ from twins import randomise_dit
 from wan.configs import get_preset
 from wan.distributed.zero3 import DEFAULT_CONFIG, load_config, partition_stats, shard_zero3, validate_config
 from wan.model import WanModel
-from wan.pipeline import _cast_dit
 
 INFRA = Path(__file__).parents[1] / "infra" / "deepspeed" / "zero3-inference.json"
 
@@ -61,7 +60,7 @@ def test_shard_needs_a_process_group():
 
 def _model(dtype: torch.dtype) -> tuple[WanModel, tuple]:
     torch.manual_seed(0)
-    model = _cast_dit(WanModel(get_preset("tiny-t2v").dit).eval(), dtype)
+    model = WanModel(get_preset("tiny-t2v").dit).eval().cast(dtype)
     with torch.no_grad():
         randomise_dit(model, 1)
     cfg = model.cfg

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from wan.configs import PRESETS, get_preset, parse_size, validate_request
-from wan.distributed.parallel import ParallelConfig, auto_config, init_distributed, local_device, parallelize
+from wan.distributed.parallel import ParallelConfig, auto_config, init_distributed, local_device
 from wan.pipeline import MemoryOptions, WanPipeline
 from wan.weights import CheckpointError
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             pipe.dit.compile_blocks()
         if layout is not None:
-            parallelize(pipe, layout)
+            pipe.parallelize(layout)
             _say(rank, f"[wan] {world_size} processes: ulysses {layout.ulysses_size} x ring "
                        f"{layout.ring_size} x cfg {layout.cfg_size}, ZeRO-3 dit {layout.dit_zero3} "
                        f"t5 {layout.t5_zero3}")  # fmt: skip

@@ -11,7 +11,7 @@ float32; the linear layers and attention run in the weights' dtype (bf16 on a GP
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -82,18 +82,17 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
-        self.attn_op: AttentionOp = attention
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, attn_op: AttentionOp | None = None
     ) -> torch.Tensor:
-        """x: [B, L, C]; rope: complex [L, D/2] rotations -> [B, L, C]. `attn_op` overrides `self.attn_op`
-        for this call (a sequence-sharded forward passes its own)."""
+        """x: [B, L, C]; rope: complex [L, D/2] rotations -> [B, L, C]. `attn_op` replaces the attention
+        kernel (`wan.attention.attention`) for this call (a sequence-sharded forward passes its own)."""
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
         v = self.v(x).unflatten(-1, heads)
-        op = self.attn_op if attn_op is None else attn_op
+        op = attention if attn_op is None else attn_op
         return self.o(op(q, k, v).flatten(2))
 
 
@@ -229,7 +228,15 @@ class ImageEmbedding(nn.Module):
 
 
 class WanModel(nn.Module):
-    """The DiT: patchify, text and time conditioning, `num_layers` blocks, head, unpatchify."""
+    """The DiT: patchify, text and time conditioning, `num_layers` blocks, head, unpatchify.
+
+    Precision: `cast(dtype)` runs the model in `dtype` but keeps in float32 the parameters named by
+    `FP32_MODULES` (top-level modules) and `FP32_SUFFIXES` (the blocks' and the head's modulation tables),
+    as the official code keeps its time path and modulation in float32.
+    """
+
+    FP32_MODULES: ClassVar[tuple[str, ...]] = ("time_embedding", "time_projection")
+    FP32_SUFFIXES: ClassVar[tuple[str, ...]] = ("modulation",)
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -247,6 +254,31 @@ class WanModel(nn.Module):
             self.img_emb = ImageEmbedding(cfg.image_dim, dim, cfg.image_tokens)
         # Optional: splits the token sequence over processes (`wan.distributed.apply_context_parallel`).
         self.sequence_sharding: SequenceSharding | None = None
+        # The RoPE rotations of the last token grid and device (`rope`): every sampling step reuses them.
+        self._rope_key: tuple[tuple[int, ...], torch.device] | None = None
+        self._rope: torch.Tensor | None = None
+
+    def keeps_fp32(self, name: str) -> bool:
+        """Whether the parameter `name` (as `named_parameters` gives it) stays float32 under `cast`."""
+        return name.split(".")[0] in self.FP32_MODULES or name.endswith(self.FP32_SUFFIXES)
+
+    def cast(self, dtype: torch.dtype) -> WanModel:
+        """Run in `dtype`, the `keeps_fp32` parameters staying float32 (in place; returns the model).
+
+        Those parameters never pass through `dtype`, so casting a model that is already mixed (a second
+        pipeline around the same model) leaves them exactly as they were.
+        """
+        if dtype == torch.float32:
+            return self.float()
+        kept = {
+            name: param.detach().float().clone()
+            for name, param in self.named_parameters() if self.keeps_fp32(name)
+        }  # fmt: skip
+        self.to(dtype)
+        for name, param in self.named_parameters():
+            if name in kept:
+                param.data = kept[name]
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -256,7 +288,7 @@ class WanModel(nn.Module):
         """RoPE rotations for a token grid, complex64 [f*h*w, D/2]; kept for the next call (every
         sampling step uses the same grid), so they are computed and copied to the device once."""
         key = (tuple(grid), device)
-        if getattr(self, "_rope_key", None) != key:
+        if self._rope is None or self._rope_key != key:
             self._rope_key = key
             self._rope = rope_frequencies(key[0], self.cfg.head_dim, device=device)
         return self._rope

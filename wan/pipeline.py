@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from wan.conditioning import condition_video, crop_to_aspect, frame_mask, image_tensor, size_for_image
 from wan.configs import Preset, default_shift, get_preset, parse_size, validate_request
+from wan.guidance import Denoiser, choose_guidance
 from wan.model import WanModel
-from wan.sampling import SOLVERS, FlowSampler, guide, initial_noise, latent_shape
+from wan.sampling import SOLVERS, FlowSampler, initial_noise, latent_shape
 from wan.text_encoder import WanTextEncoder
 from wan.vae import VAETiling, WanVAE
 
 if TYPE_CHECKING:
-    from wan.distributed.parallel import ParallelState
+    from wan.distributed.parallel import ParallelConfig, ParallelPlan
 
 __all__ = [
     "GenerationSettings",
@@ -49,9 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Parameters that stay float32 when the DiT runs in bf16: the time path and the modulation tables.
-_FP32_MODULES = ("time_embedding", "time_projection")
 
 
 def default_device() -> torch.device:
@@ -173,7 +171,7 @@ class WanPipeline:
         memory: MemoryOptions | None = None,
         defer: Collection[str] = (),
     ) -> None:
-        """`defer`: "dit" and/or "text_encoder" stay on the CPU for `wan.distributed.parallel.parallelize`
+        """`defer`: "dit" and/or "text_encoder" stay on the CPU for `distribute` (or `parallelize`)
         to place: ZeRO-3 moves them to the device one parameter shard at a time, so they never stand
         whole on a GPU."""
         unknown = set(defer) - {"dit", "text_encoder"}
@@ -187,7 +185,7 @@ class WanPipeline:
         self.memory = memory or MemoryOptions()
         cpu = torch.device("cpu")
         home = cpu if self.memory.offload_model else self.device  # where models wait between uses
-        self.dit = _cast_dit(dit, self.dtype).to(cpu if "dit" in defer else home).eval().requires_grad_(False)
+        self.dit = dit.cast(self.dtype).to(cpu if "dit" in defer else home).eval().requires_grad_(False)
         self.vae = vae.float().to(home).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(cpu if self.memory.t5_cpu or "text_encoder" in defer else home)
         if self.takes_images and image_encoder is None:
@@ -197,8 +195,8 @@ class WanPipeline:
         self.image_encoder = (
             image_encoder.to(home, clip_dtype).eval().requires_grad_(False) if image_encoder else None
         )
-        # Set by `wan.distributed.parallel.parallelize` when one video runs on several processes.
-        self.parallel: ParallelState | None = None
+        # Set by `distribute` when one video runs on several processes.
+        self.parallel: ParallelPlan | None = None
 
     @property
     def is_writer(self) -> bool:
@@ -219,6 +217,46 @@ class WanPipeline:
     def peak_memory_bytes(self) -> int | None:
         """Peak GPU memory allocated since `reset_peak_memory` (None on the CPU)."""
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+    # --------------------------------------------------------------------------------- parallelism
+    def parallelize(self, config: ParallelConfig) -> WanPipeline:
+        """Spread this pipeline over the default process group as `config` says: `build_plan`, then
+        `distribute` (in place; returns the pipeline). Collective: every rank calls it with the same
+        weights and config. ValueError for a layout that does not fit the world or the heads, an invalid
+        DeepSpeed config, or memory options ZeRO-3 excludes, before any collective."""
+        from wan.distributed.parallel import build_plan
+
+        self._check_parallel(config)
+        return self.distribute(build_plan(config, self.dit.cfg.num_heads))
+
+    def _check_parallel(self, config: ParallelConfig) -> None:
+        if config.zero3 and self.memory.offload_model:
+            raise ValueError("offload_model cannot be combined with ZeRO-3: ZeRO-3 already keeps 1/N of the "
+                             "weights on each GPU")  # fmt: skip
+        if config.t5_zero3 and self.memory.t5_cpu:
+            raise ValueError("t5_cpu and t5_zero3 exclude each other: the text encoder runs on the CPU, or "
+                             "sharded over the GPUs")  # fmt: skip
+
+    def distribute(self, plan: ParallelPlan) -> WanPipeline:
+        """Place this pipeline's parts by `plan` (collective, in place; returns the pipeline): the DiT's
+        sequence split over the plan's context mesh, the ZeRO-3 parts sharded, the other deferred parts
+        moved to the device whole; sampling then follows the plan's CFG branch."""
+        from wan.distributed.context_parallel import apply_context_parallel
+        from wan.distributed.parallel import apply_zero3
+
+        self._check_parallel(plan.config)
+        if plan.mesh.world_size > 1:
+            apply_context_parallel(self.dit, plan.mesh)
+        if plan.config.dit_zero3:
+            apply_zero3(self.dit, plan)
+        if plan.config.t5_zero3:
+            apply_zero3(self.text_encoder.model, plan)
+        # Parts left on the CPU for ZeRO-3 (`defer=`) that it did not shard go to the device whole.
+        for name in self.deferred - set(plan.config.zero3_parts):
+            getattr(self, name).to(self.device)
+        self.deferred = set()
+        self.parallel = plan
+        return self
 
     @contextlib.contextmanager
     def resident(self, *modules: Any) -> Iterator[None]:
@@ -412,63 +450,52 @@ class WanPipeline:
         float32 (h, w: the video's size / 8; for image-to-video, the conditions' common size)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-        width, height = settings.size
-        y = clip = None
-        if self.takes_images:
-            if conditions is None or len(conditions) != len(prompts):
-                raise ValueError(f"{self.preset.name} is image-to-video: give one image condition per prompt")
-            if len({c.size for c in conditions}) != 1:
-                raise ValueError("videos sampled together must have one size: images of other aspect "
-                                 "ratios go in separate batches")  # fmt: skip
-            width, height = conditions[0].size
-            y = torch.cat([c.y for c in conditions]).to(self.device)
-            clip = torch.cat([c.clip for c in conditions]).to(self.device)
-        elif conditions:
-            raise ValueError(f"{self.preset.name} is text-to-video: it takes no image")
+        denoise, (width, height) = self._denoiser(len(prompts), settings, conditions)
         shape = latent_shape(settings.frame_num, width, height, self.vae.z_dim, self.vae.stride)
         x = torch.stack([initial_noise(s, shape, device=self.device) for s in seeds])
-
-        use_cfg = settings.guide_scale != 1.0
-        with self.resident(self.text_encoder):
-            context = self.text_encoder.encode_padded(list(prompts)).to(self.device)
-            if use_cfg:
-                uncond = self.text_encoder.encode_padded([settings.negative_prompt]).to(self.device)
-                uncond = uncond.expand(len(prompts), -1, -1)
-
-        def velocity(
-            latents: torch.Tensor, tb: torch.Tensor, ctx: torch.Tensor, copies: int = 1
-        ) -> torch.Tensor:
-            if y is None:
-                return self.dit(latents, tb, ctx)
-            inputs = torch.cat([latents, y.repeat(copies, 1, 1, 1, 1)], dim=1)
-            return self.dit(inputs, tb, ctx, clip_features=clip.repeat(copies, 1, 1))
-
-        # CFG parallelism: this rank runs one branch; the other half of the world runs the other one.
-        split = self.parallel.cfg if self.parallel is not None else None
-        if split is not None and use_cfg:
-            branch_context = context if split.branch == 0 else uncond
+        context, uncond = self._encode_prompts(prompts, settings)
+        split = self.parallel.cfg if self.parallel is not None else None  # this rank's CFG branch, if any
+        guided = choose_guidance(denoise, context, uncond, settings.guide_scale, split=split,
+                                 batched=batch_cfg)  # fmt: skip
         sampler = FlowSampler(settings.solver, settings.steps, settings.shift)
-        show = progress and self.is_writer
         # Every timestep goes to the device once, up front: a copy per step would wait for the GPU.
         timesteps = sampler.timesteps.to(self.device)
-        steps = tqdm(range(len(timesteps)), desc="sampling", disable=not show, leave=False)
+        steps = tqdm(range(len(timesteps)), desc="sampling", disable=not (progress and self.is_writer),
+                     leave=False)  # fmt: skip
         with self.resident(self.dit):  # offload_model: the DiT on the device for the loop only
             for i in steps:
-                tb = timesteps[i].expand(x.shape[0])
-                if use_cfg and split is not None:
-                    v_cond, v_uncond = split.exchange(velocity(x, tb, branch_context))
-                    v = guide(v_cond, v_uncond, settings.guide_scale)
-                elif use_cfg and batch_cfg:
-                    v_cond, v_uncond = velocity(
-                        torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([context, uncond]), copies=2
-                    ).chunk(2)
-                    v = guide(v_cond, v_uncond, settings.guide_scale)
-                elif use_cfg:
-                    v = guide(velocity(x, tb, context), velocity(x, tb, uncond), settings.guide_scale)
-                else:
-                    v = velocity(x, tb, context)
-                x = sampler.step(v, i, x)
+                x = sampler.step(guided(x, timesteps[i].expand(x.shape[0])), i, x)
         return x
+
+    def _denoiser(
+        self, n: int, settings: GenerationSettings, conditions: Sequence[ImageCondition] | None
+    ) -> tuple[Denoiser, tuple[int, int]]:
+        """The DiT with the batch's image conditioning (image-to-video: one condition per prompt, all of one
+        size), and the videos' (width, height)."""
+        if not self.takes_images:
+            if conditions:
+                raise ValueError(f"{self.preset.name} is text-to-video: it takes no image")
+            return Denoiser(self.dit), settings.size
+        if conditions is None or len(conditions) != n:
+            raise ValueError(f"{self.preset.name} is image-to-video: give one image condition per prompt")
+        if len({c.size for c in conditions}) != 1:
+            raise ValueError("videos sampled together must have one size: images of other aspect "
+                             "ratios go in separate batches")  # fmt: skip
+        y = torch.cat([c.y for c in conditions]).to(self.device)
+        clip = torch.cat([c.clip for c in conditions]).to(self.device)
+        return Denoiser(self.dit, y, clip), conditions[0].size
+
+    def _encode_prompts(
+        self, prompts: Sequence[str], settings: GenerationSettings
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context [B, L, C], the negative prompt's [B, L, C] or None when there is no guidance), on the
+        pipeline's device."""
+        with self.resident(self.text_encoder):
+            context = self.text_encoder.encode_padded(list(prompts)).to(self.device)
+            if settings.guide_scale == 1.0:
+                return context, None
+            uncond = self.text_encoder.encode_padded([settings.negative_prompt]).to(self.device)
+        return context, uncond.expand(len(prompts), -1, -1)
 
     def generate_batch(
         self,
@@ -566,23 +593,3 @@ def _random_image_encoder(preset: Preset, seed: int) -> torch.nn.Module:
     width = preset.dit.image_dim
     config = tiny_clip_config(hidden_size=width) if preset.name.startswith("tiny-") else clip_vit_h14_config()
     return WanImageEncoder.from_config(config, seed=seed)
-
-
-def _cast_dit(dit: WanModel, dtype: torch.dtype) -> WanModel:
-    """Cast the DiT to `dtype`, keeping the time path and modulation tables in float32.
-
-    Those float32 parameters never pass through `dtype`, so casting a DiT that is already mixed (a second
-    pipeline around the same model) leaves them exactly as they were.
-    """
-    if dtype == torch.float32:
-        return dit.float()
-    kept = {
-        name: param.detach().float().clone()
-        for name, param in dit.named_parameters()
-        if name.endswith("modulation") or name.split(".")[0] in _FP32_MODULES
-    }
-    dit.to(dtype)
-    for name, param in dit.named_parameters():
-        if name in kept:
-            param.data = kept[name]
-    return dit

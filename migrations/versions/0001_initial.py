@@ -1,6 +1,6 @@
 """The initial catalog schema: runs, models, jobs, run_jobs, outputs.
 
-Revision: 0001 (first). Written by hand to match storage/catalog.py; constraint names follow its naming
+Revision: 0001 (first). Written by hand to match storage/catalog/tables.py; constraint names follow its naming
 convention (pk_<table>, uq_<table>_<columns>, ck_<table>_<name>, fk_<table>_<column>_<referred>,
 ix_<table>_<column>). Status columns are VARCHAR(16) with CHECK constraints rather than native enums, so
 new values only need a new CHECK. The allowed values are spelled out here, frozen at this revision.

@@ -1,6 +1,6 @@
 """Manifest rows a run left out (`wanflow generate --skip-invalid`), with their line and reason.
 
-Revision: 0002, after 0001. Written by hand to match `Rejection` in storage/catalog.py.
+Revision: 0002, after 0001. Written by hand to match `Rejection` in storage/catalog/tables.py.
 """
 
 from __future__ import annotations

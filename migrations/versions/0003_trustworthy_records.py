@@ -1,6 +1,6 @@
 """Records a team can trust: who made each job, where its output lives, which runs died, and posters.
 
-Revision: 0003, after 0002. Written by hand to match storage/catalog.py.
+Revision: 0003, after 0002. Written by hand to match storage/catalog/tables.py.
 
 - `jobs.storage_root`: the storage root the job's output is written under. It joins the job's key, so a
   run into another root plans its own jobs instead of counting videos elsewhere as done.

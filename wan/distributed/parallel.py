@@ -1,6 +1,13 @@
-"""One video on many processes: context parallelism, CFG parallelism and ZeRO-3, set up on a pipeline.
+"""One video on many processes: context parallelism, CFG parallelism and ZeRO-3, as a plan over modules.
 
     torchrun --nproc_per_node 8 -m wan.generate ... --ulysses_size 4 --ring_size 1 --cfg_parallel --dit_zero3
+
+`ParallelConfig` says how a video is spread; `build_plan(config, num_heads)` makes the `ParallelPlan` this
+rank follows (the context mesh, its CFG branch, the validated DeepSpeed config), and each concern applies on
+its own, to modules: `apply_context_parallel(dit, plan.mesh)`, `apply_cfg_parallel(...)` (the branch
+groups, inside `build_plan`), `apply_zero3(module, plan)`. This package knows no pipeline:
+`wan.pipeline.WanPipeline.distribute(plan)` places a pipeline's parts by a plan (`parallelize(config)` does
+both steps).
 
 The world of W processes is laid out as ``cfg x ring x ulysses`` (ranks in that order, Ulysses fastest):
 
@@ -20,23 +27,23 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .mesh import ContextMesh, validate_mesh
 
-if TYPE_CHECKING:
-    from wan.pipeline import WanPipeline
-
 __all__ = [
     "CfgSplit",
     "ParallelConfig",
-    "ParallelState",
+    "ParallelPlan",
+    "apply_cfg_parallel",
+    "apply_zero3",
     "auto_config",
+    "build_plan",
     "init_distributed",
-    "parallelize",
+    "local_device",
     "resolve_config",
     "world",
     "zero3_parts",
@@ -156,15 +163,19 @@ class CfgSplit:
 
 
 @dataclass
-class ParallelState:
-    """What `parallelize` set up on a pipeline (kept on it as `pipe.parallel`)."""
+class ParallelPlan:
+    """How this rank takes part in one video: the layout, its place in the world, the context mesh of its
+    half, its CFG branch (None without CFG parallelism) and the DeepSpeed config of the ZeRO-3 parts (None
+    without ZeRO-3). Kept on a distributed pipeline as `pipe.parallel`, with the ZeRO-3 handles, which
+    must live as long as the sharded modules."""
 
     config: ParallelConfig
     rank: int
     world_size: int
     mesh: ContextMesh
     cfg: CfgSplit | None
-    zero3: list[Any] = field(default_factory=list)  # `Zero3Handle`s, alive as long as the pipeline
+    zero3_config: dict[str, Any] | None = None
+    zero3: list[Any] = field(default_factory=list)  # `Zero3Handle`s of the modules sharded by `apply_zero3`
 
 
 def world() -> tuple[int, int]:
@@ -201,52 +212,45 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def parallelize(pipe: WanPipeline, config: ParallelConfig) -> WanPipeline:
-    """Spread `pipe` over the default process group as `config` says (in place; returns the pipeline).
+def build_plan(config: ParallelConfig, num_heads: int) -> ParallelPlan:
+    """This rank's `ParallelPlan` for `config` over the default process group, for a DiT of `num_heads`.
 
-    Collective: every rank calls it with the same pipeline (same weights) and config. Raises `ValueError`
-    for a layout that does not fit the world or the model's heads, or an invalid DeepSpeed config.
+    Collective: every rank calls it with the same config. Raises `ValueError` for a layout that does not fit
+    the world or the heads, or an invalid DeepSpeed config, before any collective.
     """
-    from .context_parallel import apply_context_parallel
-
     rank, world_size = world()
-    config.validate(world_size, pipe.dit.cfg.num_heads)
-    if config.zero3 and pipe.memory.offload_model:
-        raise ValueError("offload_model cannot be combined with ZeRO-3: ZeRO-3 already keeps 1/N of the "
-                         "weights on each GPU")  # fmt: skip
-    if config.t5_zero3 and pipe.memory.t5_cpu:
-        raise ValueError("t5_cpu and t5_zero3 exclude each other: the text encoder runs on the CPU, or "
-                         "sharded over the GPUs")  # fmt: skip
+    config.validate(world_size, num_heads)
     zero3_config = None
     if config.zero3:
         from .zero3 import load_config
 
         zero3_config = load_config(config.deepspeed_config)  # a bad file fails before any collective
-
     mesh = ContextMesh.build(
-        config.ulysses_size, config.ring_size, pipe.dit.cfg.num_heads, replicas=config.replicas(world_size)
+        config.ulysses_size, config.ring_size, num_heads, replicas=config.replicas(world_size)
     )
-    cfg = None
-    if config.cfg_parallel:
-        half = world_size // 2
-        for r in range(half):  # every rank creates every pair's group, in the same order
-            group = dist.new_group([r, r + half])
-            if rank in (r, r + half):
-                cfg = CfgSplit(branch=rank // half, group=group)
-    if mesh.world_size > 1:
-        apply_context_parallel(pipe.dit, mesh)
+    cfg = apply_cfg_parallel(rank, world_size) if config.cfg_parallel else None
+    return ParallelPlan(config, rank, world_size, mesh, cfg, zero3_config)
 
-    state = ParallelState(config=config, rank=rank, world_size=world_size, mesh=mesh, cfg=cfg)
-    if zero3_config is not None:
-        from .zero3 import shard_zero3
 
-        if config.dit_zero3:
-            state.zero3.append(shard_zero3(pipe.dit, zero3_config))
-        if config.t5_zero3:
-            state.zero3.append(shard_zero3(pipe.text_encoder.model, zero3_config))
-    # Parts left on the CPU for ZeRO-3 (`WanPipeline(defer=)`) that it did not shard go to the device whole.
-    for name in pipe.deferred - set(config.zero3_parts):
-        getattr(pipe, name).to(pipe.device)
-    pipe.deferred = set()
-    pipe.parallel = state
-    return pipe
+def apply_cfg_parallel(rank: int, world_size: int) -> CfgSplit:
+    """Pair rank r with rank r + W/2 (branch 0: the conditional pass, branch 1: the unconditional one);
+    this rank's `CfgSplit`. Collective: every rank creates every pair's group, in the same order."""
+    half = world_size // 2
+    split = None
+    for r in range(half):
+        group = dist.new_group([r, r + half])
+        if rank in (r, r + half):
+            split = CfgSplit(branch=rank // half, group=group)
+    assert split is not None, f"rank {rank} is in no CFG pair of a world of {world_size}"
+    return split
+
+
+def apply_zero3(module: torch.nn.Module, plan: ParallelPlan) -> Any:
+    """Shard `module`'s weights over the world with DeepSpeed ZeRO-3 as `plan` says; the handle is kept on
+    the plan (it must outlive the module's use) and returned."""
+    from .zero3 import shard_zero3
+
+    assert plan.zero3_config is not None, "the plan has no ZeRO-3 parts"
+    handle = shard_zero3(module, plan.zero3_config)
+    plan.zero3.append(handle)
+    return handle

@@ -1,0 +1,339 @@
+"""Planning a run: the manifest as the run takes it, the run and its jobs in the catalog, the shards.
+
+    read_manifest / load_inputs   validate (every bad row at once); split large manifests with dask
+    job_specs                     one job per (row, seed), each image's sha256 in its identity
+    plan_run                      record the run, its rejections and jobs; jobs already done (a verified
+                                  output under the run's root) are skipped; dead workers' claims requeued;
+                                  open uploads older than any job aborted; pending jobs cut into shards
+    plan_shards                   jobs grouped by (model, size, frame_num), `shard_size` at most per shard
+    dry_run                       what plan_run would do, writing nothing
+
+Plain functions: the flow, the CLI and the tests call them without Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+
+from flows.images import hash_images, resolve_image_uri
+from flows.inputs import LazyManifest, check_requests, model_names
+from flows.manifest import (
+    Manifest,
+    ManifestError,
+    RunDefaults,
+    load_manifest,
+    manifest_format,
+    manifest_sha256,
+    read_shard,
+    split_manifest,
+)
+from flows.models import ModelSource, model_source
+from flows.recovery import process_owner, reap_crashed_runs, requeue_abandoned
+from flows.settings import Settings
+from storage.catalog import (
+    Catalog,
+    CatalogError,
+    JobGroupRow,
+    JobSpec,
+    JobStatus,
+    OutputRecord,
+    RunStatus,
+    spec_key,
+)  # fmt: skip
+from storage.faults import abort_open_uploads
+from storage.layout import safe_name
+from storage.outputs import verifier
+from storage.urls import is_under, join_url, redact
+
+__all__ = [
+    "BatchPlan", "ShardPlan", "dry_run", "is_large_manifest", "job_specs", "load_inputs", "model_sources",
+    "plan_run", "plan_shards", "read_manifest",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Jobs that share a model, size and frame count, for one `generate_shard` run."""
+
+    model: str
+    size: str
+    frame_num: int
+    job_ids: list[int]
+    label: str
+
+    @property
+    def tags(self) -> list[str]:
+        from wan.configs import get_preset
+
+        return [f"model:{self.model}", f"task:{get_preset(self.model).task}", f"size:{self.size}"]
+
+
+@dataclass
+class BatchPlan:
+    """What a run will do: how many jobs, how many are done already, which shards run."""
+
+    run_id: int | None
+    run_name: str
+    manifest: str
+    rows: int
+    invalid: int
+    jobs: int
+    created: int = 0
+    already_done: int = 0
+    requeued: int = 0
+    already_planned: int = 0
+    abandoned: int = 0
+    shards: list[ShardPlan] = field(default_factory=list)
+    crashed_runs: list[str] = field(default_factory=list)  # earlier runs found dead and marked crashed
+    inputs_unread: int = 0  # dry runs: jobs whose images were not read (counted as to generate)
+
+    @property
+    def to_generate(self) -> int:
+        return sum(len(s.job_ids) for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["to_generate"] = self.to_generate
+        return out
+
+
+def read_manifest(
+    url: str, defaults: RunDefaults, settings: Settings, *, skip_invalid: bool, split_to: str | None = None
+) -> Manifest:
+    """Load and validate; without `skip_invalid`, any bad row stops the run (ManifestError lists all).
+
+    A manifest larger than `settings.large_manifest_bytes` is split with dask into shard manifests under
+    `split_to` (default: `<storage root>/_manifests/<file>-<sha256 prefix>/`) and its requests are read
+    back from them lazily, so no process holds all its rows.
+    """
+    options = settings.storage_options_for(url)
+    if not is_large_manifest(url, settings):
+        manifest = load_manifest(url, defaults, storage_options=options)
+        if manifest.problems and not skip_invalid:
+            raise ManifestError(url, manifest.problems, manifest.rows)
+        return manifest
+    sha256 = manifest_sha256(url, options)
+    stem = PurePosixPath(url.rstrip("/")).name.split(".")[0] or "manifest"
+    # One directory per (manifest, run defaults): runs of the same file with other defaults do not share it.
+    digest = hashlib.sha256(f"{sha256}\0{defaults.model_dump_json()}".encode()).hexdigest()[:12]
+    out = split_to or join_url(settings.storage_root, "_manifests", f"{safe_name(stem)}-{digest}")
+    out_options = settings.storage_options_for(out)
+    result = split_manifest(url, out, defaults, storage_options=options, overwrite=True)
+    if result.invalid and not skip_invalid:
+        raise ManifestError(url, result.problems, result.rows)
+    requests = (r for shard in result.shards for r in read_shard(shard, storage_options=out_options))
+    models = sorted({key.split("/")[0] for key in result.groups})
+    return LazyManifest(
+        url, manifest_format(url), sha256, result.rows, requests, result.problems, models,  # type: ignore[arg-type]
+        invalid_rows=result.invalid_rows,
+    )
+
+
+def is_large_manifest(url: str, settings: Settings) -> bool:
+    """Whether a manifest is over `settings.large_manifest_bytes` (then it is split with dask, never
+    loaded whole). An unreadable one counts as small: `load_manifest` reports it with its name."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **settings.storage_options_for(url))
+        size = int(fs.size(path) or 0)
+    except Exception:
+        return False
+    return size > settings.large_manifest_bytes
+
+
+def load_inputs(
+    url: str, defaults: RunDefaults, settings: Settings, *, skip_invalid: bool, ckpt_dir: str | None,
+    split_to: str | None = None,
+) -> tuple[Manifest, dict[str, ModelSource], list[Any]]:  # fmt: skip
+    """The manifest as the run takes it: its valid rows, less those whose model has no weights here or whose
+    local image is missing (`flows.inputs.check_requests`), with a source for every model still used, and
+    the problems a split manifest's rows will show as they stream (recorded when the run is planned).
+    Without `skip_invalid`, any problem raises ManifestError listing them all."""
+    manifest = read_manifest(url, defaults, settings, skip_invalid=True, split_to=split_to)
+    checked, sources, late = check_requests(manifest, settings, ckpt_dir, defaults.model)
+    whole_file = [p for p in checked.problems if p.line == 0]  # unreadable: --skip-invalid cannot help
+    if whole_file or (checked.problems and not skip_invalid):
+        raise ManifestError(url, whole_file or checked.problems, checked.rows)
+    return checked, sources, late
+
+
+def model_sources(
+    manifest: Manifest, settings: Settings, ckpt_dir: str | None, model: str
+) -> dict[str, ModelSource]:
+    """A source (weights + fingerprint) for every model the manifest uses; `ckpt_dir` is the run model's."""
+    sources = {}
+    for name in model_names(manifest):
+        directory = ckpt_dir if name == model and ckpt_dir else settings.checkpoints.get(name)
+        sources[name] = model_source(name, directory)
+    return sources
+
+
+IMAGE_HASH_CHUNK = 512  # rows whose images are hashed together
+
+
+def job_specs(
+    manifest: Manifest, sources: dict[str, ModelSource], settings: Settings | None = None, *,
+    read_images: bool = True,
+) -> Iterator[JobSpec]:  # fmt: skip
+    """One job per (valid row, seed). Image paths are resolved against the manifest's location and
+    each image's sha256 joins the job's parameters (its identity): an edited image makes a new job.
+    Images are hashed a chunk of rows at a time, in parallel, each distinct image once. The jobs are for
+    `settings.storage_root` (their outputs go there; a run into another root has jobs of its own)."""
+    root = settings.storage_root if settings else None
+    requests = iter(manifest.requests)
+    while chunk := list(itertools.islice(requests, IMAGE_HASH_CHUNK)):
+        uris = {
+            resolve_image_uri(getattr(r, name), manifest.url)
+            for r in chunk for name in ("image", "last_image") if getattr(r, name)
+        }  # fmt: skip
+        digests = hash_images(sorted(uris), settings) if read_images else dict.fromkeys(uris)
+        for request in chunk:
+            fingerprint = sources[request.model].fingerprint
+            params = request.params()
+            for field_name in ("image", "last_image"):
+                if params.get(field_name):
+                    uri = resolve_image_uri(params[field_name], manifest.url)
+                    params[field_name] = uri
+                    params[f"{field_name}_sha256"] = digests[uri]
+            for seed in request.seeds:
+                yield JobSpec(request.item_id, seed, request.model, fingerprint, params, root)
+
+
+def plan_shards(jobs: Iterable[JobGroupRow], shard_size: int) -> list[ShardPlan]:
+    """Group jobs by (model, size, frame_num), then cut each group into shards of `shard_size` at most."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size {shard_size}: must be at least 1")
+    groups: dict[tuple[str, str, int], list[int]] = {}
+    for job_id, model, size, frame_num in jobs:
+        groups.setdefault((model, str(size), int(frame_num or 0)), []).append(job_id)
+    shards = []
+    for (model, size, frames), ids in sorted(groups.items()):
+        for k in range(0, len(ids), shard_size):
+            label = f"{model}-{size.replace('*', 'x')}-f{frames}-{k // shard_size + 1}"
+            shards.append(ShardPlan(model, size, frames, ids[k : k + shard_size], label))
+    return shards
+
+
+def _run_settings(settings: Settings, defaults: RunDefaults, **extra: Any) -> dict[str, Any]:
+    return {
+        "defaults": defaults.model_dump(), "storage_root": redact(settings.storage_root),
+        "catalog": redact(settings.catalog_url), **extra,
+    }  # fmt: skip
+
+
+def _create_run(catalog: Catalog, name: str, manifest: Manifest, run_settings: dict, flow_run_id: str | None):
+    """A new catalog run named `name`, or `name-2`, `name-3`, ... if taken (also by a concurrent start),
+    owned by this process."""
+    owner = process_owner()
+    for n in range(1, 1000):
+        candidate = name if n == 1 else f"{name}-{n}"
+        if catalog.get_run(candidate) is not None:
+            continue
+        try:
+            return catalog.create_run(
+                candidate, manifest.url, manifest.sha256, run_settings, flow_run_id, owner=owner
+            )
+        except CatalogError:
+            if catalog.get_run(candidate) is None:
+                raise
+    raise CatalogError(f"no free run name like {name!r}")
+
+
+def plan_run(
+    catalog: Catalog,
+    manifest: Manifest,
+    sources: dict[str, ModelSource],
+    settings: Settings,
+    defaults: RunDefaults,
+    *,
+    run_name: str,
+    shard_size: int,
+    flow_run_id: str | None = None,
+    extra_settings: dict[str, Any] | None = None,
+    late_problems: list[Any] | None = None,
+) -> BatchPlan:
+    """Record the run, its rejected rows and its jobs in the catalog; requeue abandoned jobs; cut shards.
+    If planning fails, the run is marked failed."""
+    run_settings = _run_settings(settings, defaults, shard_size=shard_size, **(extra_settings or {}))
+    crashed = reap_crashed_runs(catalog)
+    run = _create_run(catalog, run_name, manifest, run_settings, flow_run_id)
+    try:
+        catalog.start_run(run.id, flow_run_id=flow_run_id)
+        catalog.record_rejections(run.id, (p._asdict() for p in manifest.problems))
+        for source in sources.values():
+            weights = source.ckpt_dir or "random"
+            catalog.register_model(source.model, source.fingerprint, weights, source.describe())
+        summary = catalog.plan_jobs(run.id, job_specs(manifest, sources, settings), verify=_verify(settings))
+        if late_problems:  # rows of a split manifest refused as they streamed by
+            catalog.record_rejections(run.id, (p._asdict() for p in late_problems))
+        abandoned = requeue_abandoned(catalog, run.id, timedelta(seconds=settings.claim_timeout_s))
+        # Uploads older than any job may run were left by killed workers: abort them (each job also aborts
+        # those under its own keys when it starts again).
+        abort_open_uploads(settings.storage_root, settings.resolved_storage_options(),
+                           older_than_s=settings.job_timeout_s)  # fmt: skip
+        shards = plan_shards(catalog.job_groups(run.id, JobStatus.pending), shard_size)
+    except BaseException as exc:
+        catalog.finish_run(run.id, RunStatus.failed if isinstance(exc, Exception) else RunStatus.cancelled)
+        raise
+    return BatchPlan(
+        run_id=run.id, run_name=run.name, manifest=redact(manifest.url), rows=manifest.rows,
+        invalid=manifest.invalid_rows + len({p.line for p in late_problems or ()}),
+        jobs=summary.total, created=summary.created,
+        already_done=summary.already_done, requeued=summary.requeued,
+        already_planned=summary.already_planned, abandoned=abandoned, shards=shards,
+        crashed_runs=[r.name for r in crashed],
+    )  # fmt: skip
+
+
+def _verify(settings: Settings) -> Callable[[OutputRecord], bool]:
+    """Whether an output counts as done for a run into `settings.storage_root`: it lies under that root and
+    its object is there with the recorded size and sha256."""
+    check = verifier(settings.resolved_storage_options())
+    root = settings.storage_root
+    return lambda output: is_under(output.uri, root) and check(output)
+
+
+def dry_run(
+    catalog: Catalog | None,
+    manifest: Manifest,
+    sources: dict[str, ModelSource],
+    settings: Settings,
+    *,
+    shard_size: int,
+    read_images: bool = False,
+) -> BatchPlan:
+    """What `plan_run` would do, writing nothing: jobs done already (output verified) are counted as
+    skipped, the rest are cut into shards (job ids are left empty for jobs not yet in the catalog).
+
+    Images are not read unless `read_images`: a job's identity holds its image's sha256, so without it the
+    jobs with images count as to generate (`inputs_unread` says how many), an upper bound."""
+    verify = _verify(settings)
+    known = {}
+    specs = list(job_specs(manifest, sources, settings, read_images=read_images))
+    with_images = sum(1 for spec in specs if spec.params.get("image") or spec.params.get("last_image"))
+    unread = 0 if read_images else with_images
+    keys = [spec_key(s) for s in specs]
+    if catalog is not None:
+        known = catalog.find_jobs(keys)
+    done = 0
+    pending: list[JobGroupRow] = []
+    for key, spec in zip(keys, specs, strict=True):
+        found = known.get(key)
+        if found is not None and found[0].status == JobStatus.succeeded and found[1] and verify(found[1]):
+            done += 1
+            continue
+        size, frames = spec.params.get("size"), spec.params.get("frame_num")
+        pending.append(JobGroupRow(found[0].id if found else 0, spec.model_id, size, frames))
+    shards = plan_shards(pending, shard_size)
+    return BatchPlan(
+        run_id=None, run_name="(dry run)", manifest=redact(manifest.url), rows=manifest.rows,
+        invalid=manifest.invalid_rows, jobs=len(specs), already_done=done, shards=shards,
+        inputs_unread=unread,
+    )  # fmt: skip
