@@ -618,7 +618,7 @@ def generate(
                  ckpt_dir=ckpt_dir, shard_size=shard_size, as_json=as_json,
                  read_inputs=read_inputs)  # fmt: skip
         return
-    from flows.planning import is_large_manifest
+    from flows.manifest.opening import is_large_manifest
 
     if not is_large_manifest(manifest, _settings(catalog_url=catalog_url, storage_root=out)):
         # Check here first, for a quick and readable answer; a large manifest is checked by the run itself

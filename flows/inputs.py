@@ -18,35 +18,21 @@ import dataclasses
 import os
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flows.images import IMAGE_FIELDS, resolve_image_uri
 from flows.manifest import Manifest, RowProblem
+from flows.manifest.opening import LazyManifest, model_names
 from flows.models import ModelSource, model_source
 from flows.settings import Settings
 from storage.urls import has_secret, redact
 
 __all__ = [
-    "LazyManifest", "check_requests", "input_roots", "local_path", "model_names", "outside_roots",
+    "check_requests", "input_roots", "local_path", "outside_roots",
     "resolve_image_uri",
 ]  # fmt: skip
 
-
-
-@dataclass
-class LazyManifest(Manifest):
-    """A split manifest: `requests` is a one-pass iterator over its shard manifests."""
-
-    model_names: list[str] = field(default_factory=list)
-
-
-def model_names(manifest: Manifest) -> list[str]:
-    """The models a manifest's valid rows use."""
-    if isinstance(manifest, LazyManifest):
-        return manifest.model_names
-    return sorted({r.model for r in manifest.requests})
 
 
 def local_path(uri: str) -> str | None:

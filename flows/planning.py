@@ -1,6 +1,8 @@
 """Planning a run: the manifest as the run takes it, the run and its jobs in the catalog, the shards.
 
-    read_manifest / load_inputs   validate (every bad row at once); split large manifests with dask
+    load_inputs                   the manifest as the run takes it (`flows.manifest.opening.read_manifest`:
+                                  every bad row at once; large manifests split with dask), with the
+                                  inputs checked (`flows.inputs`)
     job_specs                     one job per (row, seed), each image's sha256 in its identity
     plan_run                      record the run, its rejections and jobs; jobs already done (a verified
                                   output under the run's root) are skipped; dead workers' claims requeued;
@@ -13,28 +15,20 @@ Plain functions: the flow, the CLI and the tests call them without Prefect.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from pathlib import PurePosixPath
 from typing import Any
 
-import fsspec
-
 from flows.images import hash_images, resolve_image_uri
-from flows.inputs import LazyManifest, check_requests, model_names
+from flows.inputs import check_requests
 from flows.manifest import (
     Manifest,
     ManifestError,
     RunDefaults,
-    load_manifest,
-    manifest_format,
-    manifest_sha256,
-    read_shard,
-    split_manifest,
 )
+from flows.manifest.opening import model_names, read_manifest
 from flows.models import ModelSource, model_source
 from flows.recovery import process_owner, reap_crashed_runs, requeue_abandoned
 from flows.settings import Settings
@@ -49,13 +43,12 @@ from storage.catalog import (
     spec_key,
 )  # fmt: skip
 from storage.faults import abort_open_uploads
-from storage.layout import safe_name
 from storage.outputs import verifier
-from storage.urls import is_under, join_url, redact
+from storage.urls import is_under, redact
 
 __all__ = [
-    "BatchPlan", "ShardPlan", "dry_run", "is_large_manifest", "job_specs", "load_inputs", "model_sources",
-    "plan_run", "plan_shards", "read_manifest",
+    "BatchPlan", "ShardPlan", "dry_run", "job_specs", "load_inputs", "model_sources", "plan_run",
+    "plan_shards",
 ]  # fmt: skip
 
 
@@ -103,49 +96,6 @@ class BatchPlan:
         out = asdict(self)
         out["to_generate"] = self.to_generate
         return out
-
-
-def read_manifest(
-    url: str, defaults: RunDefaults, settings: Settings, *, skip_invalid: bool, split_to: str | None = None
-) -> Manifest:
-    """Load and validate; without `skip_invalid`, any bad row stops the run (ManifestError lists all).
-
-    A manifest larger than `settings.large_manifest_bytes` is split with dask into shard manifests under
-    `split_to` (default: `<storage root>/_manifests/<file>-<sha256 prefix>/`) and its requests are read
-    back from them lazily, so no process holds all its rows.
-    """
-    options = settings.storage_options_for(url)
-    if not is_large_manifest(url, settings):
-        manifest = load_manifest(url, defaults, storage_options=options)
-        if manifest.problems and not skip_invalid:
-            raise ManifestError(url, manifest.problems, manifest.rows)
-        return manifest
-    sha256 = manifest_sha256(url, options)
-    stem = PurePosixPath(url.rstrip("/")).name.split(".")[0] or "manifest"
-    # One directory per (manifest, run defaults): runs of the same file with other defaults do not share it.
-    digest = hashlib.sha256(f"{sha256}\0{defaults.model_dump_json()}".encode()).hexdigest()[:12]
-    out = split_to or join_url(settings.storage_root, "_manifests", f"{safe_name(stem)}-{digest}")
-    out_options = settings.storage_options_for(out)
-    result = split_manifest(url, out, defaults, storage_options=options, overwrite=True)
-    if result.invalid and not skip_invalid:
-        raise ManifestError(url, result.problems, result.rows)
-    requests = (r for shard in result.shards for r in read_shard(shard, storage_options=out_options))
-    models = sorted({key.split("/")[0] for key in result.groups})
-    return LazyManifest(
-        url, manifest_format(url), sha256, result.rows, requests, result.problems, models,  # type: ignore[arg-type]
-        invalid_rows=result.invalid_rows,
-    )
-
-
-def is_large_manifest(url: str, settings: Settings) -> bool:
-    """Whether a manifest is over `settings.large_manifest_bytes` (then it is split with dask, never
-    loaded whole). An unreadable one counts as small: `load_manifest` reports it with its name."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **settings.storage_options_for(url))
-        size = int(fs.size(path) or 0)
-    except Exception:
-        return False
-    return size > settings.large_manifest_bytes
 
 
 def load_inputs(

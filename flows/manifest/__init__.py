@@ -38,6 +38,8 @@ Modules (one concern each; every name below is re-exported here, so `from flows.
 - `readers`: the file readers: JSON Lines, CSV, Parquet, compressed streams, hashing, per-line iteration.
 - `load`: `load_manifest` / `validate_manifest` and `Manifest`: the readers and the resolution assembled.
 - `split`: the dask splitter, `split_manifest` (plan, scan, write) and `read_shard`.
+- `opening`: the switch a run goes through (`read_manifest`): small manifests loaded whole, large ones
+  split with dask and streamed back (`LazyManifest`).
 """
 
 from __future__ import annotations
