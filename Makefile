@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch is pinned to the CPU wheel already on these machines (see README).
-	$(PY) -m pip install --quiet "torch==2.13.0"
+	# torch: a torch already in .venv is kept (a CUDA build, say); else the CPU wheel of 2.13.0 these machines
+	# keep on disk, first, so that pyproject's range (torch>=2.6) is met and pip pulls no other (see README).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

@@ -169,7 +169,7 @@ def main() -> None:
     def ours(n_steps: int = steps, runner: WanPipeline = pipe) -> torch.Tensor:
         """[3, F, H, W] in [-1, 1]."""
         return runner.generate(
-            args.prompt, seed=args.seed, size=(width, height), frame_num=frame_num, sampling_steps=n_steps,
+            args.prompt, seed=args.seed, size=(width, height), frame_num=frame_num, steps=n_steps,
             guide_scale=args.guide_scale, shift=shift, progress=False,
         )  # fmt: skip
 

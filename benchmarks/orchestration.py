@@ -64,8 +64,8 @@ def main() -> None:
         return path
 
     def platform(path: Path) -> int:
-        summary = generate_batch(str(path), out=str(work / "platform"), catalog_url=catalog_url, seeds=2,
-                                 shard_size=25)  # fmt: skip
+        summary = generate_batch(str(path), model="tiny-t2v", out=str(work / "platform"),
+                                 catalog_url=catalog_url, seeds=2, shard_size=25)  # fmt: skip
         return summary["by_status"]["succeeded"]
 
     pipe = load_pipeline(model_source("tiny-t2v"))
@@ -77,7 +77,7 @@ def main() -> None:
                 width, height = request.size
                 frames = pipe.generate_stream(
                     request.prompt, seed=seed, progress=False, size=request.size,
-                    frame_num=request.frame_num, sampling_steps=request.steps,
+                    frame_num=request.frame_num, steps=request.steps,
                 )  # fmt: skip
                 url = str(work / "bare" / f"{request.item_id}-s{seed}.mp4")
                 with VideoWriter(url, width=width, height=height, fps=16) as video:

@@ -59,7 +59,8 @@ app.add_typer(catalog_app, name="catalog")
 _console = Console()
 _err = Console(stderr=True, soft_wrap=True)
 CatalogUrl = Annotated[
-    str | None, typer.Option("--catalog-url", "--catalog", help="overrides WANFLOW_CATALOG_URL")
+    str | None,
+    typer.Option("--catalog-url", "--catalog_url", "--catalog", help="overrides WANFLOW_CATALOG_URL"),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 RunRef = Annotated[str | None, typer.Option("--run", help="run id or name")]
@@ -242,7 +243,10 @@ Model = Annotated[
     typer.Option("--model", help="preset: t2v-1.3B, t2v-14B, i2v-14B-480P, ... (tiny-t2v: random weights); "
                  "default WANFLOW_MODEL"),
 ]  # fmt: skip
-CkptDir = Annotated[str | None, typer.Option("--ckpt-dir", help="checkpoint directory of --model")]
+NEGATIVE_PROMPT_HELP = "default negative prompt ('': the model's)"
+CkptDir = Annotated[
+    str | None, typer.Option("--ckpt-dir", "--ckpt_dir", help="checkpoint directory of --model")
+]
 Out = Annotated[str | None, typer.Option("--out", help="storage root (dir or URL); WANFLOW_STORAGE_ROOT")]
 Seeds = Annotated[int | None, typer.Option("--seeds", min=1, help="seeds per row (rows may set num_seeds)")]
 
@@ -268,7 +272,8 @@ def _defaults(model: str, seeds: int | None, base_seed: int, **params: Any) -> R
             model=model, base_seed=base_seed, **({"num_seeds": seeds} if seeds else {}), **values
         )
     except ValidationError as exc:
-        raise _fail("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+        flags = (f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise _fail("; ".join(flags)) from exc
 
 
 def _load(
@@ -589,11 +594,33 @@ def generate(
     out: Out = None,
     catalog_url: CatalogUrl = None,
     seeds: Seeds = None,
-    base_seed: Annotated[int, typer.Option(help="mixed into the seeds of rows without one")] = 0,
-    shard_size: Annotated[int, typer.Option(min=1, help="jobs per shard (one model load each)")] = 16,
+    base_seed: Annotated[
+        int, typer.Option("--base-seed", "--base_seed", help="mixed into the seeds of rows without one")
+    ] = 0,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", "--shard_size", min=1, help="jobs per shard (one model load each)")
+    ] = 16,
     size: Annotated[str | None, typer.Option(help="default size W*H for rows without one")] = None,
-    frame_num: Annotated[int | None, typer.Option(help="default frame count (4n+1)")] = None,
-    steps: Annotated[int | None, typer.Option(help="default sampling steps")] = None,
+    frame_num: Annotated[
+        int | None, typer.Option("--frame-num", "--frame_num", help="default frame count (4n+1)")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", "--sample_steps", help="default sampling steps")
+    ] = None,
+    shift: Annotated[
+        float | None, typer.Option("--shift", "--sample_shift", help="default noise schedule shift")
+    ] = None,
+    guide_scale: Annotated[
+        float | None,
+        typer.Option("--guide-scale", "--guide_scale", "--sample_guide_scale", help="default guidance scale"),
+    ] = None,
+    solver: Annotated[
+        str | None, typer.Option("--solver", "--sample_solver", help="default sampler: unipc, dpm++ or euler")
+    ] = None,
+    negative_prompt: Annotated[
+        str | None,
+        typer.Option("--negative-prompt", "--negative_prompt", help=NEGATIVE_PROMPT_HELP),
+    ] = None,
     skip_invalid: Annotated[bool, typer.Option(help="leave bad rows out (recorded in the catalog)")] = False,
     offload_model: Annotated[
         bool | None, typer.Option(help="GPU memory: models on the GPU only while they run")
@@ -611,7 +638,8 @@ def generate(
 ) -> None:
     """Generate every (row, seed) of MANIFEST not already in the catalog with a verified video."""
     _quiet_prefect(verbose)  # before anything imports Prefect
-    defaults = _defaults(_model(model), seeds, base_seed, size=size, frame_num=frame_num, steps=steps)
+    defaults = _defaults(_model(model), seeds, base_seed, size=size, frame_num=frame_num, steps=steps,
+                         shift=shift, guide_scale=guide_scale, solver=solver, negative_prompt=negative_prompt)
     memory = _memory(offload_model, t5_cpu, vae_tiling)
     if dry_run:
         _dry_run(manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out,

@@ -89,9 +89,9 @@ def _settings_args(params: dict[str, Any]) -> dict[str, Any]:
     """Catalog job parameters -> `WanPipeline.settings` keyword arguments."""
     return {
         "negative_prompt": params.get("negative_prompt"), "size": params.get("size"),
-        "frame_num": params.get("frame_num"), "sampling_steps": params.get("steps"),
+        "frame_num": params.get("frame_num"), "steps": params.get("steps"),
         "shift": params.get("shift"), "guide_scale": params.get("guide_scale"),
-        "sample_solver": params.get("solver"),
+        "solver": params.get("solver"),
     }  # fmt: skip
 
 

@@ -48,3 +48,17 @@ def test_context_parallel_bytes_and_scaling_model():
     result = run("context_parallel.py")
     assert result["official_8gpu_seconds"] == 287.9 and 0.5 < result["prediction_ratio_8gpu"] < 1.5
     assert all(v["measured"] for v in result["measured_tiny"].values())
+
+
+@pytest.mark.slow
+def test_orchestration_on_a_few_jobs(tmp_path):
+    """The platform-overhead benchmark runs end to end (it broke once, unseen, when the model became a
+    required choice)."""
+    import os
+
+    command = [sys.executable, str(BENCHMARKS / "orchestration.py"), "--jobs", "2", "--rounds", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["jobs"] == 2 and result["time_ratio"] > 0

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,45 +52,66 @@ _DTYPES = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default said once: in its help text when that says it, else appended when there is one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _add(parser: Any, *flags: str, **options: Any) -> argparse.Action:
+    """`parser.add_argument` with every flag also spelled with dashes (`--ckpt_dir` and `--ckpt-dir`: the
+    official script's spelling first, then wanflow's); the platform's names (`--steps` for the official
+    `--sample_steps`) come as further flags."""
+    spelled = [*flags, *(f.replace("_", "-") for f in flags if f.startswith("--") and "_" in f)]
+    return parser.add_argument(*dict.fromkeys(spelled), **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m wan.generate",
         description="Generate one video with Wan 2.1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--task", default="t2v-14B", choices=sorted(PRESETS), help="model preset")
-    p.add_argument("--size", default=None, help="W*H, for instance 832*480 (default: the task's)")
-    p.add_argument("--frame_num", type=int, default=None, help="frames, 4n+1 (default: the task's, 81)")
-    p.add_argument("--ckpt_dir", default=None, help="official or -Diffusers checkpoint directory")
-    p.add_argument("--prompt", default=None, help="what the video shows")
-    p.add_argument("--negative_prompt", default="", help="empty: the official default negative prompt")
-    p.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed")
-    p.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "euler"])
-    p.add_argument("--sample_steps", type=int, default=None)
-    p.add_argument("--sample_shift", type=float, default=None)
-    p.add_argument("--sample_guide_scale", type=float, default=None)
-    p.add_argument("--save_file", default=None, help="output .mp4 (default: a name from task, size, seed)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="DiT dtype (default bf16 on GPU)")
-    p.add_argument("--fps", type=int, default=None, help="output frame rate (default 16)")
-    p.add_argument("--image", default=None, help="image-to-video: the image to animate")
-    p.add_argument("--first_frame", default=None, help="first-last-frame-to-video: the first frame")
-    p.add_argument("--last_frame", default=None, help="first-last-frame-to-video: the last frame")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (slower first step)")
+    _add(p, "--task", default="t2v-14B", choices=sorted(PRESETS), help="model preset")
+    _add(p, "--size", default=None, help="W*H, for instance 832*480 (default: the task's)")
+    _add(p, "--frame_num", type=int, default=None, help="frames, 4n+1 (default: the task's, 81)")
+    _add(p, "--ckpt_dir", default=None, help="official or -Diffusers checkpoint directory")
+    _add(p, "--prompt", default=None, help="what the video shows")
+    _add(p, "--negative_prompt", default="", help="empty: the official default negative prompt")
+    _add(p, "--base_seed", type=int, default=-1, help="-1 picks a random seed")
+    _add(p, "--sample_solver", "--solver", default=None, choices=["unipc", "dpm++", "euler"],
+         help="sampler (default: the task's, unipc)")  # fmt: skip
+    _add(p, "--sample_steps", "--steps", type=int, default=None, help="sampling steps (default: the task's)")
+    _add(p, "--sample_shift", "--shift", type=float, default=None,
+         help="noise schedule shift (default: the task's for the size)")  # fmt: skip
+    _add(p, "--sample_guide_scale", "--guide_scale", type=float, default=None,
+         help="classifier-free guidance scale (default: the task's)")  # fmt: skip
+    _add(p, "--save_file", default=None, help="output .mp4 (default: a name from task, size, seed)")
+    _add(p, "--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    _add(p, "--dtype", default=None, choices=sorted(_DTYPES), help="DiT dtype (default bf16 on GPU)")
+    _add(p, "--fps", type=int, default=None, help="output frame rate (default 16)")
+    _add(p, "--image", default=None, help="image-to-video: the image to animate")
+    _add(p, "--first_frame", default=None, help="first-last-frame-to-video: the first frame")
+    _add(p, "--last_frame", default=None, help="first-last-frame-to-video: the last frame")
+    _add(p, "--compile", action="store_true", help="torch.compile the DiT blocks (slower first step)")
     m = p.add_argument_group("GPU memory")
-    m.add_argument("--offload_model", nargs="?", const=True, default=False, type=_flag, metavar="BOOL",
+    _add(m, "--offload_model", nargs="?", const=True, default=False, type=_flag, metavar="BOOL",
                    help="keep models on the CPU, each on the GPU only while it runs")  # fmt: skip
-    m.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
-    m.add_argument("--vae_tiling", nargs="?", const="on", default=None, metavar="TILE:OVERLAP",
+    _add(m, "--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+    _add(m, "--vae_tiling", nargs="?", const="on", default=None, metavar="TILE:OVERLAP",
                    help="decode in overlapping spatial tiles (latent cells; default 32:8)")  # fmt: skip
     g = p.add_argument_group("several processes (torchrun --nproc_per_node N)")
-    g.add_argument("--ulysses_size", type=int, default=None, help="Ulysses (all-to-all) group size")
-    g.add_argument("--ring_size", type=int, default=None, help="ring-attention group size")
-    g.add_argument("--cfg_parallel", action="store_true", help="conditional and unconditional passes on "
+    _add(g, "--ulysses_size", type=int, default=None, help="Ulysses (all-to-all) group size")
+    _add(g, "--ring_size", type=int, default=None, help="ring-attention group size")
+    _add(g, "--cfg_parallel", action="store_true", help="conditional and unconditional passes on "
                    "separate halves of the processes")  # fmt: skip
-    g.add_argument("--dit_zero3", action="store_true", help="shard the DiT's weights (DeepSpeed ZeRO-3)")
-    g.add_argument("--t5_zero3", action="store_true", help="shard the text encoder's weights (ZeRO-3)")
-    g.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON for ZeRO-3 (default: built in; "
+    _add(g, "--dit_zero3", action="store_true", help="shard the DiT's weights (DeepSpeed ZeRO-3)")
+    _add(g, "--t5_zero3", action="store_true", help="shard the text encoder's weights (ZeRO-3)")
+    _add(g, "--deepspeed_config", default=None, help="DeepSpeed JSON for ZeRO-3 (default: built in; "
                    "infra/deepspeed/zero3-inference.json is the tuned one)")  # fmt: skip
     return p
 
@@ -263,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             negative_prompt=args.negative_prompt,
             size=size,
             frame_num=args.frame_num,
-            sampling_steps=args.sample_steps,
+            steps=args.sample_steps,
             shift=args.sample_shift,
             guide_scale=args.sample_guide_scale,
-            sample_solver=args.sample_solver,
+            solver=args.sample_solver,
         )
         resolved = pipe.settings(**settings)  # validate before any work
         video_size = pipe.video_size(resolved, image)  # image-to-video: the image's aspect ratio

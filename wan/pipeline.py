@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from wan.distributed.parallel import ParallelConfig, ParallelPlan
 
 __all__ = [
+    "OFFICIAL_NAMES",
     "GenerationSettings",
     "ImageCondition",
     "MemoryOptions",
@@ -46,6 +47,7 @@ __all__ = [
     "default_device",
     "default_dtype",
     "parse_vae_tiling",
+    "platform_names",
     "to_uint8_frames",
 ]
 
@@ -68,15 +70,44 @@ def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
 
 
 class SettingsArgs(TypedDict, total=False):
-    """Optional per-request settings; anything left out comes from the preset's defaults."""
+    """Optional per-request settings; anything left out comes from the preset's defaults. The names are the
+    platform's (a manifest's fields); the official `generate.py` names are accepted too (`OFFICIAL_NAMES`)."""
 
     negative_prompt: str | None
     size: tuple[int, int] | str | None
     frame_num: int | None
-    sampling_steps: int | None
+    steps: int | None
     shift: float | None
     guide_scale: float | None
+    solver: str | None
+    sampling_steps: int | None  # the official names, aliases of the above
+    sample_steps: int | None
+    sample_shift: float | None
+    sample_guide_scale: float | None
     sample_solver: str | None
+
+
+# The official `generate.py` / `WanT2V.generate` names -> the platform's (a manifest's fields).
+OFFICIAL_NAMES = {
+    "sampling_steps": "steps", "sample_steps": "steps", "sample_shift": "shift",
+    "sample_guide_scale": "guide_scale", "sample_solver": "solver",
+}  # fmt: skip
+
+
+def platform_names(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings keyword arguments with the official names turned into the platform's; ValueError when both
+    spellings of one setting are given with different values, TypeError for an unknown name."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        target = OFFICIAL_NAMES.get(name, name)
+        if target not in _SETTING_NAMES:
+            raise TypeError(f"settings() got an unexpected keyword argument {name!r}")
+        if value is None:
+            continue
+        if out.get(target) is not None and out[target] != value:
+            raise ValueError(f"{name}={value!r} contradicts {target}={out[target]!r}: give one of them")
+        out[target] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -90,6 +121,11 @@ class GenerationSettings:
     guide_scale: float
     solver: str
     negative_prompt: str
+
+
+_SETTING_NAMES = frozenset(
+    ("negative_prompt", "size", "frame_num", "steps", "shift", "guide_scale", "solver")
+)  # `GenerationSettings` as a request names them
 
 
 @dataclass(frozen=True)
@@ -363,33 +399,26 @@ class WanPipeline:
         )  # fmt: skip
 
     # -------------------------------------------------------------------------------------- settings
-    def settings(
-        self,
-        *,
-        negative_prompt: str | None = None,
-        size: tuple[int, int] | str | None = None,
-        frame_num: int | None = None,
-        sampling_steps: int | None = None,
-        shift: float | None = None,
-        guide_scale: float | None = None,
-        sample_solver: str | None = None,
-    ) -> GenerationSettings:
-        """Fill unset values from the preset's defaults and validate them."""
+    def settings(self, **given: Unpack[SettingsArgs]) -> GenerationSettings:
+        """Fill unset values from the preset's defaults and validate them. Names: `SettingsArgs` (steps,
+        solver, shift, guide_scale, ...; the official sampling_steps, sample_solver, ... too)."""
+        values = platform_names(dict(given))
         d = self.preset.sampling
+        size = values.get("size")
         resolved_size = parse_size(size) if size is not None else d.size
         out = GenerationSettings(
             size=resolved_size,
-            frame_num=d.frame_num if frame_num is None else frame_num,
-            steps=d.steps if sampling_steps is None else sampling_steps,
-            shift=default_shift(self.preset, resolved_size) if shift is None else shift,
-            guide_scale=d.guide_scale if guide_scale is None else guide_scale,
-            solver=sample_solver or d.solver,
+            frame_num=values.get("frame_num", d.frame_num),
+            steps=values.get("steps", d.steps),
+            shift=values["shift"] if "shift" in values else default_shift(self.preset, resolved_size),
+            guide_scale=values.get("guide_scale", d.guide_scale),
+            solver=values.get("solver") or d.solver,
             # As in the official code, an empty negative prompt means the default one.
-            negative_prompt=negative_prompt or d.negative_prompt,
+            negative_prompt=values.get("negative_prompt") or d.negative_prompt,
         )
         validate_request(self.preset, out.size, out.frame_num, out.steps)
         if out.solver not in SOLVERS:
-            raise ValueError(f"sample_solver {out.solver!r}: expected one of {', '.join(SOLVERS)}")
+            raise ValueError(f"solver {out.solver!r}: expected one of {', '.join(SOLVERS)}")
         return out
 
     # ------------------------------------------------------------------------------- image conditions
