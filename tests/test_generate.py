@@ -98,3 +98,68 @@ def test_image_flags_are_checked_before_loading(tmp_path, capsys, task, flags, m
     tiny = [f if f != "tiny-t2v" else task for f in TINY]
     assert main([*tiny, *flags, "--save_file", str(tmp_path / "x.mp4")]) == 2
     assert message in capsys.readouterr().err
+
+
+# Every flag of the official `generate.py` (Wan-Video/Wan2.1), with a value it takes.
+OFFICIAL_FLAGS = {
+    "--task": "t2v-1.3B", "--size": "832*480", "--frame_num": "81", "--ckpt_dir": "/ckpt",
+    "--offload_model": "True", "--ulysses_size": "1", "--ring_size": "1", "--t5_fsdp": None, "--t5_cpu": None,
+    "--dit_fsdp": None, "--save_file": "x.mp4", "--src_video": "v.mp4", "--src_mask": "m.mp4",
+    "--src_ref_images": "a.png,b.png", "--prompt": "a fox", "--use_prompt_extend": None,
+    "--prompt_extend_method": "local_qwen", "--prompt_extend_model": "Qwen",
+    "--prompt_extend_target_lang": "zh", "--base_seed": "7", "--image": "cat.png", "--first_frame": "a.png",
+    "--last_frame": "b.png", "--sample_solver": "unipc", "--sample_steps": "50", "--sample_shift": "5.0",
+    "--sample_guide_scale": "5.0",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", list(OFFICIAL_FLAGS))
+def test_every_official_flag_is_taken_or_refused_in_one_line(flag):
+    from wan.generate import UNSUPPORTED_FLAGS, Unsupported, build_parser
+
+    value = OFFICIAL_FLAGS[flag]
+    argv = [flag] if value is None else [flag, value]
+    if flag in UNSUPPORTED_FLAGS:
+        with pytest.raises(Unsupported, match=f"^{flag} is not supported: wanflow does not implement .+"):
+            build_parser().parse_args(argv)
+    else:
+        build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--use_prompt_extend"], "error: --use_prompt_extend is not supported: wanflow does not implement"),
+        (["--src-video", "v.mp4"], "error: --src_video is not supported"),
+        (["--task", "t2i-14B"], "error: --task t2i-14B: text-to-image (t2i-14B) is not supported"),
+        (["--task", "vace-1.3B"], "error: --task vace-1.3B: VACE video editing (vace-1.3B) is not supported"),
+    ],
+)
+def test_unsupported_official_flags_and_tasks_end_in_one_line(capsys, flags, message):
+    assert main([*flags, "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_official_task_names_and_fsdp_flags_are_mapped(capsys):
+    from wan.generate import _official_flags, build_parser
+
+    args = build_parser().parse_args(["--task", "i2v-14B", "--size", "832*480", "--dit_fsdp", "--t5_fsdp"])
+    said = _official_flags(args, world_size=2)
+    assert args.task == "i2v-14B-480P" and args.dit_zero3 and args.t5_zero3
+    assert args.offload_model is False  # the official default under torchrun
+    assert any("--dit_fsdp runs as DeepSpeed ZeRO-3" in line for line in said)
+    args = build_parser().parse_args(["--task", "i2v-14B"])  # the official default size, 1280*720
+    _official_flags(args, world_size=1)
+    assert args.task == "i2v-14B-720P" and args.offload_model is True  # one process: offload, as officially
+    assert main(["--task", "i2v-14B", "--size", "480*832", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--task i2v-14B at 480*832: i2v-14B-480P" in err
+    assert "--ckpt_dir is required for i2v-14B-480P" in err
+
+
+def test_a_run_without_a_prompt_uses_the_tasks_example(tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    argv = [a for a in TINY if a not in ("--prompt", "a fox")]
+    assert main([*argv, "--frame_num", "5", "--save_file", str(out)]) == 0
+    assert "no --prompt: using the example prompt" in capsys.readouterr().err and out.is_file()

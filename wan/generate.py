@@ -62,6 +62,49 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or text
 
 
+class Unsupported(Exception):
+    """An official `generate.py` flag or task that wanflow does not implement: refused in one line."""
+
+
+# Official flags with no counterpart here, and why (each is refused in one line, not by argparse's usage).
+UNSUPPORTED_FLAGS = {
+    "--use_prompt_extend": "prompt extension (it needs a separate Qwen or DashScope model)",
+    "--prompt_extend_method": "prompt extension (it needs a separate Qwen or DashScope model)",
+    "--prompt_extend_model": "prompt extension (it needs a separate Qwen or DashScope model)",
+    "--prompt_extend_target_lang": "prompt extension (it needs a separate Qwen or DashScope model)",
+    "--src_video": "VACE video editing (the vace-* tasks)",
+    "--src_mask": "VACE video editing (the vace-* tasks)",
+    "--src_ref_images": "VACE video editing (the vace-* tasks)",
+}
+UNSUPPORTED_TASKS = {
+    "t2i-14B": "text-to-image (t2i-14B) is not supported",
+    "vace-1.3B": "VACE video editing (vace-1.3B) is not supported",
+    "vace-14B": "VACE video editing (vace-14B) is not supported",
+}  # fmt: skip
+# Task names of the official script that stand for one of two presets here: the size decides.
+TASK_BY_AREA = {"i2v-14B": (832 * 480, "i2v-14B-480P", "i2v-14B-720P")}
+# A prompt for each kind of task when none is given (the official script has one per task too).
+DEFAULT_PROMPTS = {
+    "t2v": "A red fox trots through fresh snow at dawn, its breath steaming in the cold light.",
+    "i2v": "The scene comes alive: a gentle breeze, soft light moving across it, the camera pushing in.",
+    "flf2v": "A smooth, continuous shot that moves from the first frame to the last.",
+}
+
+
+class _Refuse(argparse.Action):
+    """An official flag that wanflow does not implement: says so in one line (`Unsupported`)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        flag = (option_string or self.dest).replace("-", "_").replace("__", "--", 1)
+        raise Unsupported(f"{flag} is not supported: wanflow does not implement {UNSUPPORTED_FLAGS[flag]}")
+
+
+def _task(value: str) -> str:
+    if value in UNSUPPORTED_TASKS:
+        raise Unsupported(f"--task {value}: {UNSUPPORTED_TASKS[value]}")
+    return value
+
+
 def _add(parser: Any, *flags: str, **options: Any) -> argparse.Action:
     """`parser.add_argument` with every flag also spelled with dashes (`--ckpt_dir` and `--ckpt-dir`: the
     official script's spelling first, then wanflow's); the platform's names (`--steps` for the official
@@ -76,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate one video with Wan 2.1.",
         formatter_class=_HelpFormatter,
     )
-    _add(p, "--task", default="t2v-14B", choices=sorted(PRESETS), help="model preset")
+    _add(p, "--task", default="t2v-14B", type=_task, choices=sorted([*PRESETS, *TASK_BY_AREA]),
+         help="model preset (i2v-14B: the 480P or 720P one, by --size)")  # fmt: skip
     _add(p, "--size", default=None, help="W*H, for instance 832*480 (default: the task's)")
     _add(p, "--frame_num", type=int, default=None, help="frames, 4n+1 (default: the task's, 81)")
     _add(p, "--ckpt_dir", default=None, help="official or -Diffusers checkpoint directory")
-    _add(p, "--prompt", default=None, help="what the video shows")
+    _add(p, "--prompt", default=None, help="what the video shows (default: an example prompt for the task)")
     _add(p, "--negative_prompt", default="", help="empty: the official default negative prompt")
     _add(p, "--base_seed", type=int, default=-1, help="-1 picks a random seed")
     _add(p, "--sample_solver", "--solver", default=None, choices=["unipc", "dpm++", "euler"],
@@ -99,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--last_frame", default=None, help="first-last-frame-to-video: the last frame")
     _add(p, "--compile", action="store_true", help="torch.compile the DiT blocks (slower first step)")
     m = p.add_argument_group("GPU memory")
-    _add(m, "--offload_model", nargs="?", const=True, default=False, type=_flag, metavar="BOOL",
-                   help="keep models on the CPU, each on the GPU only while it runs")  # fmt: skip
+    _add(m, "--offload_model", nargs="?", const=True, default=None, type=_flag, metavar="BOOL",
+         help="keep models on the CPU, each on the GPU only while it runs (default: True for one "
+              "process, False under torchrun, as the official script)")  # fmt: skip
     _add(m, "--t5_cpu", action="store_true", help="run the text encoder on the CPU")
     _add(m, "--vae_tiling", nargs="?", const="on", default=None, metavar="TILE:OVERLAP",
                    help="decode in overlapping spatial tiles (latent cells; default 32:8)")  # fmt: skip
@@ -113,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--t5_zero3", action="store_true", help="shard the text encoder's weights (ZeRO-3)")
     _add(g, "--deepspeed_config", default=None, help="DeepSpeed JSON for ZeRO-3 (default: built in; "
                    "infra/deepspeed/zero3-inference.json is the tuned one)")  # fmt: skip
+    _add(g, "--dit_fsdp", action="store_true", help="the official FSDP flag: runs as --dit_zero3")
+    _add(g, "--t5_fsdp", action="store_true", help="the official FSDP flag: runs as --t5_zero3")
+    u = p.add_argument_group("official flags refused (one line says why)")
+    for flag in UNSUPPORTED_FLAGS:
+        _add(u, flag, nargs="?", action=_Refuse, help=argparse.SUPPRESS)
     return p
 
 
@@ -226,13 +276,38 @@ def _shared_seed(seed: int, world_size: int) -> int:
     return int(box[0])
 
 
+def _official_flags(args: argparse.Namespace, world_size: int) -> list[str]:
+    """Turn the official script's flags into ours (in place); the lines that say what was done."""
+    said = []
+    if args.task in TASK_BY_AREA:
+        limit, small, large = TASK_BY_AREA[args.task]
+        width, height = parse_size(args.size) if args.size else (1280, 720)  # the official default size
+        chosen = small if width * height <= limit else large
+        said.append(f"[wan] --task {args.task} at {width}*{height}: {chosen}")
+        args.task = chosen
+    for fsdp, zero3 in (("dit_fsdp", "dit_zero3"), ("t5_fsdp", "t5_zero3")):
+        if getattr(args, fsdp):
+            setattr(args, zero3, True)
+            said.append(f"[wan] --{fsdp} runs as DeepSpeed ZeRO-3 (--{zero3}): the weights are sharded alike")
+    if args.offload_model is None:
+        args.offload_model = world_size == 1  # the official default
+    return said
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    preset = get_preset(args.task)
+    try:
+        args = build_parser().parse_args(argv)
+    except Unsupported as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     rank, world_size = init_distributed()
+    for line in _official_flags(args, world_size):
+        _say(rank, line)
+    preset = get_preset(args.task)
     try:
         if args.prompt is None:
-            raise ValueError("--prompt is required")
+            args.prompt = DEFAULT_PROMPTS[preset.task]
+            _say(rank, f"[wan] no --prompt: using the example prompt {args.prompt!r}")
         if args.ckpt_dir is None and not preset.tiny:
             raise ValueError(
                 f"--ckpt_dir is required for {args.task} (use --task tiny-t2v for random weights)"
