@@ -171,8 +171,17 @@ def jobs(
         records = catalog.jobs(run_id=_run_id(catalog, run), status=status, limit=limit)
     except (CatalogError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    columns = ["id", "item_id", "seed", "status", "attempts", "seconds", "last_error"]
-    _emit([j.to_dict() for j in records], as_json, columns, "jobs")
+    if as_json:
+        _emit([j.to_dict() for j in records], True, [], "jobs")
+        return
+    columns = ["id", "item_id", "seed", "status", "attempts", "seconds", "prompt", "error"]
+    rows = [
+        {"id": j.id, "item_id": j.item_id, "seed": j.seed, "status": j.status.value, "attempts": j.attempts,
+         "seconds": None if j.seconds is None else f"{j.seconds:,.1f}",
+         "prompt": _cut(j.params.get("prompt"), 40), "error": _cut(j.last_error, 80)}
+        for j in records
+    ]  # fmt: skip
+    _emit(rows, False, columns, "jobs")
 
 
 @catalog_app.command()
@@ -204,17 +213,73 @@ def show(job_id: JobId, catalog_url: CatalogUrl = None, as_json: AsJson = False)
 
 @catalog_app.command()
 def stats(run: RunRef = None, catalog_url: CatalogUrl = None, as_json: AsJson = False) -> None:
-    """Job counts by status, stored bytes and generation seconds."""
+    """Job counts by status, stored bytes, generation seconds; per model: videos, GPU-seconds, videos per
+    GPU-hour and, with WANFLOW_GPU_HOUR_PRICE set, the cost per video and in all."""
     catalog = _open(catalog_url)
-    doc = catalog.stats(run_id=_run_id(catalog, run))
+    run_id = _run_id(catalog, run)
+    doc = catalog.stats(run_id=run_id)
+    price = _settings(catalog_url=catalog_url).gpu_hour_price
+    doc["models"] = [_throughput(row, price) for row in catalog.model_stats(run_id)]
+    doc["gpu_seconds"] = round(sum(m["gpu_seconds"] for m in doc["models"]), 6)
+    if price is not None:
+        doc["gpu_hour_price"] = price
+        doc["cost"] = round(price * doc["gpu_seconds"] / 3600, 4)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
         return
-    rows = [{"metric": k, "value": v} for k, v in doc.items() if k not in ("by_status", "run_id")]
-    rows[1:1] = [{"metric": f"  {status}", "value": n} for status, n in doc.get("by_status", {}).items()]
+    shown = {"jobs": f"{doc['jobs']:,}", "outputs": f"{doc['outputs']:,}",
+             "output_bytes": _bytes(doc["output_bytes"]), "seconds": f"{doc['seconds']:,.1f}",
+             "gpu_seconds": f"{doc['gpu_seconds']:,.1f}", "rejected": f"{doc['rejected']:,}"}  # fmt: skip
+    rows = [{"metric": k, "value": v} for k, v in shown.items()]
+    rows[1:1] = [{"metric": f"  {status}", "value": f"{n:,}"} for status, n in doc["by_status"].items()]
+    if price is not None:
+        rows.append({"metric": f"cost at {price:g} per GPU-hour", "value": f"{doc['cost']:,.2f}"})
     title = "stats" if run is None else f"stats of run {run}"
     _emit(rows, False, ["metric", "value"], title)
+    if doc["models"]:
+        columns = ["model", "videos", "seconds/video", "gpu_seconds", "videos/GPU-hour"]
+        columns += ["cost/video"] if price is not None else []
+        _emit([_model_row(m) for m in doc["models"]], False, columns, "per model (GPU: outputs made on cuda)")
 
+
+def _throughput(row: dict[str, Any], price: float | None) -> dict[str, Any]:
+    """A model's stats row with its throughput: seconds per video, videos per GPU-hour, cost per video."""
+    out = dict(row)
+    out["seconds_per_video"] = round(row["seconds"] / row["videos"], 3) if row["videos"] else None
+    gpu_hours = row["gpu_seconds"] / 3600
+    out["videos_per_gpu_hour"] = round(row["gpu_videos"] / gpu_hours, 2) if gpu_hours > 0 else None
+    if price is not None:
+        out["cost_per_video"] = round(price * gpu_hours / row["gpu_videos"], 4) if row["gpu_videos"] else None
+    return out
+
+
+def _model_row(m: dict[str, Any]) -> dict[str, Any]:
+    def number(value: float | None, digits: int) -> str | None:
+        return None if value is None else f"{value:,.{digits}f}"
+
+    return {
+        "model": m["model"], "videos": f"{m['videos']:,}", "seconds/video": number(m["seconds_per_video"], 1),
+        "gpu_seconds": number(m["gpu_seconds"], 1), "videos/GPU-hour": number(m["videos_per_gpu_hour"], 1),
+        "cost/video": number(m.get("cost_per_video"), 4),
+    }  # fmt: skip
+
+
+def _bytes(n: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units)."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def _cut(text: str | None, width: int) -> str | None:
+    """`text` on one line, cut to `width` characters (an ellipsis says it was)."""
+    if text is None:
+        return None
+    line = " ".join(str(text).split())
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 @catalog_app.command()
 def export(

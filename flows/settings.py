@@ -19,6 +19,7 @@
 | `WANFLOW_RETRY_DELAY_S` | `10` | first retry delay; doubles each retry, with jitter |
 | `WANFLOW_LARGE_MANIFEST_BYTES` | `67108864` | larger manifests are split with dask, never loaded whole |
 | `WANFLOW_CLAIM_TIMEOUT_S` | `21600` | a claim older than this whose worker never reported is requeued |
+| `WANFLOW_GPU_HOUR_PRICE` | unset | price of one GPU-hour: `wanflow catalog stats` then shows costs |
 | `WANFLOW_GPUS_PER_JOB` | `1` | GPUs (processes) per video: above 1, a shard starts one `torchrun` group |
 | `WANFLOW_ULYSSES_SIZE` / `WANFLOW_RING_SIZE` | auto | that group's context-parallel layout |
 | `WANFLOW_CFG_PARALLEL` | auto | conditional and unconditional passes on separate halves (auto: when even) |
@@ -93,6 +94,7 @@ class Settings(BaseSettings):
     claim_timeout_s: float = Field(6 * 3600, gt=0)
     large_manifest_bytes: int = Field(64 << 20, ge=0)
     gpus_per_job: int = Field(1, ge=1, le=1024)
+    gpu_hour_price: float | None = Field(None, ge=0, allow_inf_nan=False)
     ulysses_size: int | None = Field(None, ge=1)
     ring_size: int | None = Field(None, ge=1)
     cfg_parallel: bool | None = None

@@ -35,7 +35,8 @@ def filled(catalog_url):
     catalog.mark_succeeded(
         done.id,
         OutputRecord(uri="s3://b/nightly/x.mp4", sha256="cd" * 32, bytes=1234, width=832, height=480,
-                     frames=81, fps=16.0, codec="h264", thumbnail_uri="s3://b/nightly/x.thumb.webp"),
+                     frames=81, fps=16.0, codec="h264", thumbnail_uri="s3://b/nightly/x.thumb.webp",
+                     device="cuda:0"),
     )  # fmt: skip
     catalog.mark_failed(failed.id, "CUDA out of memory", retry=False)
     catalog.close()
@@ -55,6 +56,27 @@ def test_queries_print_tables_and_json(filled):
     stats = json.loads(_wanflow(url, "stats", "--run", "nightly", "--json").stdout)
     assert stats["by_status"]["succeeded"] == 1 and stats["by_status"]["failed"] == 1
     assert stats["output_bytes"] == 1234
+
+
+def test_stats_show_gpu_seconds_throughput_and_cost_and_jobs_show_prompt_and_error(filled, monkeypatch):
+    url, done, failed = filled
+    with Catalog(url) as catalog:
+        seconds = catalog.get_job(done.id).seconds
+    assert seconds is not None and seconds > 0
+    monkeypatch.setenv("WANFLOW_GPU_HOUR_PRICE", "2.5")
+    stats = json.loads(_wanflow(url, "stats", "--run", "nightly", "--json").stdout)
+    (model,) = stats["models"]
+    assert (model["model"], model["videos"], model["gpu_videos"]) == ("t2v-1.3B", 1, 1)
+    assert model["gpu_seconds"] == pytest.approx(seconds, abs=1e-3) == stats["gpu_seconds"]
+    assert model["videos_per_gpu_hour"] == pytest.approx(3600 / seconds, rel=1e-2)
+    assert model["cost_per_video"] == pytest.approx(2.5 * seconds / 3600, abs=1e-4)
+    assert stats["cost"] == pytest.approx(2.5 * seconds / 3600, abs=1e-4) and stats["gpu_hour_price"] == 2.5
+    text = _wanflow(url, "stats", "--run", "nightly").output
+    assert "cost at 2.5 per GPU-hour" in text and "cost/video" in text and "1.2 kB" in text
+    monkeypatch.delenv("WANFLOW_GPU_HOUR_PRICE")
+    assert "cost" not in json.loads(_wanflow(url, "stats", "--json").stdout)
+    jobs = _wanflow(url, "jobs", "--run", "nightly").output
+    assert "CUDA" in jobs and f"a {failed.item_id}" in jobs and "prompt" in jobs  # (a narrow table folds)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])

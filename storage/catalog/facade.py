@@ -293,6 +293,11 @@ class Catalog:
         with self.transaction() as session:
             return queries.progress(session, run_id)
 
+    def model_stats(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        """Per model: videos made (by the run, with `run_id`), their seconds, all and on a GPU."""
+        with self.transaction() as session:
+            return queries.model_stats(session, run_id)
+
     def stats(self, run_id: int | None = None) -> dict[str, Any]:
         """Job counts by status (a run's view with `run_id`), output count and bytes, generation seconds."""
         with self.transaction() as session:

@@ -160,6 +160,31 @@ def progress(session: Session, run_id: int) -> tuple[int, int]:
     return done, sum(by.values())
 
 
+def model_stats(session: Session, run_id: int | None = None) -> list[dict[str, Any]]:
+    """Per model, the videos made (by the run, with `run_id`; else all) and their generation seconds, all
+    and on a GPU (an output whose device is `cuda...`), for throughput and cost. A job's seconds are its
+    wall clock: a job spread over a worker group of N GPUs counts once, not N times."""
+    on_gpu = Output.device.like("cuda%")
+    query = (
+        select(
+            Job.model_id, sa.func.count(Output.id), sa.func.coalesce(sa.func.sum(Job.seconds), 0.0),
+            sa.func.count(Output.id).filter(on_gpu),
+            sa.func.coalesce(sa.func.sum(Job.seconds).filter(on_gpu), 0.0),
+        )
+        .join(Output, Output.job_id == Job.id)
+        .group_by(Job.model_id)
+        .order_by(Job.model_id)
+    )  # fmt: skip
+    if run_id is not None:
+        _run(session, run_id)
+        query = query.where(_made_by() == run_id)
+    return [
+        {"model": model, "videos": int(videos), "seconds": round(float(seconds), 6),
+         "gpu_videos": int(gpu_videos), "gpu_seconds": round(float(gpu_seconds), 6)}
+        for model, videos, seconds, gpu_videos, gpu_seconds in session.execute(query)
+    ]  # fmt: skip
+
+
 def stats(session: Session, run_id: int | None = None) -> dict[str, Any]:
     """Job counts by status (a run's view with `run_id`), output count and bytes, generation seconds."""
     if run_id is None:
