@@ -74,12 +74,8 @@ def owner_alive(owner: str) -> bool | None:
     if host != socket.gethostname() or not pid_text.isdigit():
         return None
     pid = int(pid_text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not _pid_alive(pid):
         return False
-    except PermissionError:
-        pass
     now = _start_ticks(pid)
     if now == "-":
         return False
@@ -126,6 +122,7 @@ def worker_gone(
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

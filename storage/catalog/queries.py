@@ -154,8 +154,10 @@ def outputs(session: Session, run_id: int | None = None, limit: int | None = Non
 
 
 def progress(session: Session, run_id: int) -> tuple[int, int]:
-    """(jobs finished, jobs) of a run as it sees them now: succeeded, failed and skipped are finished."""
-    by = stats(session, run_id)["by_status"]
+    """(jobs finished, jobs) of a run as it sees them now: succeeded, failed and skipped are finished.
+    One query (shards ask every few seconds)."""
+    _run(session, run_id)
+    by = _status_counts(session, _run_jobs(run_id).subquery())
     done = by[JobStatus.succeeded] + by[JobStatus.failed] + by[JobStatus.skipped]
     return done, sum(by.values())
 
@@ -185,6 +187,25 @@ def model_stats(session: Session, run_id: int | None = None) -> list[dict[str, A
     ]  # fmt: skip
 
 
+def _run_jobs(run_id: int) -> sa.Select[Any]:
+    """A run's jobs as it sees them: (job_id, status, seconds), the status in the run's view (`_run_status`)
+    and the seconds only of the jobs its own workers made (not those made earlier or by another run)."""
+    own = sa.case((_made_by() == run_id, Job.seconds), else_=None)
+    return (
+        select(Job.id.label("job_id"), _run_status().label("status"), own.label("seconds"))
+        .join(RunJob, RunJob.job_id == Job.id)
+        .where(RunJob.run_id == run_id)
+    )  # fmt: skip
+
+
+def _status_counts(session: Session, jobs: Any) -> dict[str, int]:
+    """{status: count} of a (job_id, status, seconds) subquery, every status present."""
+    counts = dict.fromkeys((s.value for s in JobStatus), 0)
+    for status, count in session.execute(select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)):
+        counts[status] = count
+    return counts
+
+
 def stats(session: Session, run_id: int | None = None) -> dict[str, Any]:
     """Job counts by status (a run's view with `run_id`), output count and bytes, generation seconds."""
     if run_id is None:
@@ -192,18 +213,9 @@ def stats(session: Session, run_id: int | None = None) -> dict[str, Any]:
         base = select(Job.id.label("job_id"), status_col.label("status"), Job.seconds)
     else:
         _run(session, run_id)
-        status_col = _run_status()
-        # time this run's own workers spent: not on jobs made earlier or by another run
-        own = sa.case((_made_by() == run_id, Job.seconds), else_=None)
-        base = (
-            select(Job.id.label("job_id"), status_col.label("status"), own.label("seconds"))
-            .join(RunJob, RunJob.job_id == Job.id)
-            .where(RunJob.run_id == run_id)
-        )  # fmt: skip
+        base = _run_jobs(run_id)
     jobs = base.subquery()
-    counts = dict.fromkeys((s.value for s in JobStatus), 0)
-    for status, count in session.execute(select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)):
-        counts[status] = count
+    counts = _status_counts(session, jobs)
     done_here = jobs.c.status != JobStatus.skipped.value  # time spent by this run, not earlier ones
     seconds = session.scalar(select(sa.func.coalesce(sa.func.sum(jobs.c.seconds), 0.0)).where(done_here))
     n_out, n_bytes = session.execute(
