@@ -4,6 +4,8 @@
     video = pipe.generate("a fox in the snow", size=(832, 480), seed=7)  # [3, F, H, W] in [-1, 1]
     for chunk in pipe.generate_stream("a fox in the snow", seed=7):     # uint8 [n, H, W, 3] as decoded
         ...
+    frames = pipe(prompt="a fox", num_inference_steps=30, generator=torch.Generator().manual_seed(7),
+                  output_type="np").frames                             # as diffusers: [1, F, H, W, 3]
 
 Several prompts of one size are sampled together in one batched DiT forward (`generate_batch`), and
 the conditional and unconditional passes share one forward unless `batch_cfg=False`; both give the
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
@@ -36,6 +38,9 @@ from wan.vae import VAETiling, WanVAE
 
 if TYPE_CHECKING:
     from wan.distributed.parallel import ParallelConfig, ParallelPlan
+    from wan.video_output import VideoPipelineOutput
+
+NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]  # one video's latent shape -> [B, *shape]
 
 __all__ = [
     "OFFICIAL_NAMES",
@@ -219,20 +224,51 @@ class WanPipeline:
         self.dtype = dtype or default_dtype(self.device)
         self.source = source or preset.name
         self.memory = memory or MemoryOptions()
-        cpu = torch.device("cpu")
-        home = cpu if self.memory.offload_model else self.device  # where models wait between uses
-        self.dit = dit.cast(self.dtype).to(cpu if "dit" in defer else home).eval().requires_grad_(False)
-        self.vae = vae.float().to(home).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(cpu if self.memory.t5_cpu or "text_encoder" in defer else home)
         if self.takes_images and image_encoder is None:
             raise ValueError(f"{preset.name} is image-to-video: it needs a CLIP image encoder")
-        # As the official code: CLIP in half precision on a GPU, float32 on the CPU.
-        clip_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.image_encoder = (
-            image_encoder.to(home, clip_dtype).eval().requires_grad_(False) if image_encoder else None
-        )
+        self.dit = dit.cast(self.dtype).eval().requires_grad_(False)
+        self.vae = vae.float().eval().requires_grad_(False)
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder.eval().requires_grad_(False) if image_encoder else None
+        self._place()
         # Set by `distribute` when one video runs on several processes.
         self.parallel: ParallelPlan | None = None
+
+    def _place(self) -> None:
+        """Each part where it waits between uses: on the device, or on the CPU under `offload_model` (the
+        text encoder under `t5_cpu`, and the parts deferred for ZeRO-3)."""
+        cpu = torch.device("cpu")
+        home = cpu if self.memory.offload_model else self.device
+        self.dit.to(cpu if "dit" in self.deferred else home)
+        self.vae.to(home)
+        self.text_encoder.to(cpu if self.memory.t5_cpu or "text_encoder" in self.deferred else home)
+        if self.image_encoder is not None:
+            # As the official code: CLIP in half precision on a GPU, float32 on the CPU.
+            clip_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            self.image_encoder.to(home, clip_dtype)
+
+    def to(
+        self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None
+    ) -> WanPipeline:
+        """Move the pipeline to `device` and/or run the DiT in `dtype` (its float32 modules stay float32),
+        as diffusers' `pipe.to("cuda")`, `pipe.to(torch.bfloat16)` or `pipe.to("cuda", torch.bfloat16)`;
+        in place, returns the pipeline. The VAE stays float32, CLIP runs in half precision on a GPU (as
+        officially) and the text encoder keeps its dtype. With `offload_model` the parts keep waiting on
+        the CPU and come to `device` when used. A pipeline spread over processes (`distribute`) cannot
+        move."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("to(): give one dtype")
+            device, dtype = None, device
+        if self.parallel is not None or self.deferred:
+            raise RuntimeError("this pipeline is placed by distribute()/parallelize(): it cannot move")
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None and dtype != self.dtype:
+            self.dtype = dtype
+            self.dit.cast(dtype)
+        self._place()
+        return self
 
     @property
     def is_writer(self) -> bool:
@@ -330,15 +366,18 @@ class WanPipeline:
         task: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None,
         memory: MemoryOptions | None = None,
         defer: Collection[str] = (),
     ) -> WanPipeline:
         """Load an official `Wan-AI/Wan2.1-*` or `*-Diffusers` checkpoint directory (text-, image- or
-        first-last-frame-to-video; the CLIP image encoder comes with the latter two)."""
+        first-last-frame-to-video; the CLIP image encoder comes with the latter two). `torch_dtype` is
+        diffusers' name for `dtype`: the DiT's and the text encoder's (default bf16 on a GPU, else
+        float32)."""
         from wan.checkpoints import load_checkpoint
 
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        dtype = _one_dtype(dtype, torch_dtype) or default_dtype(device)
         # CLIP is cast straight to the dtype __init__ runs it in (fp16 on a GPU, as officially).
         clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
         parts = load_checkpoint(ckpt_dir, task=task, text_dtype=dtype, image_dtype=clip_dtype)
@@ -363,12 +402,15 @@ class WanPipeline:
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None,
         memory: MemoryOptions | None = None,
         defer: Collection[str] = (),
     ) -> WanPipeline:
-        """Random weights for a preset (tiny presets: tests and the demo; full ones: benchmarks)."""
+        """Random weights for a preset (tiny presets: tests and the demo; full ones: benchmarks);
+        `torch_dtype` as in `from_pretrained`."""
         from wan.text_encoder import build_tiny_tokenizer, tiny_t5_config
 
+        dtype = _one_dtype(dtype, torch_dtype)
         preset = get_preset(name)
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
             torch.manual_seed(seed)
@@ -468,20 +510,30 @@ class WanPipeline:
     def sample_latents(
         self,
         prompts: Sequence[str],
-        seeds: Sequence[int],
+        seeds: Sequence[int] | None,
         settings: GenerationSettings,
         *,
         conditions: Sequence[ImageCondition] | None = None,
         batch_cfg: bool = True,
         progress: bool = True,
+        noise: NoiseSource | None = None,
     ) -> torch.Tensor:
         """Denoise one latent video per (prompt, seed[, image condition]). Returns [B, z, T, h, w]
-        float32 (h, w: the video's size / 8; for image-to-video, the conditions' common size)."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        float32 (h, w: the video's size / 8; for image-to-video, the conditions' common size).
+
+        `noise`, when given, draws the starting latents instead of `seeds` (None then): called with one
+        video's latent shape (z, T, h, w), it returns [B, z, T, h, w]."""
+        if noise is None and (seeds is None or len(prompts) != len(seeds)):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds or [])} seeds")
         denoise, (width, height) = self._denoiser(len(prompts), settings, conditions)
         shape = latent_shape(settings.frame_num, width, height, self.vae.z_dim, self.vae.stride)
-        x = torch.stack([initial_noise(s, shape, device=self.device) for s in seeds])
+        if noise is None:
+            assert seeds is not None
+            x = torch.stack([initial_noise(s, shape, device=self.device) for s in seeds])
+        else:
+            x = noise(tuple(shape)).to(self.device, torch.float32)
+            if tuple(x.shape) != (len(prompts), *shape):
+                raise ValueError(f"latents: expected shape {(len(prompts), *shape)}, got {tuple(x.shape)}")
         context, uncond = self._encode_prompts(prompts, settings)
         split = self.parallel.cfg if self.parallel is not None else None  # this rank's CFG branch, if any
         guided = choose_guidance(denoise, context, uncond, settings.guide_scale, split=split,
@@ -612,6 +664,134 @@ class WanPipeline:
         with self.resident(self.vae):
             for chunk in self.vae.decode_stream(latents, self.memory.vae_tiling):
                 yield to_uint8_frames(chunk[0])
+
+    # ------------------------------------------------------------------------ diffusers' convention
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        image: object | None = None,
+        last_image: object | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        batch_cfg: bool = True,
+        progress: bool = True,
+        **settings: Unpack[SettingsArgs],
+    ) -> VideoPipelineOutput | tuple[Any]:
+        """Generate as diffusers' `WanPipeline` is called: `pipe(prompt=..., num_inference_steps=...,
+        guidance_scale=..., generator=..., output_type="np")` returns an object whose `.frames` holds the
+        videos, one per prompt and `num_videos_per_prompt`, in that order: "np" [B, F, H, W, 3] float32 in
+        [0, 1], "pt" [B, F, 3, H, W], "pil" B lists of F images, "latent" [B, z, T, h, w]
+        (`wan.video_output`); `return_dict=False` gives the tuple `(frames,)`.
+
+        The noise is drawn as diffusers draws it: from `generator` (one, or one per video), else from
+        torch's global generator; `latents` [B, z, T, h, w] replaces it. With the same weights, a CPU
+        `generator=torch.Generator().manual_seed(s)` gives the video `generate(..., seed=s)` gives.
+        Other settings take the platform's names (`shift=`, `solver=`, ...).
+
+        Where this differs from diffusers: unset values come from the preset (`size`, `frame_num`,
+        `steps`, `guide_scale`: for 1.3B 832x480, 81 frames, 50 steps, 5.0, as officially); an unset or
+        empty `negative_prompt` is the official default negative prompt (diffusers: ""); image-to-video
+        takes `image=` (one for all prompts, or one per prompt), and `height` x `width` is the largest
+        area, the video taking the image's aspect ratio within it.
+        """
+        from wan.video_output import VideoPipelineOutput, check_output_type, frames_as
+
+        check_output_type(output_type)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or num_videos_per_prompt < 1:
+            raise ValueError("give at least one prompt and num_videos_per_prompt >= 1")
+        prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]  # p0, p0, p1, p1, ...
+        given: dict[str, Any] = dict(settings)
+        diffusers_names = {
+            "num_frames": ("frame_num", num_frames),
+            "num_inference_steps": ("steps", num_inference_steps),
+            "guidance_scale": ("guide_scale", guidance_scale),
+        }
+        for diffusers_name, (name, value) in diffusers_names.items():
+            ours = platform_names(given).get(name)
+            if value is not None and ours is not None and ours != value:
+                raise ValueError(f"{diffusers_name}={value!r} contradicts {name}={ours!r}: give one of them")
+            if value is not None:
+                given[name] = value
+        if negative_prompt is not None:
+            given["negative_prompt"] = _one_negative(negative_prompt)
+        if height is not None or width is not None:
+            default_w, default_h = self.preset.sampling.size
+            given["size"] = (width or default_w, height or default_h)
+        resolved = self.settings(**given)
+        images = _per_video(image, len(prompts), num_videos_per_prompt, "image")
+        lasts = _per_video(last_image, len(prompts), num_videos_per_prompt, "last_image")
+        conditions = self._conditions(len(prompts), resolved, images, lasts)
+        out = self.sample_latents(
+            prompts, None, resolved, conditions=conditions, batch_cfg=batch_cfg, progress=progress,
+            noise=lambda shape: _draw_noise(len(prompts), shape, generator, latents),
+        )  # fmt: skip
+        if output_type == "latent":
+            frames: Any = out
+        else:
+            with torch.no_grad(), self.resident(self.vae):
+                frames = frames_as(self.vae.decode(out, self.memory.vae_tiling), output_type)
+        return VideoPipelineOutput(frames=frames) if return_dict else (frames,)
+
+
+def _one_negative(negative_prompt: str | Sequence[str] | None) -> str | None:
+    """One negative prompt for the batch (a list must repeat one text)."""
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return negative_prompt
+    texts = set(negative_prompt)
+    if len(texts) > 1:
+        raise ValueError("negative_prompt: one text for the whole call (videos sampled together share it)")
+    return texts.pop() if texts else None
+
+
+def _per_video(image: object | None, n: int, per_prompt: int, name: str) -> list[object] | None:
+    """`image` (one for every video, or a list with one per prompt) as a list with one per video."""
+    if image is None:
+        return None
+    if not isinstance(image, list | tuple):
+        return [image] * n
+    if len(image) * per_prompt != n:
+        raise ValueError(f"{name}: got {len(image)} for {n // per_prompt} prompts; give 1 or 1 per prompt")
+    return [img for img in image for _ in range(per_prompt)]
+
+
+def _draw_noise(
+    n: int,
+    shape: tuple[int, ...],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    latents: torch.Tensor | None,
+) -> torch.Tensor:
+    """Starting latents [n, *shape] float32, as diffusers draws them: `latents` as given; from one generator
+    in one draw, or from one generator per video, on the generator's device; else torch's global RNG."""
+    if latents is not None:
+        if generator is not None:
+            raise ValueError("give generator= or latents=, not both")
+        return latents.float()
+    if generator is None:
+        return torch.randn((n, *shape), dtype=torch.float32)
+    if isinstance(generator, torch.Generator):
+        return torch.randn((n, *shape), generator=generator, device=generator.device, dtype=torch.float32)
+    if len(generator) != n:
+        raise ValueError(f"generator: got {len(generator)} for {n} videos; give one, or one per video")
+    return torch.cat([torch.randn((1, *shape), generator=g, device=g.device, dtype=torch.float32).cpu()
+                      for g in generator])  # fmt: skip
+
+
+def _one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """`dtype=` and diffusers' `torch_dtype=` name one setting: either, or both when they agree."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype} contradicts torch_dtype={torch_dtype}: give one of them")
+    return dtype or torch_dtype
 
 
 def _random_image_encoder(preset: Preset, seed: int) -> torch.nn.Module:
