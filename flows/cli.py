@@ -40,6 +40,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.settings import SettingsProblem, get_settings
+from flows.terminal import quiet_prefect
 from storage.catalog import MAX_ID, Catalog, CatalogError
 from storage.export import EXPORT_FORMATS, export_run
 from storage.urls import redact
@@ -314,6 +315,33 @@ CkptDir = Annotated[
 ]
 Out = Annotated[str | None, typer.Option("--out", help="storage root (dir or URL); WANFLOW_STORAGE_ROOT")]
 Seeds = Annotated[int | None, typer.Option("--seeds", min=1, help="seeds per row (rows may set num_seeds)")]
+# The run's defaults for rows that leave a field unset: one flag per manifest field, both spellings, the
+# official `generate.py` name too where there is one.
+BaseSeed = Annotated[
+    int, typer.Option("--base-seed", "--base_seed", help="mixed into the seeds of rows without one")
+]
+Size = Annotated[str | None, typer.Option("--size", help="default size W*H for rows without one")]
+FrameNum = Annotated[
+    int | None, typer.Option("--frame-num", "--frame_num", help="default frame count (4n+1)")
+]
+Steps = Annotated[int | None, typer.Option("--steps", "--sample_steps", help="default sampling steps")]
+Shift = Annotated[
+    float | None, typer.Option("--shift", "--sample_shift", help="default noise schedule shift")
+]
+GuideScale = Annotated[
+    float | None,
+    typer.Option("--guide-scale", "--guide_scale", "--sample_guide_scale", help="default guidance scale"),
+]
+Solver = Annotated[
+    str | None, typer.Option("--solver", "--sample_solver", help="default sampler: unipc, dpm++ or euler")
+]
+NegativePrompt = Annotated[
+    str | None, typer.Option("--negative-prompt", "--negative_prompt", help=NEGATIVE_PROMPT_HELP)
+]
+SkipInvalid = Annotated[
+    bool, typer.Option("--skip-invalid/--no-skip-invalid", "--skip_invalid/--no_skip_invalid",
+                       help="leave bad rows out (recorded in the catalog)")
+]  # fmt: skip
 
 
 def _model(model: str | None) -> str:
@@ -396,14 +424,6 @@ def _environ(**values: str | None) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _quiet_prefect(verbose: bool) -> None:
-    """Keep Prefect's console chatter below the progress bar (the UI still gets every log line)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-
-
 def _run_batch(
     manifest: str,
     defaults: RunDefaults,
@@ -415,65 +435,37 @@ def _run_batch(
     skip_invalid: bool,
     verbose: bool,
     memory: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Run `generate_batch` in this process with a progress bar fed by the shards' job events. The catalog
-    URL reaches the flow through the environment, never as a (stored, displayed) flow parameter; so does a
-    storage root that holds a credential."""
-    _quiet_prefect(verbose)
+) -> tuple[dict[str, Any], set[tuple[str, int]]]:
+    """Run `generate_batch` in this process with a progress bar fed by the shards' job events; returns the
+    summary and the failed jobs already printed above the bar. The catalog URL reaches the flow through the
+    environment, never as a (stored, displayed) flow parameter; so does a storage root that holds a
+    credential."""
+    quiet_prefect(verbose)
     from prefect import tags
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows.batch import BatchFailed, generate_batch
+    from flows.events import add_progress_listener
     from flows.local_server import LocalServerError, prefect_api
     from flows.recovery import owner_tag
+    from flows.settings import parameter_safe
+    from flows.terminal import RunProgress, prefect_lines_above
     from storage.urls import absolute_url
 
     manifest = absolute_url(manifest)
-    from flows.events import add_progress_listener
-    from flows.settings import parameter_safe
-
     out_param = parameter_safe(out)
-    seen_errors: set[str] = set()
-    planned: dict[str, Any] = {}  # the catalog run, once planned
     crashed: list[Any] = []  # Prefect flow runs the engine ended Crashed (a Ctrl-C among them)
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=_err, transient=False) as bar:
-        task = bar.add_task("starting Prefect and planning", total=None)
-
-        def on_event(event: dict[str, Any]) -> None:
-            if event.get("event") == "planned":
-                planned.update(run_id=event["run_id"], run_name=event["run_name"])
-                bar.update(task, total=event["total"], completed=0, description=event["run_name"])
-            elif event.get("event") == "progress":  # shards on a work pool: counted from the catalog
-                bar.update(task, completed=event["completed"])
-            elif event.get("event") == "retrying":
-                bar.console.print(
-                    f"[yellow]retrying[/yellow] {escape(str(event['item_id']))}-s{event['seed']} (attempt "
-                    f"{event['attempt']}/{event['attempts']}): {escape(str(event['error']))}", highlight=False
-                )
-            elif event.get("status") in ("succeeded", "failed"):
-                bar.advance(task)
-                if event["status"] == "failed":
-                    error = str(event["error"])
-                    # one line per distinct reason: a model that does not load fails every job the same way
-                    text = error if error not in seen_errors else "(same error as above)"
-                    seen_errors.add(error)
-                    bar.console.print(
-                        f"[red]failed[/red] {escape(str(event['item_id']))}-s{event['seed']}: {escape(text)}",
-                        highlight=False,
-                    )
-
+    api_url = None
+    with RunProgress(_err) as progress:
         secret_root = out if out and out_param is None else None
         run_defaults = defaults.model_dump(exclude={"model", "num_seeds", "base_seed"}, exclude_none=True)
         batch = generate_batch.with_options(on_crashed=[lambda _flow, run, _state: crashed.append(run.id)])
         try:
             with (
                 _interrupt_once(),
-                add_progress_listener(on_event),
+                add_progress_listener(progress.on_event),
                 _environ(WANFLOW_CATALOG_URL=catalog_url, WANFLOW_STORAGE_ROOT=secret_root),
-                prefect_api(),  # one local Prefect server per PREFECT_HOME, shared by concurrent runs
-                _without_interrupt_crash_lines(),
+                prefect_api() as api_url,  # one local Prefect server per PREFECT_HOME, shared by all runs
+                prefect_lines_above(_err, verbose),
                 tags(owner_tag()),  # a kill before the run reaches the catalog: the reaper finds it by this
             ):
                 try:
@@ -483,21 +475,24 @@ def _run_batch(
                         skip_invalid=skip_invalid, defaults=run_defaults, memory=memory, return_state=True,
                     )  # fmt: skip
                 except KeyboardInterrupt:
-                    bar.stop()
+                    progress.stop()
                     _cancel_flow_runs(crashed)  # (while the API is still configured)
                     raise
         except KeyboardInterrupt:
-            bar.stop()
-            _err.print(_interrupted(catalog_url, planned), highlight=False)
+            progress.stop()
+            _err.print(_interrupted(catalog_url, progress.planned), highlight=False)
             raise typer.Exit(code=130) from None
         except LocalServerError as exc:
             raise _fail(str(exc)) from exc
     result = state.result(raise_on_failure=False)
     if isinstance(result, BatchFailed):
-        return result.summary
-    if isinstance(result, BaseException):
+        result = result.summary
+    elif isinstance(result, BaseException):
         raise _fail(f"the run failed: {type(result).__name__}: {result}") from result
-    return result
+    flow_run_id = state.state_details.flow_run_id
+    if api_url and flow_run_id:
+        result["prefect_ui"] = f"{api_url.rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+    return result, progress.said
 
 
 @contextlib.contextmanager
@@ -531,31 +526,6 @@ def _interrupt_once() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-class _DropInterruptCrashes(logging.Filter):
-    """Prefect logs a Ctrl-C as "Crash detected! Execution was aborted by an interrupt signal." for every
-    task and flow run it stops: not for the terminal, which says once that the run was interrupted (the
-    lines still reach the Prefect API)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "aborted by an interrupt signal" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _without_interrupt_crash_lines() -> Iterator[None]:
-    """Keep Prefect's per-run crash lines for a Ctrl-C off the console while the block runs."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    quiet = _DropInterruptCrashes()
-    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
-    for handler in handlers:
-        handler.addFilter(quiet)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(quiet)
 
 
 def _cancel_flow_runs(flow_run_ids: list[Any]) -> None:
@@ -599,40 +569,13 @@ def _interrupted(catalog_url: str | None, planned: dict[str, Any]) -> str:
     )
 
 
-def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+def _print_summary(summary: dict[str, Any], as_json: bool, said: set[tuple[str, int]] | None = None) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
         return
-    by = summary["by_status"]
-    for reason in summary.get("failure_reasons", [])[:5]:  # the cause first, once, not per job
-        _console.print(f"[red]{reason['jobs']} failed:[/red] {escape(reason['error'])}", highlight=False)
-    colour = "green" if summary["status"] == "succeeded" else "red"
-    rejected = f", {summary['rejected']} rows rejected" if summary["rejected"] else ""
-    unfinished = by["pending"] + by["running"]
-    unfinished_text = f", {unfinished} unfinished" if unfinished else ""
-    if summary.get("nothing_to_do") and summary["status"] == "succeeded":
-        headline = f"nothing to do: all {by['skipped']} jobs already have verified videos"
-    else:
-        headline = (f"{by['succeeded']} made, {by['skipped']} already done, {by['failed']} failed"
-                    f"{unfinished_text}{rejected}")  # fmt: skip
-    _console.print(
-        f"[{colour}]{escape(summary['run_name'])}: {summary['status']}[/{colour}]: {headline}; "
-        f"{summary['outputs']} verified videos ({summary['output_bytes'] / 1e6:.1f} MB) under "
-        f"{escape(summary['storage_root'])}; {summary['seconds']:.1f} s of generation",
-        highlight=False,
-    )
-    for failure in summary["failed"][:20]:
-        what = f"{failure['item']}-s{failure['seed']}: {failure['error']}"
-        _console.print(f"  [red]failed[/red] {escape(what)}", highlight=False)
-    if summary.get("random_weights"):
-        _console.print(
-            f"[yellow]note:[/yellow] {', '.join(summary['random_weights'])} ran random weights: the videos "
-            "are noise, not the prompts (pass a real --model and --ckpt-dir for real videos)"
-        )
-    for name in summary.get("crashed_runs", []):
-        _console.print(f"[yellow]note:[/yellow] earlier run {escape(name)} had died; marked crashed")
-    where = f"{summary['catalog']} (wanflow catalog outputs --run {summary['run_name']})"
-    _console.print(f"catalog: {escape(where)}", highlight=False)
+    from flows.terminal import print_summary
+
+    print_summary(_console, summary, said)
 
 
 def _ensure_catalog(catalog_url: str | None) -> None:
@@ -659,50 +602,43 @@ def generate(
     out: Out = None,
     catalog_url: CatalogUrl = None,
     seeds: Seeds = None,
-    base_seed: Annotated[
-        int, typer.Option("--base-seed", "--base_seed", help="mixed into the seeds of rows without one")
-    ] = 0,
+    base_seed: BaseSeed = 0,
     shard_size: Annotated[
         int, typer.Option("--shard-size", "--shard_size", min=1, help="jobs per shard (one model load each)")
     ] = 16,
-    size: Annotated[str | None, typer.Option(help="default size W*H for rows without one")] = None,
-    frame_num: Annotated[
-        int | None, typer.Option("--frame-num", "--frame_num", help="default frame count (4n+1)")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option("--steps", "--sample_steps", help="default sampling steps")
-    ] = None,
-    shift: Annotated[
-        float | None, typer.Option("--shift", "--sample_shift", help="default noise schedule shift")
-    ] = None,
-    guide_scale: Annotated[
-        float | None,
-        typer.Option("--guide-scale", "--guide_scale", "--sample_guide_scale", help="default guidance scale"),
-    ] = None,
-    solver: Annotated[
-        str | None, typer.Option("--solver", "--sample_solver", help="default sampler: unipc, dpm++ or euler")
-    ] = None,
-    negative_prompt: Annotated[
-        str | None,
-        typer.Option("--negative-prompt", "--negative_prompt", help=NEGATIVE_PROMPT_HELP),
-    ] = None,
-    skip_invalid: Annotated[bool, typer.Option(help="leave bad rows out (recorded in the catalog)")] = False,
+    size: Size = None,
+    frame_num: FrameNum = None,
+    steps: Steps = None,
+    shift: Shift = None,
+    guide_scale: GuideScale = None,
+    solver: Solver = None,
+    negative_prompt: NegativePrompt = None,
+    skip_invalid: SkipInvalid = False,
     offload_model: Annotated[
-        bool | None, typer.Option(help="GPU memory: models on the GPU only while they run")
+        bool | None, typer.Option("--offload-model/--no-offload-model", "--offload_model/--no_offload_model",
+                                  help="GPU memory: models on the GPU only while they run")
     ] = None,
-    t5_cpu: Annotated[bool | None, typer.Option(help="GPU memory: the text encoder runs on the CPU")] = None,
+    t5_cpu: Annotated[
+        bool | None, typer.Option("--t5-cpu/--no-t5-cpu", "--t5_cpu/--no_t5_cpu",
+                                  help="GPU memory: the text encoder runs on the CPU")
+    ] = None,
     vae_tiling: Annotated[
-        str | None, typer.Option(help="GPU memory: tiled VAE decode, TILE:OVERLAP latent cells, 'on' = 32:8")
+        str | None, typer.Option("--vae-tiling", "--vae_tiling",
+                                 help="GPU memory: tiled VAE decode, TILE:OVERLAP latent cells, 'on' = 32:8")
     ] = None,
-    dry_run: Annotated[bool, typer.Option(help="print the plan; generate nothing, write nothing")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run/--no-dry-run", "--dry_run/--no_dry_run",
+                           help="print the plan; generate nothing, write nothing")
+    ] = False,
     read_inputs: Annotated[
-        bool, typer.Option(help="--dry-run: read and hash the images too, for an exact count of jobs done")
+        bool, typer.Option("--read-inputs/--no-read-inputs", "--read_inputs/--no_read_inputs",
+                           help="--dry-run: read and hash the images too, for an exact count of jobs done")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's log lines")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Generate every (row, seed) of MANIFEST not already in the catalog with a verified video."""
-    _quiet_prefect(verbose)  # before anything imports Prefect
+    quiet_prefect(verbose)  # before anything imports Prefect
     defaults = _defaults(_model(model), seeds, base_seed, size=size, frame_num=frame_num, steps=steps,
                          shift=shift, guide_scale=guide_scale, solver=solver, negative_prompt=negative_prompt)
     memory = _memory(offload_model, t5_cpu, vae_tiling)
@@ -722,11 +658,11 @@ def generate(
         if loaded.problems:
             _err.print(f"[yellow]{loaded.invalid_rows} invalid rows will be left out[/yellow]")
     _ensure_catalog(catalog_url)
-    summary = _run_batch(
+    summary, said = _run_batch(
         manifest, defaults, ckpt_dir=ckpt_dir, out=out, catalog_url=catalog_url, shard_size=shard_size,
         skip_invalid=skip_invalid, verbose=verbose, memory=memory,
     )  # fmt: skip
-    _print_summary(summary, as_json)
+    _print_summary(summary, as_json, said)
     if summary["status"] != "succeeded":
         raise typer.Exit(code=1)
 
@@ -784,14 +720,24 @@ def validate(
     model: Model = None,
     ckpt_dir: CkptDir = None,
     seeds: Seeds = None,
+    base_seed: BaseSeed = 0,
+    size: Size = None,
+    frame_num: FrameNum = None,
+    steps: Steps = None,
+    shift: Shift = None,
+    guide_scale: GuideScale = None,
+    solver: Solver = None,
+    negative_prompt: NegativePrompt = None,
     as_json: AsJson = False,
 ) -> None:
-    """Check every row of MANIFEST as a run would (its model's weights, its local images included); list
-    each bad row with its line, field and reason. Reads no image bytes."""
+    """Check every row of MANIFEST as a run with the same flags would (its model's weights, its local images
+    and the run's defaults included); list each bad row with its line, field and reason. Reads no image
+    bytes."""
     from flows.inputs import check_requests
     from flows.manifest import load_manifest
 
-    defaults = _defaults(_model(model), seeds, 0)
+    defaults = _defaults(_model(model), seeds, base_seed, size=size, frame_num=frame_num, steps=steps,
+                         shift=shift, guide_scale=guide_scale, solver=solver, negative_prompt=negative_prompt)
     settings = _settings()
     try:
         loaded = load_manifest(manifest, defaults, storage_options=settings.storage_options_for(manifest))
@@ -842,20 +788,36 @@ def demo(
     )
     _ensure_catalog(catalog_url)
     defaults = _defaults("tiny-t2v", 2, 0)
-    summary = _run_batch(
+    summary, said = _run_batch(
         manifest, defaults, ckpt_dir=None, out=out, catalog_url=catalog_url, shard_size=8, skip_invalid=False,
         verbose=verbose,
     )  # fmt: skip
-    _print_summary(summary, False)
+    _print_summary(summary, False, said)
     catalog = _open(catalog_url)
     rows = []
     for o in catalog.outputs(run_id=summary["run_id"])[:6]:
         job = catalog.get_job(o.job_id) if o.job_id else None
         rows.append({"item": job.item_id if job else "", "seed": job.seed if job else "", "uri": o.uri})
     _emit(rows, False, ["item", "seed", "uri"], "some of the videos")
-    _console.print("more: wanflow catalog stats | wanflow catalog outputs | the run in the Prefect UI")
+    _console.print("more: wanflow catalog stats | wanflow catalog outputs | the runs in the Prefect UI:")
+    _console.print(_prefect_ui_hint(summary), highlight=False, markup=False)
     if summary["status"] != "succeeded":
         raise typer.Exit(code=1)
+
+
+def _prefect_ui_hint(summary: dict[str, Any]) -> str:
+    """Where to see the demo's runs in the Prefect UI: the link while the local server runs, and the command
+    that serves the UI on the demo's Prefect state again later (after a reboot, say)."""
+    from flows.local_server import prefect_home
+
+    link = summary.get("prefect_ui") or "(no link: the run did not reach Prefect)"
+    if os.environ.get("PREFECT_API_URL"):  # the user's own server: it shows the run
+        return f"  {link}"
+    prefect = Path(sys.executable).with_name("prefect")
+    with contextlib.suppress(ValueError):
+        prefect = prefect.relative_to(Path.cwd())
+    later = f"PREFECT_HOME={prefect_home()} {prefect} server start, then open http://127.0.0.1:4200/runs"
+    return f"  {link} (Prefect's local server keeps running in the background)\n  later: {later}"
 
 
 def main() -> None:

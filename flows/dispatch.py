@@ -22,7 +22,7 @@ from flows.models import ModelSource
 from flows.planning import BatchPlan, ShardPlan, plan_shards
 from flows.recovery import requeue_abandoned
 from flows.settings import Settings, parameter_safe
-from flows.shard import generate_shard
+from flows.shard import ended_on_failed_jobs, generate_shard
 from storage.catalog import Catalog, JobStatus
 from storage.urls import redact
 
@@ -53,7 +53,9 @@ def dispatch(
                     progress_artifact_id=progress_id, label=shard.label, run_name=plan.run_name,
                     memory=memory, return_state=True,
                 )  # fmt: skip
-            if not state.is_completed():
+            if ended_on_failed_jobs(state):  # each failed job was said as it failed; the summary counts them
+                logger.info("shard %s: %s", shard.label, state.message)
+            elif not state.is_completed():
                 logger.error("shard %s ended %s: %s", shard.label, state.type.value, state.message)
 
     run_here(plan.shards)
@@ -132,7 +134,9 @@ def _run_deployed(
                 state = run.state
                 if state is not None and state.is_final():
                     pending.discard(run.id)
-                    if not state.is_completed():
+                    if ended_on_failed_jobs(state):
+                        logger.info("shard run %s: %s", run.name, state.message)
+                    elif not state.is_completed():
                         logger.error("shard run %s ended %s: %s", run.name, state.type.value, state.message)
                 elif state is not None and state.is_scheduled() and time.monotonic() - waiting_since > 300:
                     logger.warning("shard run %s still waits for a worker on its pool", run.name)

@@ -5,6 +5,8 @@ Events are dicts. A finished job: {"run_id", "job_id", "item_id", "seed", "statu
 "failed"), "error"}. Others carry an "event" key:
 
 - {"event": "planned", "run_id", "run_name", "total"}: the run is planned, `total` jobs to make;
+- {"event": "started", "run_id", "job_id", "item_id", "seed", "attempt"}: a worker here claimed a job and
+  starts an attempt at it;
 - {"event": "retrying", "run_id", "job_id", "item_id", "seed", "attempt", "attempts", "error"}: a job's
   attempt failed and the next one (number `attempt` of `attempts`) follows;
 - {"event": "progress", "run_id", "completed"}: jobs of the run finished on workers elsewhere (deployed

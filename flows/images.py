@@ -111,5 +111,7 @@ def read_image(params: dict[str, Any], name: str, ctx: HasStorageOptions) -> Any
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+    except UnidentifiedImageError:  # (its message names the in-memory buffer, not the file)
+        raise BadImage(f"{where} is not a readable image: no format knows its {len(data)} bytes") from None
+    except (Image.DecompressionBombError, OSError, ValueError) as exc:
         raise BadImage(f"{where} is not a readable image: {exc}") from None

@@ -284,7 +284,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _server_env(home: Path) -> dict[str, str]:
+def _server_env(home: Path, port: int) -> dict[str, str]:
+    """The server's environment: this one less API settings and credentials, with its home, and its host and
+    port as settings too, for the URL its UI calls the API at (`--port` alone leaves the UI calling the
+    default port, 4200: a blank page saying it cannot connect)."""
     env = {
         name: value
         for name, value in os.environ.items()
@@ -292,6 +295,8 @@ def _server_env(home: Path) -> dict[str, str]:
     }
     env.update(
         PREFECT_HOME=str(home),
+        PREFECT_SERVER_API_HOST=HOST,
+        PREFECT_SERVER_API_PORT=str(port),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
         PYTHONUNBUFFERED="1",
@@ -315,7 +320,7 @@ def _start(home: Path, deadline: float, port: int | None) -> LocalServer:
             out.write(f"--- wanflow: starting the Prefect server on {HOST}:{chosen} ---\n".encode())
             out.flush()
             process = subprocess.Popen(
-                command, cwd=home, env=_server_env(home), stdin=subprocess.DEVNULL, stdout=out,
+                command, cwd=home, env=_server_env(home, chosen), stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         _children[process.pid] = process

@@ -13,11 +13,17 @@ that ran in its process. Runs owned by other hosts are left to those hosts, or t
 A job's claim records its worker as `<host>:<pid>[:<flow run id>]` (`worker_id`, read back by
 `parse_worker_id`); `requeue_abandoned` gives back to pending the claims of workers that are gone
 (`worker_gone`: their flow run ended, their process left this host, or the claim expired).
+
+A deployed shard run (a `generate-shard` run of the shard deployment: a child of its batch's flow run, with
+the catalog run's id among its parameters) may still wait for a worker when its batch ends. The reaper sets
+those not yet started to Cancelled, for a run it crashes and for recent runs that have ended
+(`_cancel_queued_shards`); a shard run that starts anyway ends at once (`queued_shard_end`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -38,6 +44,7 @@ __all__ = [
     "owner_tag",
     "parse_worker_id",
     "process_owner",
+    "queued_shard_end",
     "reap_crashed_runs",
     "requeue_abandoned",
     "worker_gone",
@@ -80,6 +87,18 @@ def owner_alive(owner: str) -> bool | None:
     if now == "-":
         return False
     return not (start and now and start != now)  # another process took the pid
+
+
+def queued_shard_end(run: RunRecord) -> Any:
+    """The state a shard run of catalog run `run` ends with at once, before it loads a model or claims a job,
+    when the run is no longer running: Cancelled, saying why (a shard run queued for a batch that crashed,
+    was cancelled or ended, and that a worker picked up afterwards). None while the run is running."""
+    if run.status == RunStatus.running:
+        return None
+    from prefect.states import Cancelled
+
+    message = f"not started: its batch run {run.name} (run {run.id}) is {run.status.value} in the catalog"
+    return Cancelled(message=message, data={"run_id": run.id, "counts": {}, "results": []})
 
 
 # ------------------------------------------------------------------------------ workers and their claims
@@ -174,13 +193,14 @@ def ended_flow_runs(flow_run_ids: Iterable[str | None]) -> dict[str, str]:
     return {run_id: name for run_id, (final, name) in states.items() if final}
 
 
-def _mark_prefect_crashed(flow_run_id: str, message: str) -> None:
+def _mark_prefect_crashed(flow_run_id: str, message: str, crashed: RunRecord | None = None) -> None:
     """Set a flow run that still shows as running to Crashed, and with it the subflow runs that ran in its
     process (nothing when Prefect cannot be reached).
 
     A batch runs its shards as subflows in its own process unless they are deployed: when that process dies,
     nobody reports their end either, and they would show Running for ever. Deployed shard runs (those with a
-    deployment) run on workers of their own, which report their own end: they are left alone.
+    deployment) run on workers of their own, which report their own end: those that have started are left
+    alone; with `crashed` (the catalog run crashed), those still waiting to start are cancelled.
     """
     try:
         from prefect import get_client
@@ -208,8 +228,49 @@ def _mark_prefect_crashed(flow_run_id: str, message: str) -> None:
                         why = f"{message}; it ran in the process of its parent flow run {flow_run_id}"
                         client.set_flow_run_state(child.id, Crashed(message=why), force=True)
             _crash_task_runs(client, list(seen), f"{message}; it ran in that flow run's process")
+            if crashed is not None:
+                _cancel_queued_shards(
+                    client, {flow_run_id: dataclasses.replace(crashed, status=RunStatus.crashed)}
+                )
     except Exception as exc:
         log.info("could not mark flow run %s crashed in Prefect: %s", flow_run_id, exc)
+
+
+def _cancel_queued_shards(client: Any, batches: dict[str, RunRecord]) -> list[str]:
+    """Set to Cancelled the deployed shard runs not yet started (Scheduled, Late or Pending) of these batch
+    flow runs (`batches` maps a batch's flow run id to its ended catalog run), each with a message naming its
+    batch; returns their ids. A child is the batch's shard when its `run_id` parameter is the run's id."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterParentFlowRunId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    by_run_id = {run.id: (flow_run_id, run) for flow_run_id, run in batches.items() if is_uuid(flow_run_id)}
+    if not by_run_id:
+        return []
+    not_started = FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])
+    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(i) for i, _ in by_run_id.values()]),
+        deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+        state=FlowRunFilterState(type=not_started),
+    ))  # fmt: skip
+    cancelled = []
+    for child in children:
+        if child.parameters.get("run_id") not in by_run_id:
+            continue
+        flow_run_id, run = by_run_id[child.parameters["run_id"]]
+        why = (f"wanflow: its batch run {run.name} (run {run.id}, flow run {flow_run_id}) is "
+               f"{run.status.value}: a shard queued for it does not start")  # fmt: skip
+        client.set_flow_run_state(child.id, Cancelled(message=why), force=True)
+        log.warning("shard run %s (%s) cancelled: its batch run %s is %s", child.name, child.id, run.name,
+                    run.status.value)  # fmt: skip
+        cancelled.append(str(child.id))
+    return cancelled
 
 
 def _crash_task_runs(client: Any, flow_run_ids: list[UUID], message: str) -> None:
@@ -298,7 +359,8 @@ def reap_crashed_runs(
     `skip` is a run id to leave alone (the caller's own). With `ask_prefect`, a run whose owner cannot be
     checked from here is crashed when its Prefect flow run has ended, and a dead owner's flow run that still
     shows Running in Prefect is set to Crashed, with the subflows that ran in its process; so is the flow run
-    of a recent run that ended in the catalog just before its process died, Prefect not told.
+    of a recent run that ended in the catalog just before its process died, Prefect not told. The deployed
+    shard runs still waiting to start of a run crashed here, or of a recent run that has ended, are cancelled.
     """
     if ask_prefect:
         _crash_flow_runs_of_dead_processes(catalog, skip)
@@ -324,7 +386,7 @@ def reap_crashed_runs(
             log.warning("run %s crashed: %s", run.name, verdicts[run.id])
             if ask_prefect and run.flow_run_id and is_uuid(run.flow_run_id):
                 why = f"wanflow: the run's process died ({verdicts[run.id]})"
-                _mark_prefect_crashed(run.flow_run_id, why)
+                _mark_prefect_crashed(run.flow_run_id, why, run)
             crashed.append(run)
     return crashed
 
@@ -333,18 +395,21 @@ RECENT_RUNS = 20  # finished runs looked at for a flow run that their dead proce
 
 
 def _crash_flow_runs_of_dead_processes(catalog: Catalog, skip: int | None) -> None:
-    """Flow runs that a dead process left Running in Prefect, found two ways.
+    """Flow runs that a dead process left Running in Prefect, found two ways; and the shard runs queued for
+    recent runs that have ended.
 
     A process killed before its run reached the catalog leaves a flow run that only its owner tag leads to
     (`_crash_orphaned_flow_runs`). A process killed after it finished its run in the catalog but before
     Prefect heard that its flow run ended leaves that flow run Running too: among the newest `RECENT_RUNS`
     runs, those finished whose owner is on this host and gone get such a flow run set to Crashed (the catalog
-    keeps their status)."""
-    candidates = {
+    keeps their status). Every one of those runs that has ended (crashed earlier, cancelled, failed or
+    succeeded) gets its deployed shard runs that still wait to start cancelled."""
+    ended = {
         run.flow_run_id: run for run in catalog.runs(limit=RECENT_RUNS)
-        if run.id != skip and run.status not in (RunStatus.pending, RunStatus.running) and run.owner
-        and run.flow_run_id and is_uuid(run.flow_run_id) and owner_alive(run.owner) is False
+        if run.id != skip and run.status not in (RunStatus.pending, RunStatus.running)
+        and run.flow_run_id and is_uuid(run.flow_run_id)
     }  # fmt: skip
+    candidates = {i: run for i, run in ended.items() if run.owner and owner_alive(run.owner) is False}
     with _running_prefect() as available:
         if not available:
             return
@@ -355,6 +420,14 @@ def _crash_flow_runs_of_dead_processes(catalog: Catalog, skip: int | None) -> No
                         run.status.value)  # fmt: skip
             why = f"wanflow: the run's process died after the run ended {run.status.value} in the catalog"
             _mark_prefect_crashed(flow_run_id, why)
+        if ended:
+            try:
+                from prefect import get_client
+
+                with get_client(sync_client=True) as client:
+                    _cancel_queued_shards(client, ended)
+            except Exception as exc:
+                log.info("could not cancel the shard runs queued for ended runs: %s", exc)
 
 
 @contextlib.contextmanager

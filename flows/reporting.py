@@ -1,5 +1,10 @@
-"""A run's outcome: its summary (counts, failures and why, outputs), the artifacts Prefect shows (outputs
-table, markdown summary with a contact sheet of thumbnails, progress), and the run's end in the catalog.
+"""A run's outcome: its summary (counts, failures and why, outputs), the artifacts Prefect shows (the
+outputs, with their thumbnails, and the failed jobs with their reasons; a summary with a labelled contact
+sheet of thumbnails; progress), and the run's end in the catalog.
+
+Both artifacts are markdown with images as data URIs: Prefect's UI shows a table artifact's cells as plain
+text (its default React UI; only the older Vue one reads them as markdown), and it cannot fetch an image from
+a file:// or s3:// URL, but both UIs show a markdown image whose source is `data:image/...`.
 
 `publish` is the flow's last step: it writes the artifacts and the contact sheet first and only then
 finishes the run in the catalog, so a process killed while writing them leaves the run unfinished, for the
@@ -14,19 +19,21 @@ import io
 from typing import Any
 
 import fsspec
-from prefect.artifacts import create_markdown_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, update_progress_artifact
 
 from flows.models import ModelSource
 from flows.planning import BatchPlan
 from flows.settings import Settings
-from storage.catalog import Catalog, JobStatus, RunStatus
+from storage.catalog import Catalog, JobRecord, JobStatus, OutputRecord, RunStatus
 from storage.layout import safe_name
 from storage.urls import join_url, redact
 from storage.video import contact_sheet, write_image
 
 __all__ = ["BatchFailed", "failure_reasons", "publish", "summarise"]
 
-MAX_TABLE_ROWS = 1000
+MAX_TABLE_ROWS = 50  # outputs shown with a thumbnail each (about 3 KB apiece) in the outputs artifact
+MAX_FAILED_ROWS = 200  # failed jobs listed, one line each
+TABLE_THUMBNAIL_WIDTH = 160
 SHEET_THUMBNAILS = 24
 
 
@@ -47,9 +54,9 @@ def publish(
     summary["random_weights"] = sorted(name for name, source in sources.items() if source.ckpt_dir is None)
     try:
         update_progress_artifact(progress_id, progress=100.0)
-        create_table_artifact(
-            key="batch-outputs", table=_output_rows(catalog, plan.run_id) or [{"item": "", "uri": ""}],
-            description=f"{plan.run_name}: outputs (first {MAX_TABLE_ROWS})",
+        create_markdown_artifact(
+            key="batch-outputs", markdown=_outputs_markdown(catalog, summary, settings),
+            description=f"{plan.run_name}: outputs and failed jobs",
         )  # fmt: skip
         sheet = _sheet(catalog, plan.run_id, plan.run_name, settings, store=by["succeeded"] > 0)
         create_markdown_artifact(
@@ -90,43 +97,110 @@ def failure_reasons(failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"error": e, "jobs": n} for e, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def _output_rows(catalog: Catalog, run_id: int) -> list[dict[str, Any]]:
-    outputs = catalog.outputs(run_id, limit=MAX_TABLE_ROWS)
+def _outputs_markdown(catalog: Catalog, summary: dict[str, Any], settings: Settings) -> str:
+    """The outputs artifact: the run's first `MAX_TABLE_ROWS` outputs with a small thumbnail each (a data URI,
+    which the Prefect UI shows whatever the storage), then its failed jobs, one line each with the reason;
+    says how many of each it leaves out and which command lists them all."""
+    run_id, run_name = summary["run_id"], summary["run_name"]
+    outputs = _with_jobs(catalog, catalog.outputs(run_id, limit=MAX_TABLE_ROWS))
+    options = settings.resolved_storage_options()
+    lines = [f"# {run_name}: outputs", ""]
+    if outputs:
+        lines += ["| thumbnail | item | seed | status | seconds | video |", "|---|---|---|---|---|---|"]
+    for out, job in outputs:
+        image = _read_thumbnail(out.thumbnail_uri, options)
+        thumbnail = (
+            f"![{_cell(_label(job))}]({_data_uri(image, TABLE_THUMBNAIL_WIDTH)})" if image is not None else ""
+        )
+        seconds = f"{job.seconds:.1f}" if job and job.seconds is not None else ""
+        lines.append(
+            f"| {thumbnail} | {_cell(job.item_id if job else '')} | {job.seed if job else ''} | "
+            f"{job.status.value if job else ''} | {seconds} | `{_cell(out.uri, code=True)}` |"
+        )
+    shown, total = len(outputs), summary["outputs"]
+    if not total:
+        lines.append("No outputs.")
+    elif shown < total:
+        lines += ["", f"{total - shown} more outputs not shown: `wanflow catalog outputs --run {run_name}`."]
+    failed = summary["failed"]
+    if failed:
+        lines += ["", "## Failed jobs", "", "| item | seed | reason |", "|---|---|---|"]
+        for f in failed[:MAX_FAILED_ROWS]:
+            reason = ((f["error"] or "").strip().splitlines() or ["unknown error"])[0][:300]
+            lines.append(f"| {_cell(f['item'])} | {f['seed']} | {_cell(reason)} |")
+        if len(failed) > MAX_FAILED_ROWS:
+            lines += ["", f"{len(failed) - MAX_FAILED_ROWS} more failed jobs not shown: "
+                      f"`wanflow catalog jobs --run {run_name} --status failed`."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _with_jobs(catalog: Catalog, outputs: list[OutputRecord]) -> list[tuple[OutputRecord, JobRecord | None]]:
+    """Each output with its job (None for one whose job is gone)."""
     jobs = {j.id: j for j in catalog.get_jobs(o.job_id for o in outputs if o.job_id is not None)}
-    rows = []
-    for out in outputs:
-        job = jobs.get(out.job_id)
-        rows.append({
-            "item": job.item_id if job else "", "seed": job.seed if job else "",
-            "status": job.status.value if job else "", "uri": out.uri,
-            "seconds": round(job.seconds, 2) if job and job.seconds is not None else "",
-            "thumbnail": out.thumbnail_uri or "",
-        })  # fmt: skip
-    return rows
+    return [(out, jobs.get(out.job_id) if out.job_id is not None else None) for out in outputs]
+
+
+def _label(job: JobRecord | None) -> str:
+    """A video's label on the contact sheet and its thumbnail's alt text: the task name, `<item>-s<seed>`."""
+    return f"{job.item_id}-s{job.seed}" if job else "?"
+
+
+def _cell(text: Any, *, code: bool = False) -> str:
+    """Text for one markdown table cell, on one line: pipes escaped (they would end the cell), and markdown's
+    other punctuation too unless the text goes in a code span (`code`: backticks become quotes there)."""
+    text = " ".join(str(text).split())
+    if code:
+        return text.replace("`", "'").replace("|", "\\|")
+    return "".join("\\" + c if c in _MARKDOWN_PUNCTUATION else c for c in text)
+
+
+_MARKDOWN_PUNCTUATION = set("\\`*_[]<>|#!~")
+
+
+def _read_thumbnail(uri: str | None, options: dict[str, Any]) -> Any:
+    """A stored thumbnail as a uint8 array [H, W, 3]; None when there is none or it cannot be read (a gap
+    in an artifact, never a failed run)."""
+    import numpy as np
+    from PIL import Image
+
+    if not uri:
+        return None
+    try:
+        with fsspec.open(uri, "rb", **options) as f:
+            return np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
+    except Exception:
+        return None
+
+
+def _data_uri(image: Any, width: int | None = None, quality: int = 70) -> str:
+    """An image [H, W, 3] as a `data:image/webp;base64,...` URI, shrunk to at most `width` pixels wide."""
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    if width is not None and picture.width > width:
+        picture = picture.resize(
+            (width, max(1, round(picture.height * width / picture.width))), Image.Resampling.BILINEAR
+        )
+    buffer = io.BytesIO()
+    picture.save(buffer, format="WEBP", quality=quality)
+    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _sheet(
     catalog: Catalog, run_id: int, run_name: str, settings: Settings, *, store: bool
 ) -> tuple[str | None, str | None]:
-    """A contact sheet of the run's first thumbnails: (data URI for the markdown, URL where it is stored)."""
-    import numpy as np
-    from PIL import Image
-
+    """A contact sheet of the run's first thumbnails, each labelled with its item and seed: (data URI for the
+    markdown, URL where it is stored)."""
     options = settings.resolved_storage_options()
-    images = []
-    for out in catalog.outputs(run_id, limit=SHEET_THUMBNAILS):
-        if not out.thumbnail_uri:
-            continue
-        try:
-            with fsspec.open(out.thumbnail_uri, "rb", **options) as f:
-                images.append(np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB")))
-        except Exception:  # a missing thumbnail leaves a gap, not a failed run
-            continue
+    images, labels = [], []
+    for out, job in _with_jobs(catalog, catalog.outputs(run_id, limit=SHEET_THUMBNAILS)):
+        image = _read_thumbnail(out.thumbnail_uri, options)  # a missing thumbnail leaves a gap
+        if image is not None:
+            images.append(image)
+            labels.append(_label(job))
     if not images:
         return None, None
-    sheet = contact_sheet(images, columns=6, tile_width=160)
-    buffer = io.BytesIO()
-    Image.fromarray(sheet).save(buffer, format="WEBP", quality=80)
+    sheet = contact_sheet(images, columns=6, tile_width=160, labels=labels)
     url: str | None = None
     if store:  # a run that made nothing new leaves no folder of its own behind
         url = join_url(settings.storage_root, safe_name(run_name, what="run name"), "contact_sheet.webp")
@@ -134,10 +208,12 @@ def _sheet(
             write_image(url, sheet, format="webp", storage_options=options)
         except Exception:
             url = None
-    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode(), url
+    return _data_uri(sheet, quality=85), url  # the labels stay sharp
 
 
 def _markdown(summary: dict[str, Any], plan: BatchPlan, sheet: tuple[str | None, str | None]) -> str:
+    """The summary artifact: the failures' reasons first (grouped, most frequent first), the counts, where
+    things are, and the labelled contact sheet; the per-job lists are in the outputs artifact."""
     by = summary["by_status"]
     lead = []
     for reason in summary.get("failure_reasons", [])[:5]:
@@ -163,12 +239,9 @@ def _markdown(summary: dict[str, Any], plan: BatchPlan, sheet: tuple[str | None,
         lines += ["## Contact sheet", "", f"![contact sheet]({data_uri})", ""]
         if url:
             lines += [f"Stored at `{url}`.", ""]
-    if summary["failed"]:
-        lines += ["## Failed jobs", "", "| item | seed | error |", "|---|---|---|"]
-        for f in summary["failed"][:100]:
-            error = (f["error"] or "").replace("|", "\\|").replace("\n", " ")[:300]
-            lines.append(f"| {f['item']} | {f['seed']} | {error} |")
-        lines.append("")
+    if summary["outputs"] or summary["failed"]:
+        lines += ["Each output with its thumbnail, and each failed job with its reason: the `batch-outputs` "
+                  "artifact.", ""]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -26,13 +26,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
+from prefect.states import Completed, Failed, State
 from prefect.tasks import exponential_backoff
 
 from flows.backend import GenerationBackend
 from flows.events import add_progress_listener, notify
 from flows.images import read_image
 from flows.models import ModelSource, load_pipeline, model_source
-from flows.recovery import worker_id
+from flows.recovery import queued_shard_end, worker_id
 from flows.settings import Settings, check_secret_free, get_settings
 from storage.catalog import Catalog, JobRecord, JobStatus
 from storage.faults import PermanentStorageError, is_permanent_storage_error, probe_storage_root
@@ -96,6 +97,9 @@ def _settings_args(params: dict[str, Any]) -> dict[str, Any]:
 
 
 TIMEOUT_SETTING = "WANFLOW_JOB_TIMEOUT_S"
+# Marks a log record whose news also goes out as an event (`flows.events`): a terminal that shows the events
+# leaves the record out (`flows.terminal`).
+SAID_BY_EVENT = {"wanflow_event": True}
 
 
 def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]:
@@ -115,6 +119,8 @@ def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]
             raise ValueError(f"job {job_id} has failed for good: {current.last_error}")
         else:  # done meanwhile, or another live worker holds it
             return {"job_id": job_id, "status": "not-claimed", "detail": current.status.value}
+    notify({"event": "started", "run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id,
+            "seed": job.seed, "attempt": attempt})  # fmt: skip
     start = time.perf_counter()
     try:
         output = _generate_and_store(ctx, job)
@@ -138,7 +144,7 @@ def run_job(ctx: JobContext, job_id: int, *, attempt: int = 1) -> dict[str, Any]
                      "status": JobStatus.failed.value, "error": message})  # fmt: skip
         elif not interrupted:  # said where the person running it sees it, not only in Prefect's log
             log.warning("retrying %s (attempt %d/%d): %s", job_task_name(job.item_id, job.seed), attempt + 1,
-                        ctx.max_attempts, redact(message))  # fmt: skip
+                        ctx.max_attempts, redact(message), extra=SAID_BY_EVENT)  # fmt: skip
             notify({"event": "retrying", "run_id": ctx.run_id, "job_id": job.id, "item_id": job.item_id,
                      "seed": job.seed, "attempt": attempt + 1, "attempts": ctx.max_attempts,
                      "error": redact(message)})  # fmt: skip
@@ -241,8 +247,9 @@ def generate_shard(
     run_name: str | None = None,
     gpus_per_job: int | None = None,
     memory: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Run the given jobs of run `run_id` on one loaded pipeline; returns counts and per-job results.
+) -> State:
+    """Run the given jobs of run `run_id` on one loaded pipeline. Ends Completed, or Failed when a job
+    failed (as the batch does), the state's data holding counts and per-job results (`_shard_end`).
 
     `gpus_per_job` (default `WANFLOW_GPUS_PER_JOB`, 1) above 1 runs each video on that many processes: one
     `torchrun` group for the shard loads the model once and serves every job (`flows.group`). `memory`
@@ -267,13 +274,16 @@ def generate_shard(
                 f"run {run_id} ({run_name or 'unnamed'}) {found} in the catalog "
                 f"{redact(settings.catalog_url)} this worker uses: check WANFLOW_CATALOG_URL on the workers"
             )
+        if (ended := queued_shard_end(run)) is not None:  # queued before its batch ended: Cancelled at once
+            logger.warning("shard %s %s", label or run_id, ended.message)
+            return ended
         jobs = {job.id: job for job in catalog.get_jobs(job_ids)}
         try:  # a root no job could write to fails the shard at once, before any model loads
             probe_storage_root(settings.storage_root, settings.resolved_storage_options())
         except PermanentStorageError as exc:
             results = _fail_shard(catalog, run_id, jobs, str(exc))
             logger.error("shard %s: %s", label or run_id, exc)
-            return {"run_id": run_id, "counts": {"failed": len(results)}, "results": results}
+            return _shard_end(run_id, results)
         try:
             source = model_source(model, ckpt_dir or settings.checkpoints.get(model))
             pipeline = None
@@ -295,16 +305,39 @@ def generate_shard(
         except Exception as exc:  # every job of the shard fails with the one reason, for the summary to lead
             results = _fail_shard(catalog, run_id, jobs, f"model {model} could not load: {_one_line(exc)}")
             logger.error("shard %s: %s", label or run_id, results[0]["error"] if results else exc)
-            return {"run_id": run_id, "counts": {"failed": len(results)}, "results": results}
+            return _shard_end(run_id, results)
         ctx = _context(settings, catalog, run_id, run.name, source, pipeline)
         results = _run_jobs(ctx, job_ids, jobs, settings, progress_artifact_id)
     finally:
         catalog.close()
+    end = _shard_end(run_id, results)
+    logger.info("shard finished: %s", end.message)
+    return end
+
+
+def _shard_end(run_id: int, results: list[dict[str, Any]]) -> State:
+    """The shard run's final state, as the batch's: Failed when a job failed (the message counts them and
+    gives the first reason), else Completed; its data holds the counts and per-job results."""
     counts: dict[str, int] = {}
     for result in results:
         counts[result["status"]] = counts.get(result["status"], 0) + 1
-    logger.info("shard finished: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    return {"run_id": run_id, "counts": counts, "results": results}
+    data = {"run_id": run_id, "counts": counts, "results": results}
+    said = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no jobs"
+    failed = [r for r in results if r["status"] == "failed"]
+    if not failed:
+        return Completed(message=said, data=data)
+    first = str(failed[0].get("error") or "").splitlines()
+    reason = f"; first: {first[0]}" if first else ""
+    return Failed(message=f"{JOBS_FAILED}{len(failed)} of {len(results)} ({said}){reason}", data=data)
+
+
+JOBS_FAILED = "jobs failed: "  # how a shard's Failed message starts when jobs failed (`ended_on_failed_jobs`)
+
+
+def ended_on_failed_jobs(state: State) -> bool:
+    """Whether a shard run's final state is Failed because some of its jobs failed (said in the catalog and
+    the batch's summary), not because the shard itself broke off."""
+    return state.is_failed() and (state.message or "").startswith(JOBS_FAILED)
 
 
 def _one_line(exc: BaseException) -> str:

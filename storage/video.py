@@ -55,7 +55,7 @@ import ffmpeg
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from storage.faults import (
     PermanentStorageError,
@@ -70,6 +70,7 @@ from storage.faults import (
 from storage.urls import redact
 
 __all__ = [
+    "LABEL_HEIGHT",
     "PART_SIZE",
     "PermanentStorageError",
     "StorageError",
@@ -345,23 +346,64 @@ def _shrink(frame: np.ndarray, max_width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BILINEAR))
 
 
-def contact_sheet(frames: Sequence[Any], columns: int = 4, tile_width: int = 256) -> np.ndarray:
+LABEL_HEIGHT = 14  # the dark strip under each tile of a labelled contact sheet: an 11-pixel font and a margin
+_LABEL_PAD = 3
+
+
+def contact_sheet(
+    frames: Sequence[Any], columns: int = 4, tile_width: int = 256, labels: Sequence[str] | None = None
+) -> np.ndarray:
     """Frames [H, W, 3] uint8 resized to `tile_width` wide tiles (aspect of the first frame) laid out row by
-    row, at most `columns` per row, on black: [rows * tile_height, min(columns, n) * tile_width, 3] uint8."""
+    row, at most `columns` per row, on black: [rows * tile_height, min(columns, n) * tile_width, 3] uint8.
+
+    With `labels` (one per frame), each tile gets a dark strip of `LABEL_HEIGHT` pixels under it with its
+    label in PIL's default bitmap font, cut with '...' where it is wider than the tile: rows are then
+    `tile_height + LABEL_HEIGHT` high and the tiles themselves are the same as without labels."""
     tiles = [_as_image(frame) for frame in frames]
     if not tiles or columns < 1 or tile_width < 1:
         raise ValueError("contact_sheet needs at least one frame, columns >= 1 and tile_width >= 1")
+    if labels is not None and len(labels) != len(tiles):
+        raise ValueError(f"contact_sheet got {len(labels)} labels for {len(tiles)} frames: expected one each")
     tile_height = max(1, round(tiles[0].shape[0] * tile_width / tiles[0].shape[1]))
+    row_height = tile_height + (LABEL_HEIGHT if labels is not None else 0)
     cols = min(columns, len(tiles))
-    sheet = np.zeros((math.ceil(len(tiles) / cols) * tile_height, cols * tile_width, 3), np.uint8)
+    sheet = np.zeros((math.ceil(len(tiles) / cols) * row_height, cols * tile_width, 3), np.uint8)
     for i, tile in enumerate(tiles):
         if tile.shape[:2] != (tile_height, tile_width):
             tile = np.asarray(
                 Image.fromarray(tile).resize((tile_width, tile_height), Image.Resampling.BILINEAR)
             )
         row, col = divmod(i, cols)
-        sheet[row * tile_height : (row + 1) * tile_height, col * tile_width : (col + 1) * tile_width] = tile
+        top, left = row * row_height, col * tile_width
+        sheet[top : top + tile_height, left : left + tile_width] = tile
+        if labels is not None:
+            sheet[top + tile_height : top + row_height, left : left + tile_width] = _label_strip(
+                labels[i], tile_width
+            )
     return sheet
+
+
+def _label_strip(label: str, width: int) -> np.ndarray:
+    """`label` in light grey on a dark strip [LABEL_HEIGHT, width, 3]; one too wide loses characters in its
+    middle, for '...', so that both ends show (an item's start, its seed). PIL's default bitmap font covers
+    Latin-1 only: other characters show as '?'."""
+    font = ImageFont.load_default_imagefont()
+    text = " ".join(str(label).split()).encode("latin-1", "replace").decode("latin-1")
+    room = width - 2 * _LABEL_PAD
+    keep = len(text)
+    while keep and font.getlength(_middle_cut(text, keep)) > room:
+        keep -= 1
+    text = _middle_cut(text, keep) if font.getlength(_middle_cut(text, keep)) <= room else ""
+    strip = Image.new("RGB", (width, LABEL_HEIGHT), (24, 24, 24))
+    ImageDraw.Draw(strip).text((_LABEL_PAD, (LABEL_HEIGHT - 11) // 2), text, font=font, fill=(235, 235, 235))
+    return np.asarray(strip)
+
+
+def _middle_cut(text: str, keep: int) -> str:
+    """`text` with only `keep` of its characters, the first half and the last, joined by '...'."""
+    if keep >= len(text):
+        return text
+    return text[: (keep + 1) // 2] + "..." + text[len(text) - keep // 2 :]
 
 
 # ---------------------------------------------------------------------------------------- small objects

@@ -190,6 +190,89 @@ def test_a_flow_run_killed_before_its_catalog_run_existed_is_crashed_with_its_ta
         assert task_state(alive_job) == "RUNNING"
 
 
+@pytest.mark.slow
+def test_shard_runs_queued_for_a_batch_that_ended_are_cancelled(harness, tmp_path):
+    """A deployed shard run still waiting for a worker (Scheduled, Late or Pending) when its batch's process
+    was killed would start later on its own, for a run the catalog calls crashed. The reaper now cancels it,
+    with a message naming the batch run, and so the queued shard runs of a run that ended otherwise (stopped
+    with Ctrl-C: cancelled). A shard run that has started is left to its worker; a live run's queue stays."""
+    from prefect.states import Late, Pending, Scheduled
+
+    with get_client(sync_client=True) as client, Catalog(f"sqlite:///{tmp_path / 'c.db'}") as catalog:
+        catalog.upgrade()
+        deployment = client.create_deployment(flow_id=client.create_flow(_shard), name="queued")
+
+        def batch(name: str, owner: str):
+            flow_run = client.create_flow_run(_batch, state=Running())
+            run = catalog.create_run(name, "/m.jsonl", "ab" * 32, {}, str(flow_run.id), owner=owner)
+            catalog.start_run(run.id, flow_run_id=str(flow_run.id))
+            return flow_run, run
+
+        def shard(batch_flow_run, run, key: str, state):
+            call = client.create_task_run(_shard_call, batch_flow_run.id, dynamic_key=key, state=Running())
+            return client.create_flow_run_from_deployment(
+                deployment, parameters={"run_id": run.id, "run_name": run.name}, parent_task_run_id=call.id,
+                state=state,
+            )  # fmt: skip
+
+        killed_flow, killed = batch("killed", _dead_owner())
+        live_flow, live = batch("live", process_owner())
+        stopped_flow, stopped = batch("stopped", process_owner())
+        catalog.finish_run(stopped.id, RunStatus.cancelled)
+        queued = [shard(killed_flow, killed, "s1", Scheduled()), shard(killed_flow, killed, "s2", Late()),
+                  shard(killed_flow, killed, "s3", Pending())]  # fmt: skip
+        started = shard(killed_flow, killed, "s4", Running())
+        live_queued = shard(live_flow, live, "s1", Scheduled())
+        stopped_queued = shard(stopped_flow, stopped, "s1", Scheduled())
+
+        assert [r.name for r in reap_crashed_runs(catalog)] == ["killed"]
+
+        def state(flow_run):
+            return client.read_flow_run(flow_run.id).state
+
+        for flow_run in queued:
+            assert state(flow_run).type.value == "CANCELLED"
+            assert f"its batch run killed (run {killed.id}, flow run {killed_flow.id}) is crashed" in (
+                state(flow_run).message
+            )
+        assert state(stopped_queued).type.value == "CANCELLED"
+        assert f"its batch run stopped (run {stopped.id}" in state(stopped_queued).message
+        assert "is cancelled" in state(stopped_queued).message
+        assert state(started).type.value == state(live_flow).type.value == "RUNNING"
+        assert state(live_queued).type.value == "SCHEDULED"
+
+
+@pytest.mark.slow
+def test_a_shard_run_that_starts_after_its_batch_crashed_ends_at_once(harness, tmp_path):
+    """A shard run queued before its batch crashed, which a worker picks up later anyway, ends Cancelled at
+    once (saying why), before it probes the storage, loads a model or claims a job: the jobs stay pending for
+    the next run of the manifest."""
+    from flows.recovery import queued_shard_end
+    from flows.shard import generate_shard
+    from storage.catalog import JobSpec, JobStatus
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    with Catalog(url) as catalog:
+        catalog.upgrade()
+        run = catalog.create_run("killed", "/m.jsonl", "ab" * 32, {}, owner=_dead_owner())
+        catalog.start_run(run.id)
+        spec = JobSpec("fox", 1, "tiny-t2v", "random:tiny-t2v:seed0", {"prompt": "a fox", "frame_num": 5})
+        catalog.plan_jobs(run.id, [spec])
+        job_ids = [job.id for job in catalog.jobs(run.id)]
+        assert queued_shard_end(catalog.get_run(run.id)) is None  # a running run's shards start
+        assert catalog.mark_crashed(run.id)
+    out = tmp_path / "out"
+    state = generate_shard(run.id, job_ids, "tiny-t2v", catalog_url=url, storage_root=str(out),
+                           run_name="killed", return_state=True)  # fmt: skip
+    assert state.is_cancelled(), state
+    assert state.message == f"not started: its batch run killed (run {run.id}) is crashed in the catalog"
+    with Catalog(url) as catalog:
+        assert [(j.status, j.attempts, j.worker_id) for j in catalog.jobs(run.id)] == [
+            (JobStatus.pending, 0, None)
+        ]
+    assert not out.exists()  # not even the storage probe ran
+
+
 _KILLED_PROBE = """
 import json, os, signal, sys
 import storage.faults as faults

@@ -136,11 +136,12 @@ def test_batch_makes_every_video_once(harness, fast_retries, tmp_path, catalog_u
         names = {f"{j.item_id}-s{j.seed}" for j in jobs}
     task_names, artifacts = prefect_records(run.flow_run_id)
     assert names <= task_names
-    assert {"progress", "table", "markdown"} <= {a.type for a in artifacts}
+    assert {"progress", "markdown"} <= {a.type for a in artifacts}
     progress = [a for a in artifacts if a.type == "progress"]
     assert progress[-1].data == 100.0
-    markdown = next(a for a in artifacts if a.type == "markdown").data
-    assert "6 made" in markdown and "data:image/webp;base64," in markdown
+    markdown = {a.key: a.data for a in artifacts if a.type == "markdown"}
+    assert "6 made" in markdown["batch-summary"] and "data:image/webp;base64," in markdown["batch-summary"]
+    assert markdown["batch-outputs"].count("](data:image/webp;base64,") == 6  # a thumbnail per video
 
     again = run_batch(tmp_path, catalog_url, manifest)
     assert again["status"] == "succeeded"
@@ -209,12 +210,36 @@ def test_transient_failure_is_retried_and_permanent_one_fails_alone(
         assert failed.status == JobStatus.failed and failed.attempts == 1  # a bad request is not retried
         assert "ValueError: unreadable image gamma.png" in failed.last_error
     assert {f["item"] for f in summary["failed"]} == {"gamma"}
+    # in Prefect, as in the catalog: a shard with a failed job ends Failed, saying how many failed and why
+    failed_ids = {j.id for j in jobs.values() if j.status == JobStatus.failed}
+    shards = shard_runs(summary["run_id"])
+    assert len(shards) == 2
+    for shard in shards:
+        held = set(shard.parameters["job_ids"])
+        if held & failed_ids:
+            assert shard.state.is_failed(), shard.state
+            assert shard.state.message.startswith(f"jobs failed: {len(held & failed_ids)} of {len(held)} (")
+            assert "ValueError: unreadable image gamma.png" in shard.state.message
+        else:
+            assert shard.state.is_completed(), shard.state
 
     # the next run redoes only the failed jobs
     monkeypatch.setattr(flows.shard, "store_job_output", real)
     again = run_batch(tmp_path, catalog_url, manifest)
     assert again["status"] == "succeeded"
     assert again["plan"]["requeued"] == 2 and again["plan"]["already_done"] == 4
+    assert [s.state.type.value for s in shard_runs(again["run_id"])] == ["COMPLETED"]
+
+
+def shard_runs(run_id: int) -> list:
+    """The Prefect flow runs of a catalog run's shards (named `shard-<run id>-<label>`)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        named = FlowRunFilter(name=FlowRunFilterName(like_=f"shard-{run_id}-"))
+        runs = client.read_flow_runs(flow_run_filter=named)
+    return [r for r in runs if r.name.startswith(f"shard-{run_id}-")]
 
 
 def test_a_job_past_its_deadline_is_retried_then_failed_with_the_reason(harness, tmp_path, monkeypatch):

@@ -141,6 +141,8 @@ def test_concurrent_callers_share_one_server_that_is_restarted_when_it_dies(home
     assert server.ui_url == f"http://127.0.0.1:{state['port']}/"
     with urllib.request.urlopen(server.ui_url, timeout=10) as page:  # the UI is served too
         assert page.status == 200
+    with urllib.request.urlopen(server.ui_url + "ui-settings", timeout=10) as ui:  # and calls this server
+        assert json.load(ui)["api_url"] == url  # not the default port's (a blank page)
 
     os.killpg(state["pid"], signal.SIGKILL)  # the server dies; its state file stays behind
     assert _gone(state["pid"])

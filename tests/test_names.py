@@ -101,3 +101,33 @@ def test_every_setting_keeps_its_name_from_the_flag_to_the_sidecar(tmp_path):
                 assert sidecar["settings"][name] == shown, (label, name, sidecar["settings"])
     assert params["ours"] == params["official"]
     assert Path(tmp_path / "ours").is_dir() and Path(tmp_path / "official").is_dir()
+
+
+def test_validate_takes_the_runs_flags_and_judges_rows_by_them(tmp_path):
+    """`validate` with the flags `generate` gets rejects what that run would: a default a row inherits."""
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"item_id": "fox", "prompt": "a fox"}, {"item_id": "owl", "prompt": "an owl", "frame_num": 9}]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    validate = ["validate", str(manifest), "--model", "tiny-t2v", "--json"]
+    ok = runner.invoke(app, [*validate, "--frame_num", "13"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, [*validate, "--frame-num", "12"])
+    assert bad.exit_code == 1, bad.output
+    problems = json.loads(bad.stdout)["problems"]
+    assert [(p["line"], p["field"]) for p in problems] == [(1, "frame_num")], problems  # owl sets its own
+    flags = ["--size", "64*48", "--steps", "3", "--shift", "2", "--guide_scale", "4", "--solver", "euler",
+             "--negative_prompt", "blur", "--base_seed", "5", "--seeds", "2"]  # fmt: skip
+    done = runner.invoke(app, [*validate, *flags])
+    assert done.exit_code == 0 and json.loads(done.stdout)["jobs"] == 4, done.output
+
+
+@pytest.mark.parametrize("flag", ["--skip_invalid", "--dry_run", "--read_inputs", "--no_offload_model",
+                                  "--t5_cpu", "--vae_tiling=on"])  # fmt: skip
+def test_every_flag_of_wanflow_generate_takes_the_underscore_spelling(tmp_path, flag):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"item_id": "fox", "prompt": "a fox"}) + "\n")
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    result = runner.invoke(app, ["generate", str(manifest), "--model", "tiny-t2v", "--catalog-url", url,
+                                 "--dry-run", flag, "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["to_generate"] == 1

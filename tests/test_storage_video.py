@@ -24,6 +24,7 @@ from s3_server import BUCKET, SECRET, Target, s3_options, start_server, stop_ser
 
 from storage.faults import abort_open_uploads
 from storage.video import (
+    LABEL_HEIGHT,
     PART_SIZE,
     PermanentStorageError,
     StorageError,
@@ -336,6 +337,57 @@ def test_contact_sheet_layout():
     assert sheet[:24, 32:64].mean() == 40 and sheet[24:, :32].mean() == 160
     assert sheet[24:, 32:].max() == 0  # empty slots stay black
     assert contact_sheet(frames[:2], columns=4, tile_width=32).shape == (24, 64, 3)
+
+
+def test_labelled_contact_sheet_differs_only_in_its_label_strips():
+    """The run's sheet labels each tile (item and seed) on a dark strip under it; the tiles stay as they were
+    and a missing tile (the last row's gap) gets no strip."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (90, 160, 3), dtype=np.uint8) for _ in range(5)]
+    plain = contact_sheet(frames, columns=3, tile_width=160)
+    labels = ["fox-s1", "a-very-long-item-name-that-cannot-fit-s123456", "owl-s3", "cat-s4", "狐-s5"]
+    labelled = contact_sheet(frames, columns=3, tile_width=160, labels=labels)
+    tile_h, row_h = 90, 90 + LABEL_HEIGHT
+    assert plain.shape == (2 * tile_h, 3 * 160, 3)
+    assert labelled.shape == (2 * row_h, 3 * 160, 3) and labelled.dtype == np.uint8
+    for row in range(2):
+        assert np.array_equal(
+            labelled[row * row_h : row * row_h + tile_h], plain[row * tile_h : (row + 1) * tile_h]
+        )
+        for col in range(3):
+            strip = labelled[row * row_h + tile_h : (row + 1) * row_h, col * 160 : (col + 1) * 160]
+            if row * 3 + col == len(frames):
+                assert not strip.any()  # no tile, no label: the sheet's black
+            else:  # light text on a dark strip, starting at the left margin
+                assert np.median(strip) < 40 and strip.max() > 200
+                assert np.nonzero(strip.max(axis=(0, 2)) > 128)[0].min() >= 3
+    first = labelled[tile_h:row_h, :160]
+    assert np.nonzero(first.max(axis=(0, 2)) > 128)[0].max() < 3 + 6 * len("fox-s1")  # 6 pixels a letter
+    assert not np.array_equal(labelled, contact_sheet(frames, columns=3, tile_width=160, labels=labels[::-1]))
+
+
+def test_contact_sheet_labels_are_cut_with_an_ellipsis_and_counted():
+    """A label wider than its tile (less a 3-pixel margin each side) loses characters in its middle for
+    '...', keeping both ends (the item's start, the seed); characters the bitmap font lacks show as '?'; a
+    labels list of another length than the frames is refused."""
+    from PIL import ImageDraw, ImageFont
+
+    from storage.video import _label_strip
+
+    def drawn(text: str) -> np.ndarray:
+        strip = Image.new("RGB", (160, LABEL_HEIGHT), (24, 24, 24))
+        ImageDraw.Draw(strip).text(
+            (3, 1), text, font=ImageFont.load_default_imagefont(), fill=(235, 235, 235)
+        )
+        return np.asarray(strip)
+
+    cut = "a-very-long...fit-s123456"  # 25 characters of 6 pixels: 150 of the 154 there is room for
+    assert np.array_equal(_label_strip("a-very-long-item-name-that-cannot-fit-s123456", 160), drawn(cut))
+    assert np.array_equal(_label_strip("fox-s1", 160), drawn("fox-s1"))
+    assert np.array_equal(_label_strip("狐 fox\n-s5", 160), drawn("? fox -s5"))
+    frames = [np.zeros((48, 64, 3), np.uint8)] * 3
+    with pytest.raises(ValueError, match="2 labels for 3 frames"):
+        contact_sheet(frames, labels=["a", "b"])
 
 
 def test_keep_frames_keeps_frame_zero_and_even_spacing(tmp_path: Path):
