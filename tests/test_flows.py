@@ -212,7 +212,7 @@ def test_transient_failure_is_retried_and_permanent_one_fails_alone(
     assert {f["item"] for f in summary["failed"]} == {"gamma"}
     # in Prefect, as in the catalog: a shard with a failed job ends Failed, saying how many failed and why
     failed_ids = {j.id for j in jobs.values() if j.status == JobStatus.failed}
-    shards = shard_runs(summary["run_id"])
+    shards = shard_runs(summary)
     assert len(shards) == 2
     for shard in shards:
         held = set(shard.parameters["job_ids"])
@@ -228,18 +228,20 @@ def test_transient_failure_is_retried_and_permanent_one_fails_alone(
     again = run_batch(tmp_path, catalog_url, manifest)
     assert again["status"] == "succeeded"
     assert again["plan"]["requeued"] == 2 and again["plan"]["already_done"] == 4
-    assert [s.state.type.value for s in shard_runs(again["run_id"])] == ["COMPLETED"]
+    assert [s.state.type.value for s in shard_runs(again)] == ["COMPLETED"]
 
 
-def shard_runs(run_id: int) -> list:
-    """The Prefect flow runs of a catalog run's shards (named `shard-<run id>-<label>`)."""
+def shard_runs(summary: dict) -> list:
+    """The Prefect flow runs of a catalog run's shards: named `shard-<run id>-<label>`, with the run's name
+    as a parameter (other tests' catalogs on the same Prefect server have runs of the same ids)."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
+    prefix = f"shard-{summary['run_id']}-"
     with get_client(sync_client=True) as client:
-        named = FlowRunFilter(name=FlowRunFilterName(like_=f"shard-{run_id}-"))
-        runs = client.read_flow_runs(flow_run_filter=named)
-    return [r for r in runs if r.name.startswith(f"shard-{run_id}-")]
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=prefix)))
+    ours = summary["run_name"]
+    return [r for r in runs if r.name.startswith(prefix) and r.parameters.get("run_name") == ours]
 
 
 def test_a_job_past_its_deadline_is_retried_then_failed_with_the_reason(harness, tmp_path, monkeypatch):
