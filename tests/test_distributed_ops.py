@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed_utils import run_gloo
+from test_gpu_true_ring import HostSyncCounter
 
 from wan.distributed import ContextMesh, context_attention, heads_to_seq, ring_attention, seq_to_heads
+from wan.distributed.context_parallel import ContextParallelSharding
 from wan.distributed.mesh import validate_mesh
 from wan.distributed.ring import block_attention_kernel, block_attention_reference
 
@@ -28,14 +30,29 @@ def _layouts(world_size: int) -> list[tuple[int, int]]:
 
 
 def _make_inputs(world_size: int) -> dict:
-    """Full q, k, v: an even case [B, W*SHARD, H, D] and a padded one (token count not divisible by W; the
-    two batch entries of different true length, padded at the end to a multiple of W and masked)."""
+    """Full q, k, v: an even case [B, W*SHARD, H, D]; a padded one (token count not divisible by W; the
+    two batch entries of different true length, padded at the end to a multiple of W and masked); and the
+    context-parallel padding, known on the host: ``num_keys`` real tokens alike in every row, at the full
+    length (the last rank's block all padding) and at the sharding's length ``cp_len``."""
     g = torch.Generator().manual_seed(world_size)
     full = [torch.randn(B, world_size * SHARD, H, D, generator=g) for _ in range(3)]
     lengths = [world_size * SHARD - 3, world_size * SHARD - 7]
     mask = torch.arange(world_size * SHARD)[None, :] < torch.tensor(lengths)[:, None]  # [B, Lp]
     padded = [torch.randn(B, world_size * SHARD, H, D, generator=g) * mask[..., None, None] for _ in range(3)]
-    return {"full": full, "padded": padded, "mask": mask, "lengths": lengths}
+    cp_len = 4 * world_size + 1  # padded by the sharding to ceil(cp_len / W) * W
+    cp_padded = -(-cp_len // world_size) * world_size
+    cp = [torch.zeros(B, cp_padded, H, D) for _ in range(3)]
+    for t in cp:
+        t[:, :cp_len] = torch.randn(B, cp_len, H, D, generator=g)
+    return {
+        "full": full,
+        "padded": padded,
+        "mask": mask,
+        "lengths": lengths,
+        "num_keys": (world_size - 1) * SHARD - 1,
+        "cp": cp,
+        "cp_len": cp_len,
+    }
 
 
 def _shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -53,16 +70,29 @@ def _worker(rank: int, world_size: int, workdir: Path) -> None:
         pq, pk, pv = (_shard(t, rank, world_size) for t in inputs["padded"])
         mask = _shard(inputs["mask"], rank, world_size)
         key = f"u{ulysses}r{ring}"
+        syncs = HostSyncCounter()
         if ring == 1:  # pure Ulysses: the all-to-all itself
             heads = seq_to_heads(q, mesh.ulysses_group)
             results[f"{key}/seq_to_heads"] = heads
             results[f"{key}/round_trip"] = heads_to_seq(heads, mesh.ulysses_group)
         if ulysses == 1:  # pure ring: ring_attention directly
             results[f"{key}/attn"] = ring_attention(q, k, v, mesh.ring_group)
-            results[f"{key}/attn_masked"] = ring_attention(pq, pk, pv, mesh.ring_group, key_mask=mask)
+            with syncs:
+                results[f"{key}/attn_masked"] = ring_attention(pq, pk, pv, mesh.ring_group, key_mask=mask)
+                results[f"{key}/attn_num_keys"] = ring_attention(
+                    q, k, v, mesh.ring_group, num_keys=inputs["num_keys"]
+                )
         else:
             results[f"{key}/attn"] = context_attention(q, k, v, mesh)
-            results[f"{key}/attn_masked"] = context_attention(pq, pk, pv, mesh, key_mask=mask)
+            with syncs:
+                results[f"{key}/attn_masked"] = context_attention(pq, pk, pv, mesh, key_mask=mask)
+        # The model's path: the sharding's attention op, told the real token count on the host.
+        tokens = torch.zeros(B, inputs["cp_len"], 1)
+        rope = torch.ones(inputs["cp_len"], 1, dtype=torch.complex64)
+        _, _, op = ContextParallelSharding(mesh).shard(tokens, rope)
+        with syncs:
+            results[f"{key}/attn_cp"] = op(*(_shard(t, rank, world_size) for t in inputs["cp"]))
+        results[f"{key}/syncs"] = syncs.ops
     torch.save(results, workdir / f"rank{rank}.pt")
 
 
@@ -109,6 +139,20 @@ def _check_attention(inputs: dict, ranks: list[dict], ulysses: int, ring: int) -
     for b, n in enumerate(inputs["lengths"]):  # padded keys left out: equals attention over the real tokens
         q, k, v = (t[b : b + 1, :n] for t in inputs["padded"])
         torch.testing.assert_close(masked[b : b + 1, :n], _reference(q, k, v), atol=1e-5, rtol=0)
+
+    if ulysses == 1:  # padding as a host int: the keys after num_keys left out, every query answered
+        n = inputs["num_keys"]
+        q, k, v = inputs["full"]
+        out = torch.cat([res[f"{key}/attn_num_keys"] for res in ranks], dim=1)
+        torch.testing.assert_close(out, _reference(q, k[:, :n], v[:, :n]), atol=1e-5, rtol=0)
+
+    n = inputs["cp_len"]
+    out = torch.cat([res[f"{key}/attn_cp"] for res in ranks], dim=1)[:, :n]
+    q, k, v = (t[:, :n] for t in inputs["cp"])
+    torch.testing.assert_close(out, _reference(q, k, v), atol=1e-5, rtol=0)
+
+    # No ring or context-parallel step with padding waits on the device.
+    assert [res[f"{key}/syncs"] for res in ranks] == [[]] * len(ranks)
 
 
 @pytest.mark.distributed

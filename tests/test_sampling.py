@@ -1,4 +1,4 @@
-"""Flow-matching sampling: official sigma grids, diffusers schedulers behind FlowSampler, noise, CFG."""
+"""Flow-matching sampling: official sigma grids, FlowSampler against diffusers' schedulers, noise, CFG."""
 
 from __future__ import annotations
 
@@ -41,6 +41,47 @@ def _run(sampler: FlowSampler, x: torch.Tensor, velocity) -> torch.Tensor:
     return x
 
 
+def _diffusers_scheduler(solver: str, grid: np.ndarray):
+    """diffusers' scheduler configured as the official one for `solver`, on `grid` (float64 [steps],
+    already shifted) + a final 0: what FlowSampler wrapped before it solved the steps itself."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    if solver == "unipc":
+        sched = UniPCMultistepScheduler(
+            num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+            solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, disable_corrector=[],
+            final_sigmas_type="zero",
+        )  # fmt: skip
+        sched.set_timesteps(sigmas=grid.copy())  # flow_shift 1: unchanged, except a leading σ = 1 (nudged)
+    elif solver == "dpm++":
+        sched = DPMSolverMultistepScheduler(
+            num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+            solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+            final_sigmas_type="zero",
+        )  # fmt: skip
+        sched.set_timesteps(len(grid))  # it takes no custom sigmas: replace them (step() reads only these)
+        sched.sigmas = torch.from_numpy(np.append(grid, 0.0).astype(np.float32))
+        sched.timesteps = torch.from_numpy(grid * 1000).to(torch.int64)
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        sched.set_timesteps(sigmas=grid.tolist())
+    sched.set_begin_index(0)
+    return sched
+
+
+def _run_diffusers(sched, x: torch.Tensor, velocity) -> list[torch.Tensor]:
+    """Every step's output of a diffusers scheduler (velocity called with the float32 sigma)."""
+    out = []
+    for i, t in enumerate(sched.timesteps):
+        x = sched.step(velocity(x, float(sched.sigmas[i])), t, x, return_dict=False)[0]
+        out.append(x)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Grids and timesteps
 
@@ -58,7 +99,7 @@ def test_grids_and_timesteps_match_official_formula(steps, shift):
         expected = torch.from_numpy(np.append(grid, 0.0).astype(np.float32))
         assert sampler.sigmas.dtype == torch.float32 and sampler.sigmas.shape == (steps + 1,)
         assert torch.equal(sampler.sigmas, expected) and sampler.sigmas[-1] == 0
-        assert torch.equal(sampler.scheduler.sigmas.to(torch.float32), expected)  # scheduler kept our grid
+        assert torch.equal(_diffusers_scheduler(solver, grid).sigmas.to(torch.float32), expected)
         assert sampler.timesteps.dtype == torch.int64 and len(sampler) == sampler.steps == steps
         assert torch.equal(sampler.timesteps, torch.from_numpy((grid * 1000).astype(np.int64)))
     if steps > 1:
@@ -150,6 +191,47 @@ def test_batch_items_are_independent(solver):
         torch.testing.assert_close(both[i : i + 1], one, rtol=1e-6, atol=1e-6)
     unbatched = _run(FlowSampler(solver, 6, 5.0), x[0], velocity)  # [C, T, H, W] works too
     torch.testing.assert_close(unbatched, both[0], rtol=1e-6, atol=1e-6)
+
+
+# The grids of GRIDS plus short ones and custom grids that start at σ = 1 (λ = -inf: UniPC nudges it to
+# 1 - 1e-6, DPM-Solver++ takes an exact first-order step from it).
+PARITY_GRIDS = [
+    *[(steps, shift, None) for steps, shift in GRIDS],
+    (2, 3.0, None),
+    (3, 5.0, None),
+    (6, 1.0, [1.0, 0.8, 0.55, 0.3, 0.12, 0.03]),
+]
+# Measured worst case over PARITY_GRIDS (torch 2.13, CPU), with max |x| ≈ 6.8: unipc 4.8e-6, dpm++ 6.2e-6
+# (~10 float32 ulps after 50 steps; against a float64 run of the same solver, diffusers' own float32 run is
+# off by as much: up to 4.5e-6), euler 0 (bit for bit).
+PARITY_ATOL = {"unipc": 1e-5, "dpm++": 1e-5, "euler": 0.0}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize(("steps", "shift", "sigmas"), PARITY_GRIDS)
+def test_matches_diffusers_schedulers(solver, steps, shift, sigmas):
+    # FlowSampler solves the steps itself (coefficients in float64 on the host); diffusers' schedulers, as
+    # the official code configures them, compute them in float32 on the device, step by step. Every
+    # step's output agrees to float32 rounding (bit for bit for Euler).
+    sampler = FlowSampler(solver, steps, shift, sigmas=sigmas)
+    if sigmas is not None:
+        grid = np.asarray(sigmas, dtype=np.float64)
+    else:
+        grid = dpm_sigmas(steps, shift) if solver == "dpm++" else unipc_sigmas(steps, shift)
+    sched = _diffusers_scheduler(solver, grid)
+    assert torch.equal(sampler.sigmas, sched.sigmas.to(torch.float32))
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, *SHAPE, generator=g)
+    w = torch.randn(SHAPE, generator=g)
+
+    def velocity(x, sig):  # nonlinear, so the multistep history and the corrector matter
+        return torch.tanh(x * w) * (1 + sig) - 0.3 * x + 0.1 * torch.sin(3 * x)
+
+    reference = _run_diffusers(sched, x, velocity)
+    ours = x
+    for i in range(steps):
+        ours = sampler.step(velocity(ours, float(sampler.sigmas[i])), i, ours)
+        torch.testing.assert_close(ours, reference[i], rtol=0, atol=PARITY_ATOL[solver])
 
 
 def test_dpm_starts_at_sigma_one_without_nan():

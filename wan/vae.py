@@ -161,7 +161,13 @@ class ResidualBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over the H*W positions of each frame, residual. `x: [B, C, T, H, W]`."""
+    """Single-head self-attention over the H*W positions of each frame, residual. `x: [B, C, T, H, W]`.
+
+    q, k and v go to `scaled_dot_product_attention` as `[B*T, 1, H*W, C]`: one explicit head, last
+    dimension contiguous. Only that layout reaches the fused kernels (CUDA memory-efficient / flash, the
+    CPU flash kernel), which never hold the `[H*W, H*W]` score matrix; 3-D inputs fall back to the math
+    kernel, which builds it (14,400² floats, twice, per frame at 720P).
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -172,9 +178,15 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
         b, c, t, h, w = x.shape
-        y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))
-        q, k, v = self.to_qkv(y).view(b * t, 3, c, h * w).transpose(2, 3).unbind(1)  # each [bt, hw, c]
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * t, c, h, w)
+        y = self.to_qkv(self.norm(x.transpose(1, 2).reshape(b * t, c, h, w)))  # [bt, 3c, h, w]
+        # -> [bt, 3, hw, c], made contiguous so that each of q, k, v has unit stride in c.
+        qkv = y.view(b * t, 3, c, h * w).transpose(2, 3).contiguous()
+        del y
+        q, k, v = qkv.unsqueeze(2).unbind(1)  # each [bt, 1, hw, c]
+        del qkv
+        y = F.scaled_dot_product_attention(q, k, v)  # [bt, 1, hw, c]
+        del q, k, v
+        y = y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
         return self.proj(y).view(b, t, c, h, w).transpose(1, 2) + x
 
 

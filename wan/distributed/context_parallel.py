@@ -5,8 +5,9 @@ change). Per forward, with W = mesh.world_size and L tokens:
 
 - after patch embedding the tokens [B, L, C] are padded at the end to Lp = ceil(L / W) * W and rank r keeps
   the contiguous block r of Lp / W tokens; RoPE rows are the block's global positions (padding rotates by 1);
-- every block's self-attention runs through `context_attention` (Ulysses, then ring) with a key mask of the
-  real tokens, so padded keys are never attended and results equal the unsharded model for any L;
+- every block's self-attention runs Ulysses, then ring attention, told the number of real tokens L (a Python
+  int: every K/V block's real keys are host arithmetic, nothing waits on the GPU), so padded keys are never
+  attended and results equal the unsharded model for any L;
 - cross-attention (against the replicated text / image context), the time modulation and the head are per
   token or per sample and run locally;
 - the head's output [B, Lp / W, P] is gathered over the mesh and the padding dropped before unpatchify.
@@ -26,8 +27,9 @@ from torch.distributed import ProcessGroup
 from wan.attention import AttentionOp
 from wan.model import WanModel
 
-from .mesh import ContextMesh, context_attention, validate_mesh
-from .ulysses import group_size
+from .mesh import ContextMesh, validate_mesh
+from .ring import ring_attention
+from .ulysses import group_size, heads_to_seq, seq_to_heads
 
 __all__ = ["ContextParallelSharding", "apply_context_parallel", "remove_context_parallel"]
 
@@ -43,45 +45,53 @@ def _all_gather_seq(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor
     return torch.cat(parts, dim=1)
 
 
+def _padded_context_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh: ContextMesh, num_keys: int | None
+) -> torch.Tensor:
+    """`context_attention` with the padding as a host int: the first ``num_keys`` tokens of the whole padded
+    sequence are real (None: all).
+
+    q, k, v: [B, Lp/W, H, D] shard ``mesh.rank`` -> [B, Lp/W, H, D]. After the Ulysses all-to-all the ring
+    blocks are the contiguous ``Lp/R`` blocks of the sequence in ring order, so ``num_keys`` counts the real
+    keys of the ring's concatenated blocks too. Collective over the mesh; no host synchronisation.
+    """
+    group = mesh.ulysses_group
+    q, k, v = (seq_to_heads(t, group) for t in (q, k, v))  # [B, Lp/R, H/U, D]
+    out = ring_attention(q, k, v, mesh.ring_group, num_keys=num_keys)
+    return heads_to_seq(out, group)
+
+
 class ContextParallelSharding:
     """The `SequenceSharding` of `WanModel` for one rank of a `ContextMesh` (see the module docstring)."""
 
     def __init__(self, mesh: ContextMesh) -> None:
         self.mesh = mesh
-        self._cached_for: tuple[torch.Tensor, int] | None = None  # (the rope table itself, batch)
-        self._cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._cached_for: torch.Tensor | None = None  # the rope table itself
+        self._cache: torch.Tensor | None = None
 
-    def _local_rope_and_mask(
-        self, rope: torch.Tensor, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """rope: complex [L, D/2] -> (this shard's rows [Lp/W, D/2], key mask [B, Lp/W]; None: no padding).
+    def _local_rope(self, rope: torch.Tensor) -> torch.Tensor:
+        """rope: complex [L, D/2] -> this shard's rows [Lp/W, D/2] (padding rows: angle 0).
 
         Kept for the next call with the same table (every sampling step reuses the model's cached rope).
         """
-        cached = self._cached_for
-        if cached is not None and cached[0] is rope and cached[1] == batch and self._cache is not None:
+        if self._cached_for is rope and self._cache is not None:
             return self._cache  # the table is held here, so `is` cannot match a new table at an old address
         w, r = self.mesh.world_size, self.mesh.rank
         length = rope.shape[0]
-        padded = -(-length // w) * w
-        local = padded // w
+        local = -(-length // w)
         start = r * local
-        rows = torch.ones(local, rope.shape[1], dtype=rope.dtype, device=rope.device)  # padding: angle 0
+        rows = torch.ones(local, rope.shape[1], dtype=rope.dtype, device=rope.device)
         n_real = max(0, min(length - start, local))
         rows[:n_real] = rope[start : start + n_real]
-        mask = None
-        if padded != length:
-            real = torch.arange(start, start + local, device=rope.device) < length  # [Lp/W]
-            mask = real.expand(batch, local).contiguous()
-        self._cached_for, self._cache = (rope, batch), (rows, mask)
-        return rows, mask
+        self._cached_for, self._cache = rope, rows
+        return rows
 
     def shard(
         self, tokens: torch.Tensor, rope: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionOp]:
         """tokens: [B, L, C]; rope: complex [L, D/2] -> (tokens [B, Lp/W, C], rope [Lp/W, D/2], attn op)."""
         w, r = self.mesh.world_size, self.mesh.rank
-        b, length, _ = tokens.shape
+        length = tokens.shape[1]
         if rope.shape[0] != length:
             raise ValueError(f"rope has {rope.shape[0]} rows for {length} tokens")
         padded = -(-length // w) * w
@@ -89,9 +99,9 @@ class ContextParallelSharding:
         if padded != length:
             tokens = F.pad(tokens, (0, 0, 0, padded - length))  # zeros at the end: [B, Lp, C]
         tokens_local = tokens[:, r * local : (r + 1) * local]
-        rope_local, mask = self._local_rope_and_mask(rope, b)
-        op = functools.partial(context_attention, mesh=self.mesh, key_mask=mask)
-        return tokens_local, rope_local, op
+        num_keys = length if padded != length else None
+        op = functools.partial(_padded_context_attention, mesh=self.mesh, num_keys=num_keys)
+        return tokens_local, self._local_rope(rope), op
 
     def gather(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
         """tokens: [B, Lp/W, P] this rank's rows -> [B, length, P] on every rank (padding dropped).
