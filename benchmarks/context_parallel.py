@@ -62,9 +62,9 @@ class CommBytes:
     """Bytes one rank sends in one DiT forward, by what carries them."""
 
     ulysses_a2a: int = 0  # all-to-all of q, k, v (in) and the attention output (back), every layer
-    ulysses_mask: int = 0  # all-gather of the uint8 key mask inside the Ulysses group (padding only)
+    ulysses_mask: int = 0  # key masks gathered in the Ulysses group: none (padding is known on the host)
     ring_kv: int = 0  # K and V blocks passed around the ring, R - 1 sends per layer
-    ring_mask: int = 0  # the key mask block travelling with them (padding only)
+    ring_mask: int = 0  # key mask blocks travelling with them: none (each rank knows the padding)
     gather: int = 0  # the head output gathered over the mesh, once per forward
     other: int = 0  # any other collective (must stay 0)
 
@@ -97,25 +97,23 @@ def comm_bytes_per_rank(
 ) -> CommBytes:
     """Bytes sent by one rank of a `ulysses x ring` mesh in one forward of `cfg` on `tokens` tokens.
 
-    W = ulysses * ring; Lp = tokens padded to a multiple of W (padding, when there is any, adds the uint8
-    key masks); every rank holds Ls = Lp / W tokens; H heads of D channels; `dtype_bytes` is the
-    activation dtype (q, k, v, the attention output; the weights' dtype), `out_dtype_bytes` the head
-    output's (the head is a linear in the weights' dtype, so the same by default). Per layer:
+    W = ulysses * ring; Lp = tokens padded to a multiple of W (no mask travels with padding: every rank
+    knows from the sharding how many keys are real); every rank holds Ls = Lp / W tokens; H heads of D
+    channels; `dtype_bytes` is the activation dtype (q, k, v, the attention output; the weights' dtype),
+    `out_dtype_bytes` the head output's (float32: the head runs in float32, as officially). Per layer:
 
     - Ulysses: `all_to_all_single` of q, k, v [B, Ls, H, D] and of the output [B, Lp/R, H/U, D] (same size);
-      each keeps 1/U of it and sends (U - 1)/U; with padding, the key mask [B, Ls] uint8 all-gathered
-      (sent to U - 1 ranks);
-    - ring: R - 1 sends of the stacked K/V block [2, B, Lp/R, H/U, D] (and of its mask [B, Lp/R] uint8);
+      each keeps 1/U of it and sends (U - 1)/U;
+    - ring: R - 1 sends of the stacked K/V block [2, B, Lp/R, H/U, D];
 
     then once: the head output [B, Ls, P] (P = out_dim * prod(patch)) all-gathered in the Ulysses group
     ((U - 1) sends of [B, Ls, P]) and then in the ring group ((R - 1) sends of [B, U*Ls, P]).
     """
     if cfg.num_heads % ulysses:
         raise ValueError(f"{cfg.num_heads} heads are not divisible by ulysses {ulysses}")
-    out_dtype_bytes = dtype_bytes if out_dtype_bytes is None else out_dtype_bytes
+    out_dtype_bytes = 4 if out_dtype_bytes is None else out_dtype_bytes
     world = ulysses * ring
     lp = padded_tokens(tokens, world)
-    padded = lp != tokens
     local = lp // world
     heads, d, layers = cfg.num_heads, cfg.head_dim, cfg.num_layers
     shard = batch * local * heads * d * dtype_bytes  # one of q, k, v, out: [B, Ls, H, D]
@@ -124,9 +122,7 @@ def comm_bytes_per_rank(
     head_shard = batch * local * p * out_dtype_bytes  # [B, Ls, P]
     return CommBytes(
         ulysses_a2a=layers * 4 * (shard // ulysses) * (ulysses - 1),
-        ulysses_mask=layers * (ulysses - 1) * batch * local if padded else 0,
         ring_kv=layers * (ring - 1) * kv_block,
-        ring_mask=layers * (ring - 1) * batch * (lp // ring) if padded else 0,
         gather=head_shard * (ulysses - 1) + head_shard * ulysses * (ring - 1),
     )
 

@@ -188,6 +188,7 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         "seed": job.seed,
         "noise": "torch CPU generator, float32",
         "device": str(device), "dtype": str(pipe.dtype).removeprefix("torch."),
+        **({"attention": kernel} if (kernel := _attention_kernel(ctx, device, pipe.dtype)) else {}),
         "worker": ctx.worker,
         **({"parallel": parallel} if (parallel := pipe.describe()) else {}),
         "memory": pipe.memory.describe(),
@@ -198,6 +199,24 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         fps=ctx.fps, storage_options=ctx.storage_options, provenance=provenance, device=str(device),
         peak_memory_bytes=lambda: pipe.peak_memory_bytes,  # read once the last frames are in
     )  # fmt: skip
+
+
+def _attention_kernel(ctx: JobContext, device: Any, dtype: Any) -> str | None:
+    """The DiT's attention kernel on `device` in `dtype` ("fa3", "sdpa-cudnn/flash", "flash_attn" or "sdpa":
+    `wan.attention.kernel_name`); under context parallelism it runs the cross-attentions, the self-attentions
+    going through the parallel layout the sidecar also records.
+
+    None for a worker group on GPUs when this process has not started CUDA (the pipeline runs in the
+    group's processes): querying the device here would hold a CUDA context on rank 0's GPU.
+    """
+    import torch
+
+    from wan.attention import kernel_name
+    from wan.configs import get_preset
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_initialized():
+        return None
+    return kernel_name(device, dtype, get_preset(ctx.source.model).dit.head_dim)
 
 
 def _objects_run_name(ctx: JobContext, job: JobRecord) -> str:

@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="classifier-free guidance scale (default: the task's)")  # fmt: skip
     _add(p, "--save_file", default=None, help="output .mp4 (default: a name from task, size, seed)")
     _add(p, "--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    _add(p, "--dtype", default=None, choices=sorted(_DTYPES), help="DiT dtype (default bf16 on GPU)")
+    _add(p, "--dtype", default=None, choices=sorted(_DTYPES),
+         help="DiT dtype (default bf16 on GPU); under fp16 the text encoder runs in bf16 (umT5 "
+              "overflows in fp16)")  # fmt: skip
     _add(p, "--fps", type=int, default=None, help="output frame rate (default 16)")
     _add(p, "--image", default=None, help="image-to-video: the image to animate")
     _add(p, "--first_frame", default=None, help="first-last-frame-to-video: the first frame")
@@ -327,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         if layout is not None and layout.zero3 and args.compile:
             raise ValueError("--compile cannot be combined with --dit_zero3 / --t5_zero3 (ZeRO-3 gathers "
                              "weights in hooks that compiled blocks would trace)")  # fmt: skip
+        if layout is not None and layout.ulysses_size * layout.ring_size > 1 and args.compile:
+            raise ValueError("--compile cannot be combined with --ulysses_size / --ring_size (the sequence-"
+                             "sharded self-attention breaks every compiled block's graph); compile on one "
+                             "process or with --cfg_parallel alone")  # fmt: skip
         if layout is not None and layout.zero3 and memory.offload_model:
             raise ValueError("--offload_model cannot be combined with --dit_zero3 / --t5_zero3 (ZeRO-3 "
                              "already keeps 1/N of the weights per GPU)")  # fmt: skip

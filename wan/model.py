@@ -4,8 +4,11 @@ Parameter names are the official checkpoint keys, so `diffusion_pytorch_model*.s
 unchanged. Shapes below use B batch, C_in/C_out latent channels, F/H/W latent frames/rows/columns,
 L = F*H*W/4 tokens, C model width, N heads, D head width, Lc context tokens.
 
-Numerics follow the official code: the time embedding, the modulation and the residual stream are
-float32; the linear layers and attention run in the weights' dtype (bf16 on a GPU).
+Numerics follow the official code, which keeps float32 weights and runs under bf16 autocast with float32
+regions: the time embedding and projection, the modulation arithmetic, the residual stream, every norm (with
+its weights) and the whole head (norm, modulation and output projection) are float32; the other linear
+layers, the patch embedding and attention run in the model's dtype (bf16 on a GPU). `WanModel.cast` keeps
+exactly those weights in float32 (`WanModel.keeps_fp32`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,17 @@ from typing import ClassVar, Protocol
 import torch
 from torch import nn
 
-from wan.attention import AttentionOp, attention
+from wan.attention import AttentionOp, attention, resolve_attention
 from wan.configs import DiTConfig
 from wan.rope import apply_rope, rope_frequencies
 
 __all__ = ["SequenceSharding", "WanModel", "sinusoidal_embedding"]
+
+_COMPILE_WITH_CONTEXT_PARALLEL = (
+    "torch.compile cannot be combined with context parallelism (Ulysses / ring): the sequence-sharded "
+    "self-attention (all-to-all, ring send/receive, padding arithmetic) breaks every compiled block's "
+    "graph; compile on one process, or run the parallel layout without compiling"
+)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -52,7 +61,12 @@ class SequenceSharding(Protocol):
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation over the last dimension (computed in float32), then a learned scale."""
+    """RMS normalisation over the last dimension, then a learned scale.
+
+    x: [..., C] -> [..., C]. As the official `WanRMSNorm` under autocast: normalised in float32, rounded to
+    x's dtype, then multiplied by the weight, so a float32 weight (as `WanModel.cast` keeps it) gives a
+    float32 result, rounded only where attention takes it.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -65,7 +79,8 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype; the output keeps the input dtype."""
+    """LayerNorm computed in float32 (with float32 weights) whatever the input dtype; x: [..., C] -> [..., C]
+    in x's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = None if self.weight is None else self.weight.float()
@@ -84,15 +99,25 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, attn_op: AttentionOp | None = None
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        attn_op: AttentionOp | None = None,
+        kernel: AttentionOp | None = None,
     ) -> torch.Tensor:
-        """x: [B, L, C]; rope: complex [L, D/2] rotations -> [B, L, C]. `attn_op` replaces the attention
-        kernel (`wan.attention.attention`) for this call (a sequence-sharded forward passes its own)."""
+        """x: [B, L, C] in the compute dtype; rope: [L, D/2] complex rotations or their real view
+        [L, D/2, 2] -> [B, L, C].
+
+        `attn_op` replaces the attention for this call (a sequence-sharded forward passes its own); else
+        `kernel`, the resolved attention function (`wan.attention.resolve_attention`); None: `attention`
+        chooses at the call (eager use only: under `torch.compile` pass a resolved kernel). q and k leave
+        the float32 norms and RoPE and are rounded to v's dtype for the attention, as officially.
+        """
         heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
         v = self.v(x).unflatten(-1, heads)
-        op = attention if attn_op is None else attn_op
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope).to(v.dtype)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope).to(v.dtype)
+        op = attn_op if attn_op is not None else kernel if kernel is not None else attention
         return self.o(op(q, k, v).flatten(2))
 
 
@@ -116,17 +141,27 @@ class CrossAttention(nn.Module):
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, C]; context: [B, Lc, C] (image tokens first, then text_len text tokens) -> [B, L, C]."""
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, kernel: AttentionOp | None = None
+    ) -> torch.Tensor:
+        """x: [B, L, C]; context: [B, Lc, C] (image tokens first, then text_len text tokens), both in the
+        compute dtype -> [B, L, C]. `kernel`: as in `SelfAttention.forward`.
+
+        q and k leave their float32 norms rounded to v's dtype; with image tokens the two attention outputs
+        are summed in float32 (the official kernels return float32 for float32 queries) before `o`.
+        """
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        op = attention if kernel is None else kernel
         text = context[:, -self.text_len :] if self.with_image else context
-        k = self.norm_k(self.k(text)).unflatten(-1, heads)
-        out = attention(q, k, self.v(text).unflatten(-1, heads))
+        v = self.v(text).unflatten(-1, heads)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads).to(v.dtype)
+        k = self.norm_k(self.k(text)).unflatten(-1, heads).to(v.dtype)
+        out = op(q, k, v)
         if self.with_image:
             image = context[:, : -self.text_len]
-            k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads)
-            out = out + attention(q, k_img, self.v_img(image).unflatten(-1, heads))
+            v_img = self.v_img(image).unflatten(-1, heads)
+            k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads).to(v_img.dtype)
+            out = (out.float() + op(q, k_img, v_img).float()).to(v.dtype)
         return self.o(out.flatten(2))
 
 
@@ -158,20 +193,31 @@ class AttentionBlock(nn.Module):
         context: torch.Tensor,
         rope: torch.Tensor,
         attn_op: AttentionOp | None = None,
+        kernel: AttentionOp | None = None,
     ) -> torch.Tensor:
-        """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32; context: [B, Lc, C] -> [B, L, C].
-        `attn_op`: the self-attention op for this call (None: the module's own)."""
+        """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32; context: [B, Lc, C] in the compute
+        dtype; rope: [L, D/2, 2] (cos, sin) or complex [L, D/2] -> [B, L, C] float32.
+
+        `attn_op`: the self-attention op for this call (a sequence-sharded forward's), else `kernel`;
+        `kernel`: the resolved attention function (`wan.attention.resolve_attention`) for self- and
+        cross-attention. Pass it when compiling: with None each attention chooses its kernel at the call
+        (environment, imports, device queries), which `torch.compile` would trace into every block.
+        """
         dtype = self.ffn[0].weight.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dtype), rope, attn_op)
+        y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dtype), rope, attn_op, kernel)
         x = x + y.float() * gate1
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, kernel).float()
         y = self.ffn((self.norm2(x) * (1 + scale2) + shift2).to(dtype))
         return x + y.float() * gate2
 
 
 class Head(nn.Module):
-    """Output head: LayerNorm, time modulation with its own [1, 2, C] table, linear to patch values."""
+    """Output head: LayerNorm, time modulation with its own [1, 2, C] table, linear to patch values.
+
+    All of it runs in float32, the output projection included (`WanModel.cast` keeps the head float32), as
+    the official head under its float32 autocast region.
+    """
 
     def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float) -> None:
         super().__init__()
@@ -180,7 +226,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / math.sqrt(dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, C] float32; e: [B, C] float32 (time embedding, not its projection) -> [B, L, P]."""
+        """x: [B, L, C] float32; e: [B, C] float32 (time embedding, not its projection) -> [B, L, P] in the
+        head's dtype (float32 unless the whole model was cast without `WanModel.cast`)."""
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
         y = self.norm(x) * (1 + scale) + shift
         return self.head(y.to(self.head.weight.dtype))
@@ -191,7 +238,9 @@ class ImageEmbedding(nn.Module):
 
     First-last-frame-to-video adds a learned position embedding `emb_pos` [1, Lp, image_dim] (official
     Lp = 2 x 257 = 514) to the features of both frames, laid end to end, before the projection.
-    The LayerNorms (eps 1e-5, affine) compute in float32, as under the official bf16 autocast.
+    As under the official bf16 autocast, the features enter in float32 (CLIP's fp16 output is not rounded to
+    bf16), `emb_pos` is added and both LayerNorms (eps 1e-5, affine, float32 weights) run in float32; the two
+    linear layers and the GELU run in the linear layers' dtype.
     """
 
     def __init__(self, image_dim: int, dim: int, pos_tokens: int | None = None) -> None:
@@ -223,20 +272,27 @@ class ImageEmbedding(nn.Module):
                     f"first-last-frame image features must be [B, {lp}, {c}] or [2B, {lp // 2}, {c}] "
                     f"(both frames), got {tuple(clip_features.shape)}"
                 )
-            clip_features = clip_features + self.emb_pos.to(clip_features.dtype)
-        return self.proj(clip_features)
+            clip_features = clip_features.float() + self.emb_pos.float()
+        norm_in, fc1, act, fc2, norm_out = self.proj
+        x = norm_in(clip_features.float()).to(fc1.weight.dtype)
+        return norm_out(fc2(act(fc1(x))))  # computed in float32, returned in the linear layers' dtype
 
 
 class WanModel(nn.Module):
     """The DiT: patchify, text and time conditioning, `num_layers` blocks, head, unpatchify.
 
-    Precision: `cast(dtype)` runs the model in `dtype` but keeps in float32 the parameters named by
-    `FP32_MODULES` (top-level modules) and `FP32_SUFFIXES` (the blocks' and the head's modulation tables),
-    as the official code keeps its time path and modulation in float32.
+    Precision: `cast(dtype)` runs the model in `dtype` but keeps in float32 what the official code computes
+    in float32 (its weights are float32 and its autocast leaves these parts out of bf16):
+    `FP32_MODULES`, whole top-level modules (the time embedding and projection, and the head: its output
+    projection runs in a float32 autocast region); `FP32_SUFFIXES`, parameters by name (the blocks' and the
+    head's modulation tables, FLF2V's image position embedding); `FP32_NORMS`, the weights and biases of
+    every normalisation (`norm3`, the q/k RMSNorms, the image projection's LayerNorms), which the official
+    norms apply in float32.
     """
 
-    FP32_MODULES: ClassVar[tuple[str, ...]] = ("time_embedding", "time_projection")
-    FP32_SUFFIXES: ClassVar[tuple[str, ...]] = ("modulation",)
+    FP32_MODULES: ClassVar[tuple[str, ...]] = ("time_embedding", "time_projection", "head")
+    FP32_SUFFIXES: ClassVar[tuple[str, ...]] = ("modulation", "emb_pos")
+    FP32_NORMS: ClassVar[tuple[type[nn.Module], ...]] = (RMSNorm, nn.LayerNorm)
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -253,14 +309,32 @@ class WanModel(nn.Module):
         if cfg.image_dim is not None:
             self.img_emb = ImageEmbedding(cfg.image_dim, dim, cfg.image_tokens)
         # Optional: splits the token sequence over processes (`wan.distributed.apply_context_parallel`).
-        self.sequence_sharding: SequenceSharding | None = None
+        self._sequence_sharding: SequenceSharding | None = None
         # The RoPE rotations of the last token grid and device (`rope`): every sampling step reuses them.
         self._rope_key: tuple[tuple[int, ...], torch.device] | None = None
         self._rope: torch.Tensor | None = None
 
     def keeps_fp32(self, name: str) -> bool:
         """Whether the parameter `name` (as `named_parameters` gives it) stays float32 under `cast`."""
-        return name.split(".")[0] in self.FP32_MODULES or name.endswith(self.FP32_SUFFIXES)
+        if name.split(".")[0] in self.FP32_MODULES or name.endswith(self.FP32_SUFFIXES):
+            return True
+        return isinstance(self.get_submodule(name.rpartition(".")[0]), self.FP32_NORMS)
+
+    @property
+    def sequence_sharding(self) -> SequenceSharding | None:
+        """The hook that splits the token sequence over processes (None: the whole sequence here)."""
+        return self._sequence_sharding
+
+    @sequence_sharding.setter
+    def sequence_sharding(self, value: SequenceSharding | None) -> None:
+        if value is not None and self.compiled_blocks:
+            raise ValueError(_COMPILE_WITH_CONTEXT_PARALLEL)
+        self._sequence_sharding = value
+
+    @property
+    def compiled_blocks(self) -> bool:
+        """Whether any block runs under `torch.compile` (`compile_blocks`, or `block.compile()`)."""
+        return any(getattr(block, "_compiled_call_impl", None) is not None for block in self.blocks)
 
     def cast(self, dtype: torch.dtype) -> WanModel:
         """Run in `dtype`, the `keeps_fp32` parameters staying float32 (in place; returns the model).
@@ -312,7 +386,7 @@ class WanModel(nn.Module):
             raise ValueError(
                 f"text features must be padded to {self.cfg.text_len} tokens, got {text.shape[1]}"
             )
-        image = self.img_emb(clip_features.to(self.dtype))
+        image = self.img_emb(clip_features)  # float32 in, as officially; returns the model's dtype
         if image.shape[0] == 1 and context.shape[0] != 1:
             image = image.expand(context.shape[0], -1, -1)
         elif image.shape[0] != context.shape[0]:
@@ -324,7 +398,13 @@ class WanModel(nn.Module):
     def compile_blocks(self, **options: object) -> WanModel:
         """`torch.compile` every block in place (`nn.Module.compile`: parameter names and the state dict are
         unchanged); `options` go to `torch.compile` (e.g. `mode="max-autotune"`, `backend="eager"`). The
-        first forward of each new shape compiles. Returns the model."""
+        first forward of each new shape compiles. Returns the model.
+
+        The attention kernel is chosen before the blocks run and handed to them, so a block compiles to one
+        graph. Refused (ValueError) under context parallelism (`sequence_sharding` set), whose
+        self-attention (all-to-all, ring send/receive) the compiler cannot take whole."""
+        if self.sequence_sharding is not None:
+            raise ValueError(_COMPILE_WITH_CONTEXT_PARALLEL)
         for block in self.blocks:
             block.compile(**options)
         return self
@@ -367,10 +447,14 @@ class WanModel(nn.Module):
         length = tokens.shape[1]
         attn_op = None
         if sharding is not None:  # local tokens [B, Ll, C] with their global rope rows
+            if self.compiled_blocks:
+                raise ValueError(_COMPILE_WITH_CONTEXT_PARALLEL)
             tokens, rope, attn_op = sharding.shard(tokens, rope)
         rope = torch.view_as_real(rope)  # [L, D/2, 2] (cos, sin): the blocks see no complex tensor
+        # Chosen here, outside the (possibly compiled) blocks: they receive a plain function.
+        kernel = resolve_attention(tokens.device, self.dtype, self.cfg.head_dim)
         for block in self.blocks:
-            tokens = block(tokens, e0, ctx, rope, attn_op)
+            tokens = block(tokens, e0, ctx, rope, attn_op, kernel)
         out = self.head(tokens, e)  # [B, L or Ll, P]: per token
         if sharding is not None:
             out = sharding.gather(out, length)

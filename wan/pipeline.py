@@ -33,7 +33,7 @@ from wan.configs import Preset, default_shift, get_preset, parse_size, validate_
 from wan.guidance import Denoiser, choose_guidance
 from wan.model import WanModel
 from wan.sampling import SOLVERS, FlowSampler, initial_noise, latent_shape
-from wan.text_encoder import WanTextEncoder
+from wan.text_encoder import WanTextEncoder, text_encoder_dtype
 from wan.vae import VAETiling, WanVAE
 
 if TYPE_CHECKING:
@@ -228,6 +228,9 @@ class WanPipeline:
             raise ValueError(f"{preset.name} is image-to-video: it needs a CLIP image encoder")
         self.dit = dit.cast(self.dtype).eval().requires_grad_(False)
         self.vae = vae.float().eval().requires_grad_(False)
+        if text_encoder.dtype == torch.float16:  # umT5 overflows in fp16 (`text_encoder_dtype`)
+            log.warning("the text encoder runs in bfloat16, not float16 (umT5 overflows in float16)")
+            text_encoder.to(dtype=text_encoder_dtype(text_encoder.dtype))
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder.eval().requires_grad_(False) if image_encoder else None
         self._place()
@@ -373,14 +376,16 @@ class WanPipeline:
         """Load an official `Wan-AI/Wan2.1-*` or `*-Diffusers` checkpoint directory (text-, image- or
         first-last-frame-to-video; the CLIP image encoder comes with the latter two). `torch_dtype` is
         diffusers' name for `dtype`: the DiT's and the text encoder's (default bf16 on a GPU, else
-        float32)."""
+        float32), except that float16 runs the text encoder in bf16 (`text_encoder_dtype`)."""
         from wan.checkpoints import load_checkpoint
 
         device = torch.device(device) if device is not None else default_device()
         dtype = _one_dtype(dtype, torch_dtype) or default_dtype(device)
         # CLIP is cast straight to the dtype __init__ runs it in (fp16 on a GPU, as officially).
         clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        parts = load_checkpoint(ckpt_dir, task=task, text_dtype=dtype, image_dtype=clip_dtype)
+        parts = load_checkpoint(
+            ckpt_dir, task=task, text_dtype=text_encoder_dtype(dtype), image_dtype=clip_dtype
+        )
         return cls(
             parts.preset,
             parts.dit,
@@ -432,8 +437,9 @@ class WanPipeline:
             d_ff=t5.d_ff,
         )
         text_encoder = WanTextEncoder.from_config(text_config, tokenizer, seed=seed)
-        # As loaded checkpoints are: the text encoder in the pipeline's dtype (bf16 on a GPU).
-        text_encoder.to(dtype=dtype or default_dtype(device if device is not None else default_device()))
+        # As loaded checkpoints are: the text encoder in the pipeline's dtype (bf16 on a GPU; bf16 for fp16).
+        text_dtype = dtype or default_dtype(device if device is not None else default_device())
+        text_encoder.to(dtype=text_encoder_dtype(text_dtype))
         image_encoder = _random_image_encoder(preset, seed) if preset.task != "t2v" else None
         return cls(
             preset, dit, vae, text_encoder, image_encoder=image_encoder, device=device, dtype=dtype,

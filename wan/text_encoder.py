@@ -39,8 +39,21 @@ __all__ = [
     "t5_config_from_official",
     "t5_state_dict_from_official",
     "t5_state_dict_to_official",
+    "text_encoder_dtype",
     "tiny_t5_config",
 ]
+
+
+def text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype umT5 runs in when the rest of a pipeline runs in `dtype`: float16 becomes bfloat16, any
+    other dtype is kept.
+
+    umT5's activations outgrow float16's range (max 65504: the official T5 carries an fp16 clamping helper,
+    transformers clamps its T5 hidden states in fp16 and keeps the FFN output layer in float32), and the
+    official code always runs the encoder in bf16 (`t5_dtype`), whatever the DiT's dtype.
+    """
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
 
 # ---------------------------------------------------------------------------------------------------
 # Text cleaning
