@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean bench
+.PHONY: demo test lint venv clean bench gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/gpu_step.py
 	$(PY) benchmarks/gpu_generate.py --offload_model --t5_cpu
 	$(PY) benchmarks/vae_gpu.py
+
+# The wheels benchmarks/gpu_suite.py needs on a GPU machine without a package registry (the list and why:
+# benchmarks/gpu_wheels.sh), into run/gpu-wheels/; README's "Performance on a GPU" has the commands there.
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh run/gpu-wheels
 
 clean:
 	rm -rf $(VENV) outputs .wanflow .prefect .pytest_cache

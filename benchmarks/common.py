@@ -111,15 +111,23 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> dict[str, A
     return row
 
 
-def vae_twins(seed: int = 0) -> tuple[Any, Any]:
-    """Our full-size `WanVAE` and diffusers' `AutoencoderKLWan` with the same random weights, float32, on
-    the CPU; gammas and the attention output projections get non-trivial values (their init is trivial)."""
-    from diffusers import AutoencoderKLWan
-
-    from wan.vae import WanVAE, vae_state_dict_to_diffusers
+def random_vae(seed: int = 0, cfg: Any = None) -> Any:
+    """Our `WanVAE` (full size, or the `wan.configs.VAEConfig` `cfg`) with random weights, float32, on the
+    CPU; gammas and the attention output projections get non-trivial values (their init is trivial)."""
+    from wan.vae import WanVAE
 
     torch.manual_seed(seed)
-    ours = WanVAE().eval().requires_grad_(False)
+    if cfg is None:
+        ours = WanVAE()
+    else:
+        ours = WanVAE(
+            dim=cfg.dim,
+            z_dim=cfg.z_dim,
+            dim_mult=cfg.dim_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            temporal_downsample=cfg.temporal_downsample,
+        )
+    ours = ours.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in ours.named_parameters():
@@ -127,6 +135,18 @@ def vae_twins(seed: int = 0) -> tuple[Any, Any]:
                 param.copy_(1 + 0.2 * torch.randn(param.shape, generator=g))
             elif name.endswith("proj.weight"):
                 param.copy_(0.05 * torch.randn(param.shape, generator=g))
-    ref = AutoencoderKLWan().eval().requires_grad_(False)
+    return ours
+
+
+def vae_twins(seed: int = 0, cfg: Any = None) -> tuple[Any, Any]:
+    """`random_vae(seed, cfg)` and diffusers' `AutoencoderKLWan` of the same architecture with the same
+    weights, float32, on the CPU."""
+    from diffusers import AutoencoderKLWan
+
+    from wan.vae import diffusers_vae_config, vae_state_dict_to_diffusers
+
+    ours = random_vae(seed, cfg)
+    ref = AutoencoderKLWan() if cfg is None else AutoencoderKLWan(**diffusers_vae_config(cfg))
+    ref = ref.eval().requires_grad_(False)
     ref.load_state_dict(vae_state_dict_to_diffusers(ours.state_dict()), strict=True)
     return ours, ref

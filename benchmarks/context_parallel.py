@@ -610,7 +610,8 @@ def predict_all(
     return rows, best, official
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (`argv`: its command line, default `sys.argv[1:]`); prints, and returns the JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="t2v-14B")
     p.add_argument("--size", default="1280x720", help="video width x height in pixels")
@@ -651,7 +652,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cpu-tokens", type=int, default=1024, help="tokens of the CPU block timing")
     p.add_argument("--skip-measure", action="store_true", help="skip the gloo byte count")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     started = time.perf_counter()
 
     cfg = get_preset(args.preset).dit
@@ -765,41 +766,41 @@ def main() -> None:
             f"ratio {ratio}; "
             f"1-GPU baseline {baseline:.1f} s in the model, {OFFICIAL_H100_SECONDS[1]} s official"
         )
-    emit(
-        {
-            "benchmark": "context_parallel",
-            "measured_tiny": measured,
-            "t2v_14b_720p_mb_per_rank": bytes_table,
-            "tokens": tokens,
-            "flops_per_forward": flops,
-            "single_gpu_forward_seconds": _round(dataclasses.asdict(times)),
-            "single_gpu_video_seconds_model": round(baseline, 1),
-            "block_timing": timing,
-            "predicted_seconds": {n: round(r["video_s"], 1) for n, r in best.items()},
-            "predicted_detail": best,  # per GPU count: the fastest layout: forward, comm, step, video s
-            "predicted_official_layout_seconds": {n: round(r["video_s"], 1) for n, r in official.items()},
-            "official_h100_seconds": {str(k): v for k, v in OFFICIAL_H100_SECONDS.items()},
-            "official_8gpu_seconds": OFFICIAL_H100_SECONDS[8],
-            "predicted_8gpu_seconds": round(pred8, 1) if pred8 else None,
-            "prediction_ratio_8gpu": ratio,
-            "inputs": {
-                "preset": args.preset,
-                "size": f"{width}x{height}x{args.frames}",
-                "steps": STEPS,
-                "forwards_per_step": 2,
-                "dtype_bytes": args.dtype_bytes,
-                "overhead_seconds": args.overhead_seconds,
-                "nvlink_gbps": args.nvlink_gbps,
-                "ib_gbps": args.ib_gbps,
-                "gpus_per_node": args.gpus_per_node,
-                "ring_overlap": args.overlap,
-                "zero3": args.zero3,
-                "dit_params": m.params,
-            },
-            "seconds": round(time.perf_counter() - started, 1),
-            "torch": torch.__version__,
-        }
-    )
+    result = {
+        "benchmark": "context_parallel",
+        "measured_tiny": measured,
+        "t2v_14b_720p_mb_per_rank": bytes_table,
+        "tokens": tokens,
+        "flops_per_forward": flops,
+        "single_gpu_forward_seconds": _round(dataclasses.asdict(times)),
+        "single_gpu_video_seconds_model": round(baseline, 1),
+        "block_timing": timing,
+        "predicted_seconds": {n: round(r["video_s"], 1) for n, r in best.items()},
+        "predicted_detail": best,  # per GPU count: the fastest layout: forward, comm, step, video s
+        "predicted_official_layout_seconds": {n: round(r["video_s"], 1) for n, r in official.items()},
+        "official_h100_seconds": {str(k): v for k, v in OFFICIAL_H100_SECONDS.items()},
+        "official_8gpu_seconds": OFFICIAL_H100_SECONDS[8],
+        "predicted_8gpu_seconds": round(pred8, 1) if pred8 else None,
+        "prediction_ratio_8gpu": ratio,
+        "inputs": {
+            "preset": args.preset,
+            "size": f"{width}x{height}x{args.frames}",
+            "steps": STEPS,
+            "forwards_per_step": 2,
+            "dtype_bytes": args.dtype_bytes,
+            "overhead_seconds": args.overhead_seconds,
+            "nvlink_gbps": args.nvlink_gbps,
+            "ib_gbps": args.ib_gbps,
+            "gpus_per_node": args.gpus_per_node,
+            "ring_overlap": args.overlap,
+            "zero3": args.zero3,
+            "dit_params": m.params,
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+        "torch": torch.__version__,
+    }
+    emit(result)
+    return result
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ scale, sigma grid (diffusers' UniPC is handed the official grid, `unipc_sigmas`)
 DiT runs as the pipeline casts it (bf16, time path and modulation in float32); diffusers' transformer in
 bf16 with its `_keep_in_fp32_modules` in float32, as its `from_pretrained(torch_dtype=bfloat16)` loads
 it; both VAEs in float32. The text encoder is cast to the pipeline dtype, as `from_pretrained` loads
-it (`--t5-fp32` keeps the float32 that `from_config` builds).
+it (`--t5-fp32` keeps the float32 that `from_config` builds). `--narrow-text-encoder` builds the pipeline
+from parts instead (`random_pipeline`): the DiT straight on the device (`gpu_step.build_random`), the VAE
+as `from_config` draws it, and a narrow random umT5 (`narrow_text_config`: the real width, 2 layers, the
+tiny tokenizer's vocabulary; about 0.4B parameters instead of 5.7B), which both pipelines share, so it
+weighs the same in both peaks and in neither with `--t5_cpu`.
 
 Each generation is timed end to end (prompt encoding, sampling, VAE decode) between CUDA syncs. A short
 warm-up generation of each (`--warmup-steps`) comes first; with `--repeats` > 1 the two alternate (ours,
@@ -29,6 +33,7 @@ Prints a summary, then one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import time
@@ -36,12 +41,14 @@ from typing import Any
 
 import torch
 from common import emit, measure
+from gpu_step import build_random
 
-from wan.configs import DEFAULT_NEGATIVE_PROMPT, parse_size
+from wan.configs import DEFAULT_NEGATIVE_PROMPT, TextEncoderConfig, get_preset, parse_size
 from wan.dit_keys import diffusers_transformer_config, dit_state_dict_to_diffusers
-from wan.pipeline import MemoryOptions, WanPipeline
+from wan.pipeline import MemoryOptions, WanPipeline, default_dtype
 from wan.sampling import initial_noise, latent_shape, unipc_sigmas
-from wan.vae import diffusers_vae_config, vae_state_dict_to_diffusers
+from wan.text_encoder import WanTextEncoder, build_tiny_tokenizer, text_encoder_dtype, tiny_t5_config
+from wan.vae import WanVAE, diffusers_vae_config, vae_state_dict_to_diffusers
 
 PROMPT = "A red fox trots through fresh snow in a birch forest at sunrise, soft light, slow camera pan"
 OFFLOAD_TARGET_BYTES = 8.19e9  # the official t2v-1.3B figure with --offload_model --t5_cpu (8.19 GB)
@@ -112,11 +119,66 @@ def diffusers_twin(pipe: WanPipeline, shift: float) -> Any:
     return twin
 
 
+NARROW_VOCAB = 256  # the tiny tokenizer's vocabulary (`build_tiny_tokenizer`)
+NARROW_LAYERS = 2
+
+
+def narrow_text_config(preset_name: str) -> TextEncoderConfig:
+    """A narrow stand-in for the preset's umT5: its width (`d_model` = the DiT's `text_dim`), heads and FFN
+    width, but `NARROW_LAYERS` layers and the tiny tokenizer's vocabulary (t2v-1.3B: 0.39B parameters; the
+    real umT5-XXL has 24 layers, 256,384 tokens, 5.7B parameters)."""
+    preset = get_preset(preset_name)
+    t5 = preset.text_encoder
+    return dataclasses.replace(
+        t5, vocab_size=NARROW_VOCAB, d_model=preset.dit.text_dim, num_layers=min(NARROW_LAYERS, t5.num_layers)
+    )
+
+
+def random_pipeline(
+    preset_name: str,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    memory: MemoryOptions | None = None,
+    dtype: torch.dtype | None = None,
+) -> WanPipeline:
+    """A random-weight pipeline with a narrow text encoder (`narrow_text_config`), quick to build at full
+    size: the DiT materialised on `device` and filled there (`gpu_step.build_random`: normal(0, 0.02), norms
+    1 / 0), the VAE as `WanPipeline.from_config` draws it, the text encoder in the pipeline's text dtype.
+    `memory` as the pipeline takes it (under `offload_model` the DiT then waits on the CPU)."""
+    preset = get_preset(preset_name)
+    dtype = dtype or default_dtype(device)
+    dit = build_random(preset.dit, device, dtype, seed=seed)
+    v = preset.vae
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = WanVAE(
+            dim=v.dim,
+            z_dim=v.z_dim,
+            dim_mult=v.dim_mult,
+            num_res_blocks=v.num_res_blocks,
+            temporal_downsample=v.temporal_downsample,
+        )
+    t5 = narrow_text_config(preset_name)
+    text_config = tiny_t5_config(
+        vocab_size=t5.vocab_size, d_model=t5.d_model, num_layers=t5.num_layers, num_heads=t5.num_heads,
+        d_ff=t5.d_ff,
+    )  # fmt: skip
+    text_encoder = WanTextEncoder.from_config(
+        text_config, build_tiny_tokenizer(t5.vocab_size), seed=seed, dtype=text_encoder_dtype(dtype)
+    )
+    return WanPipeline(
+        preset, dit, vae, text_encoder, device=device, dtype=dtype, memory=memory,
+        source=f"{preset_name} (random weights, narrow text encoder)",
+    )  # fmt: skip
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (`argv`: its command line, default `sys.argv[1:]`); prints, and returns the JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default=None, help="default: t2v-1.3B on a GPU, tiny-t2v on the CPU")
@@ -134,7 +196,12 @@ def main() -> None:
     p.add_argument("--offload_model", action="store_true", help="third run: ours with offload_model")
     p.add_argument("--t5_cpu", action="store_true", help="third run: ours with t5_cpu")
     p.add_argument("--t5-fp32", action="store_true", help="keep the text encoder in float32 (from_config's)")
-    args = p.parse_args()
+    p.add_argument(
+        "--narrow-text-encoder",
+        action="store_true",
+        help="a narrow random umT5 (2 layers, tiny vocabulary), the DiT built on the device: quick to build",
+    )
+    args = p.parse_args(argv)
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -147,7 +214,10 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
 
     start = time.perf_counter()
-    pipe = WanPipeline.from_config(preset_name, seed=0, device=device)
+    if args.narrow_text_encoder:
+        pipe = random_pipeline(preset_name, device, seed=0)
+    else:
+        pipe = WanPipeline.from_config(preset_name, seed=0, device=device)
     if not args.t5_fp32 and pipe.text_encoder.dtype != pipe.dtype:
         pipe.text_encoder.to(dtype=pipe.dtype)  # what from_pretrained loads (text_dtype=dtype)
     shift = args.shift if args.shift is not None else pipe.preset.sampling.shift
@@ -261,9 +331,11 @@ def main() -> None:
         "text_encoder": (
             "umT5-XXL-sized random encoder from from_config, shared by both pipelines: in both peaks"
             if t5_params > 5e9
-            else "small random umT5 from from_config (the real umT5-XXL has 5.7B params, 11.4 GB in bf16): "
-            "the peaks exclude the real text encoder's size"
+            else f"{'narrow' if args.narrow_text_encoder else 'small'} random umT5 ({_count(t5_params)} "
+            "params, shared by both pipelines; the real umT5-XXL has 5.7B params, 11.4 GB in bf16): the "
+            "peaks exclude the real text encoder's size"
         ),
+        "narrow_text_encoder": args.narrow_text_encoder,
         "build_s": round(build_s, 1),
         "torch": torch.__version__,
     }
@@ -295,6 +367,7 @@ def main() -> None:
             f"{reserved} (target {OFFLOAD_TARGET_BYTES / 1e9} GB); max |offload - ours| {off_diff:.2e}"
         )
     emit(result)
+    return result
 
 
 if __name__ == "__main__":

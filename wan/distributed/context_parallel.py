@@ -27,9 +27,8 @@ from torch.distributed import ProcessGroup
 from wan.attention import AttentionOp
 from wan.model import WanModel
 
-from .mesh import ContextMesh, validate_mesh
-from .ring import ring_attention
-from .ulysses import group_size, heads_to_seq, seq_to_heads
+from .mesh import ContextMesh, context_attention, validate_mesh
+from .ulysses import group_size
 
 __all__ = ["ContextParallelSharding", "apply_context_parallel", "remove_context_parallel"]
 
@@ -43,22 +42,6 @@ def _all_gather_seq(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor
     parts = [torch.empty_like(local) for _ in range(g)]
     dist.all_gather(parts, local, group=group)
     return torch.cat(parts, dim=1)
-
-
-def _padded_context_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mesh: ContextMesh, num_keys: int | None
-) -> torch.Tensor:
-    """`context_attention` with the padding as a host int: the first ``num_keys`` tokens of the whole padded
-    sequence are real (None: all).
-
-    q, k, v: [B, Lp/W, H, D] shard ``mesh.rank`` -> [B, Lp/W, H, D]. After the Ulysses all-to-all the ring
-    blocks are the contiguous ``Lp/R`` blocks of the sequence in ring order, so ``num_keys`` counts the real
-    keys of the ring's concatenated blocks too. Collective over the mesh; no host synchronisation.
-    """
-    group = mesh.ulysses_group
-    q, k, v = (seq_to_heads(t, group) for t in (q, k, v))  # [B, Lp/R, H/U, D]
-    out = ring_attention(q, k, v, mesh.ring_group, num_keys=num_keys)
-    return heads_to_seq(out, group)
 
 
 class ContextParallelSharding:
@@ -100,7 +83,7 @@ class ContextParallelSharding:
             tokens = F.pad(tokens, (0, 0, 0, padded - length))  # zeros at the end: [B, Lp, C]
         tokens_local = tokens[:, r * local : (r + 1) * local]
         num_keys = length if padded != length else None
-        op = functools.partial(_padded_context_attention, mesh=self.mesh, num_keys=num_keys)
+        op = functools.partial(context_attention, mesh=self.mesh, num_keys=num_keys)
         return tokens_local, self._local_rope(rope), op
 
     def gather(self, tokens: torch.Tensor, length: int) -> torch.Tensor:

@@ -146,17 +146,21 @@ def context_attention(
     mesh: ContextMesh,
     *,
     key_mask: torch.Tensor | None = None,
+    num_keys: int | None = None,
 ) -> torch.Tensor:
     """Self-attention over the whole sequence from this rank's sequence shard: Ulysses, then ring.
 
-    q, k, v: [B, L/W, H, D] shard ``mesh.rank`` of the sequence (W = world size, all heads);
-    key_mask: [B, L/W] bool for the same shard, True = a real token (None: no padding)
-    -> [B, L/W, H, D]: this shard's rows of softmax attention over all L tokens, masked keys left out.
-    Collective over the whole mesh.
+    q, k, v: [B, L/W, H, D] shard ``mesh.rank`` of the sequence (W = world size, all heads)
+    -> [B, L/W, H, D]: this shard's rows of softmax attention over all L tokens, padding left out.
+    Padding is said either as `num_keys`, a host int: the first `num_keys` tokens of the whole sequence are
+    real (the sharding knows it; no mask travels, no host sync), or as `key_mask` [B, L/W] bool for the same
+    shard, True = a real token (gathered in the Ulysses group). Collective over the whole mesh. After the
+    Ulysses all-to-all the ring blocks are the contiguous L/R blocks in ring order, so `num_keys` counts the
+    real keys of the ring's concatenated blocks too.
     """
     group = mesh.ulysses_group
     q, k, v = (seq_to_heads(t, group) for t in (q, k, v))  # [B, L/R, H/U, D]
     if key_mask is not None:
         key_mask = _gather_key_mask(key_mask, group)  # [B, L/R]
-    out = ring_attention(q, k, v, mesh.ring_group, key_mask=key_mask)
+    out = ring_attention(q, k, v, mesh.ring_group, key_mask=key_mask, num_keys=num_keys)
     return heads_to_seq(out, group)
