@@ -117,16 +117,7 @@ def random_vae(seed: int = 0, cfg: Any = None) -> Any:
     from wan.vae import WanVAE
 
     torch.manual_seed(seed)
-    if cfg is None:
-        ours = WanVAE()
-    else:
-        ours = WanVAE(
-            dim=cfg.dim,
-            z_dim=cfg.z_dim,
-            dim_mult=cfg.dim_mult,
-            num_res_blocks=cfg.num_res_blocks,
-            temporal_downsample=cfg.temporal_downsample,
-        )
+    ours = WanVAE() if cfg is None else WanVAE.from_config(cfg)
     ours = ours.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -47,7 +47,7 @@ from wan.configs import DEFAULT_NEGATIVE_PROMPT, TextEncoderConfig, get_preset, 
 from wan.dit_keys import diffusers_transformer_config, dit_state_dict_to_diffusers
 from wan.pipeline import MemoryOptions, WanPipeline, default_dtype
 from wan.sampling import initial_noise, latent_shape, unipc_sigmas
-from wan.text_encoder import WanTextEncoder, build_tiny_tokenizer, text_encoder_dtype, tiny_t5_config
+from wan.text_encoder import WanTextEncoder, text_encoder_dtype
 from wan.vae import WanVAE, diffusers_vae_config, vae_state_dict_to_diffusers
 
 PROMPT = "A red fox trots through fresh snow in a birch forest at sunrise, soft light, slow camera pan"
@@ -149,24 +149,11 @@ def random_pipeline(
     preset = get_preset(preset_name)
     dtype = dtype or default_dtype(device)
     dit = build_random(preset.dit, device, dtype, seed=seed)
-    v = preset.vae
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = WanVAE(
-            dim=v.dim,
-            z_dim=v.z_dim,
-            dim_mult=v.dim_mult,
-            num_res_blocks=v.num_res_blocks,
-            temporal_downsample=v.temporal_downsample,
-        )
-    t5 = narrow_text_config(preset_name)
-    text_config = tiny_t5_config(
-        vocab_size=t5.vocab_size, d_model=t5.d_model, num_layers=t5.num_layers, num_heads=t5.num_heads,
-        d_ff=t5.d_ff,
-    )  # fmt: skip
-    text_encoder = WanTextEncoder.from_config(
-        text_config, build_tiny_tokenizer(t5.vocab_size), seed=seed, dtype=text_encoder_dtype(dtype)
-    )
+        vae = WanVAE.from_config(preset.vae)
+    text_encoder = WanTextEncoder.random(narrow_text_config(preset_name), seed=seed,
+                                         dtype=text_encoder_dtype(dtype))  # fmt: skip
     return WanPipeline(
         preset, dit, vae, text_encoder, device=device, dtype=dtype, memory=memory,
         source=f"{preset_name} (random weights, narrow text encoder)",

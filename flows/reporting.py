@@ -54,11 +54,13 @@ def publish(
     summary["random_weights"] = sorted(name for name, source in sources.items() if source.ckpt_dir is None)
     try:
         update_progress_artifact(progress_id, progress=100.0)
+        # The first outputs with their thumbnails, read from storage once for both artifacts.
+        shown = _shown_outputs(catalog, plan.run_id, settings, max(MAX_TABLE_ROWS, SHEET_THUMBNAILS))
         create_markdown_artifact(
-            key="batch-outputs", markdown=_outputs_markdown(catalog, summary, settings),
+            key="batch-outputs", markdown=_outputs_markdown(catalog, summary, settings, shown=shown),
             description=f"{plan.run_name}: outputs and failed jobs",
         )  # fmt: skip
-        sheet = _sheet(catalog, plan.run_id, plan.run_name, settings, store=by["succeeded"] > 0)
+        sheet = _sheet(catalog, plan.run_id, plan.run_name, settings, store=by["succeeded"] > 0, shown=shown)
         create_markdown_artifact(
             key="batch-summary", markdown=_markdown(summary, plan, sheet),
             description=f"{plan.run_name}: summary",
@@ -97,18 +99,31 @@ def failure_reasons(failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"error": e, "jobs": n} for e, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def _outputs_markdown(catalog: Catalog, summary: dict[str, Any], settings: Settings) -> str:
+Shown = list[tuple[OutputRecord, JobRecord | None, Any]]  # (output, its job, its thumbnail [H, W, 3] or None)
+
+
+def _shown_outputs(catalog: Catalog, run_id: int, settings: Settings, limit: int) -> Shown:
+    """The run's first `limit` outputs, each with its job and its thumbnail read from storage."""
+    options = settings.resolved_storage_options()
+    return [(out, job, _read_thumbnail(out.thumbnail_uri, options))
+            for out, job in _with_jobs(catalog, catalog.outputs(run_id, limit=limit))]  # fmt: skip
+
+
+def _outputs_markdown(
+    catalog: Catalog, summary: dict[str, Any], settings: Settings, *, shown: Shown | None = None
+) -> str:
     """The outputs artifact: the run's first `MAX_TABLE_ROWS` outputs with a small thumbnail each (a data URI,
     which the Prefect UI shows whatever the storage), then its failed jobs, one line each with the reason;
-    says how many of each it leaves out and which command lists them all."""
+    says how many of each it leaves out and which command lists them all. `shown`: those outputs already
+    read (`_shown_outputs`)."""
     run_id, run_name = summary["run_id"], summary["run_name"]
-    outputs = _with_jobs(catalog, catalog.outputs(run_id, limit=MAX_TABLE_ROWS))
-    options = settings.resolved_storage_options()
+    if shown is None:
+        shown = _shown_outputs(catalog, run_id, settings, MAX_TABLE_ROWS)
+    outputs = shown[:MAX_TABLE_ROWS]
     lines = [f"# {run_name}: outputs", ""]
     if outputs:
         lines += ["| thumbnail | item | seed | status | seconds | video |", "|---|---|---|---|---|---|"]
-    for out, job in outputs:
-        image = _read_thumbnail(out.thumbnail_uri, options)
+    for out, job, image in outputs:
         thumbnail = (
             f"![{_cell(_label(job))}]({_data_uri(image, TABLE_THUMBNAIL_WIDTH)})" if image is not None else ""
         )
@@ -187,14 +202,16 @@ def _data_uri(image: Any, width: int | None = None, quality: int = 70) -> str:
 
 
 def _sheet(
-    catalog: Catalog, run_id: int, run_name: str, settings: Settings, *, store: bool
-) -> tuple[str | None, str | None]:
+    catalog: Catalog, run_id: int, run_name: str, settings: Settings, *, store: bool,
+    shown: Shown | None = None,
+) -> tuple[str | None, str | None]:  # fmt: skip
     """A contact sheet of the run's first thumbnails, each labelled with its item and seed: (data URI for the
-    markdown, URL where it is stored)."""
+    markdown, URL where it is stored). `shown`: the first outputs already read (`_shown_outputs`)."""
     options = settings.resolved_storage_options()
+    if shown is None:
+        shown = _shown_outputs(catalog, run_id, settings, SHEET_THUMBNAILS)
     images, labels = [], []
-    for out, job in _with_jobs(catalog, catalog.outputs(run_id, limit=SHEET_THUMBNAILS)):
-        image = _read_thumbnail(out.thumbnail_uri, options)  # a missing thumbnail leaves a gap
+    for _out, job, image in shown[:SHEET_THUMBNAILS]:  # a missing thumbnail leaves a gap
         if image is not None:
             images.append(image)
             labels.append(_label(job))

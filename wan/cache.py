@@ -201,7 +201,10 @@ class _StepCache:
         raise NotImplementedError
 
     def _middle_forward(self, block: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise NotImplementedError
+        """x: [B, L, C] -> [B, L, C]; passes x through unchanged when the forward is skipped."""
+        if not self._state().compute:
+            return x
+        return type(block).forward(block, x, *args, **kwargs)
 
     def _tail_forward(self, block: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -267,12 +270,6 @@ class FirstBlockCache(_StepCache):
         state.head_output = out
         state.head_residual = residual
         return out
-
-    def _middle_forward(self, block: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x: [B, L, C] -> [B, L, C]; passes x through unchanged when the forward is skipped."""
-        if not self._state().compute:
-            return x
-        return type(block).forward(block, x, *args, **kwargs)
 
     def _tail_forward(self, block: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: [B, L, C] -> [B, L, C]; on a computed forward also keeps its residual over the first block."""
@@ -425,12 +422,6 @@ class MagCache(_StepCache):
         state.counts.skipped += 1
         assert state.residual is not None
         return x + state.residual
-
-    def _middle_forward(self, block: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x: [B, L, C] -> [B, L, C]; x unchanged when the step is skipped."""
-        if not self._state().compute:
-            return x
-        return type(block).forward(block, x, *args, **kwargs)
 
     def _tail_forward(self, block: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x: [B, L, C] -> [B, L, C]; on a computed step also keeps R and, calibrating, the step's ratio."""

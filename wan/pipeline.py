@@ -413,33 +413,16 @@ class WanPipeline:
     ) -> WanPipeline:
         """Random weights for a preset (tiny presets: tests and the demo; full ones: benchmarks);
         `torch_dtype` as in `from_pretrained`."""
-        from wan.text_encoder import build_tiny_tokenizer, tiny_t5_config
-
         dtype = _one_dtype(dtype, torch_dtype)
         preset = get_preset(name)
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
             torch.manual_seed(seed)
             dit = WanModel(preset.dit)
-            vae = WanVAE(
-                dim=preset.vae.dim,
-                z_dim=preset.vae.z_dim,
-                dim_mult=preset.vae.dim_mult,
-                num_res_blocks=preset.vae.num_res_blocks,
-                temporal_downsample=preset.vae.temporal_downsample,
-            )
-        t5 = preset.text_encoder
-        tokenizer = build_tiny_tokenizer(t5.vocab_size)
-        text_config = tiny_t5_config(
-            vocab_size=t5.vocab_size,
-            d_model=t5.d_model,
-            num_layers=t5.num_layers,
-            num_heads=t5.num_heads,
-            d_ff=t5.d_ff,
-        )
-        text_encoder = WanTextEncoder.from_config(text_config, tokenizer, seed=seed)
+            vae = WanVAE.from_config(preset.vae)
         # As loaded checkpoints are: the text encoder in the pipeline's dtype (bf16 on a GPU; bf16 for fp16).
-        text_dtype = dtype or default_dtype(device if device is not None else default_device())
-        text_encoder.to(dtype=text_encoder_dtype(text_dtype))
+        run_dtype = dtype or default_dtype(device if device is not None else default_device())
+        text_dtype = text_encoder_dtype(run_dtype)
+        text_encoder = WanTextEncoder.random(preset.text_encoder, seed=seed, dtype=text_dtype)
         image_encoder = _random_image_encoder(preset, seed) if preset.task != "t2v" else None
         return cls(
             preset, dit, vae, text_encoder, image_encoder=image_encoder, device=device, dtype=dtype,

@@ -29,6 +29,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from wan.configs import TextEncoderConfig
 from wan.weights import CheckpointError, check_state_dict, load_strict, read_state_dict
 
 __all__ = [
@@ -406,6 +407,16 @@ class WanTextEncoder:
             torch.manual_seed(seed)
             model = UMT5EncoderModel(config)
         return cls(model.to(dtype), tokenizer, text_len).to(device)
+
+    @classmethod
+    def random(
+        cls, size: TextEncoderConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> WanTextEncoder:
+        """A random-weight encoder of `size` (`wan.configs.TextEncoderConfig`) with the tiny offline tokenizer
+        (`build_tiny_tokenizer`), for tiny presets and benchmarks."""
+        config = tiny_t5_config(vocab_size=size.vocab_size, d_model=size.d_model, num_layers=size.num_layers,
+                                num_heads=size.num_heads, d_ff=size.d_ff)  # fmt: skip
+        return cls.from_config(config, build_tiny_tokenizer(size.vocab_size), seed=seed, dtype=dtype)
 
 
 def _as_tokenizer(tokenizer: str | Path | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wan.configs import VAEConfig
 from wan.weights import CheckpointError, load_strict
 
 __all__ = [
@@ -322,6 +323,12 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(dim, z_dim, dim_mult, num_res_blocks, temporal_downsample[::-1])
         self.register_buffer("latents_mean", torch.tensor(latents_mean, dtype=torch.float), persistent=False)
         self.register_buffer("latents_std", torch.tensor(latents_std, dtype=torch.float), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: VAEConfig) -> WanVAE:
+        """A freshly initialised VAE of `cfg`'s architecture (`wan.configs.VAEConfig`)."""
+        return cls(dim=cfg.dim, z_dim=cfg.z_dim, dim_mult=cfg.dim_mult, num_res_blocks=cfg.num_res_blocks,
+                   temporal_downsample=cfg.temporal_downsample)  # fmt: skip
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Tensor], source: str = "VAE state dict") -> WanVAE:
