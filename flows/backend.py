@@ -47,6 +47,17 @@ class GenerationBackend(Protocol):
         """The video's frames as they are decoded: uint8 chunks [n, H, W, 3]."""
         ...
 
+    def use_loras(self, loras: Any) -> bool:
+        """Merge a `wan.lora.LoraSet` into the DiT for the next videos (None: the base weights); returns
+        whether the weights changed. ValueError for a set that does not fit the model."""
+        ...
+
+    @property
+    def last_cache_counts(self) -> Any:
+        """The last video's step-cache counts (`wan.cache.CacheCounts`: forwards, skipped); None when it ran
+        without a step cache."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """How one video is spread over processes, for the sidecar; {} when it runs in one."""
         ...

@@ -338,6 +338,21 @@ Solver = Annotated[
 NegativePrompt = Annotated[
     str | None, typer.Option("--negative-prompt", "--negative_prompt", help=NEGATIVE_PROMPT_HELP)
 ]
+Lora = Annotated[
+    list[str] | None,
+    typer.Option("--lora", help="LoRA file for rows without `loras`, URI[:STRENGTH] (strength 1); repeat to "
+                 "stack them"),
+]  # fmt: skip
+Cache = Annotated[
+    str | None,
+    typer.Option("--cache", help="step cache for rows without `cache`: fbcache[:THRESHOLD] (0.05) or "
+                 "magcache[:THRESHOLD] (0.12); off: none"),
+]  # fmt: skip
+Recipe = Annotated[
+    str | None,
+    typer.Option("--recipe", help="sampling recipe for rows without `recipe`: few-step (4 steps, guidance 1, "
+                 "for step/CFG-distilled LoRAs)"),
+]  # fmt: skip
 SkipInvalid = Annotated[
     bool, typer.Option("--skip-invalid/--no-skip-invalid", "--skip_invalid/--no_skip_invalid",
                        help="leave bad rows out (recorded in the catalog)")
@@ -360,13 +375,29 @@ def _defaults(model: str, seeds: int | None, base_seed: int, **params: Any) -> R
     from flows.manifest import RunDefaults
 
     values = {k: v for k, v in params.items() if v is not None}
+    if values.get("loras") is not None:  # local files given on the command line are relative to here
+        values["loras"] = [_absolute_lora(value) for value in values["loras"]]
     try:
         return RunDefaults(
             model=model, base_seed=base_seed, **({"num_seeds": seeds} if seeds else {}), **values
         )
     except ValidationError as exc:
-        flags = (f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        flags = (f"--{'-'.join(map(str, e['loc'][:1])).replace('_', '-').replace('loras', 'lora')}: "
+                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())  # fmt: skip
         raise _fail("; ".join(flags)) from exc
+
+
+def _absolute_lora(value: str) -> Any:
+    """A --lora value with a relative local path made absolute (from the working directory)."""
+    from wan.fast_modes import parse_lora_ref
+
+    try:
+        ref = parse_lora_ref(value)
+    except ValueError as exc:
+        raise _fail(f"--lora {value!r}: {exc}") from exc
+    if "://" in ref.uri or Path(ref.uri).is_absolute():
+        return {"uri": ref.uri, "strength": ref.strength}
+    return {"uri": str(Path(ref.uri).expanduser().resolve()), "strength": ref.strength}
 
 
 def _load(
@@ -398,8 +429,8 @@ def _print_plan(plan: BatchPlan, as_json: bool) -> None:
     )
     if plan.inputs_unread:
         _console.print(
-            f"{plan.inputs_unread} jobs with images counted as to generate: their images were not read "
-            "(--read-inputs hashes them to find those already done)"
+            f"{plan.inputs_unread} jobs with images or LoRA files counted as to generate: those inputs were "
+            "not read (--read-inputs hashes them to find the jobs already done)"
         )
     rows = [
         {"shard": s.label, "model": s.model, "size": s.size, "frames": s.frame_num, "jobs": len(s.job_ids)}
@@ -613,6 +644,9 @@ def generate(
     guide_scale: GuideScale = None,
     solver: Solver = None,
     negative_prompt: NegativePrompt = None,
+    lora: Lora = None,
+    cache: Cache = None,
+    recipe: Recipe = None,
     skip_invalid: SkipInvalid = False,
     offload_model: Annotated[
         bool | None, typer.Option("--offload-model/--no-offload-model", "--offload_model/--no_offload_model",
@@ -640,7 +674,8 @@ def generate(
     """Generate every (row, seed) of MANIFEST not already in the catalog with a verified video."""
     quiet_prefect(verbose)  # before anything imports Prefect
     defaults = _defaults(_model(model), seeds, base_seed, size=size, frame_num=frame_num, steps=steps,
-                         shift=shift, guide_scale=guide_scale, solver=solver, negative_prompt=negative_prompt)
+                         shift=shift, guide_scale=guide_scale, solver=solver, negative_prompt=negative_prompt,
+                         loras=lora, cache=cache, recipe=recipe)  # fmt: skip
     memory = _memory(offload_model, t5_cpu, vae_tiling)
     if dry_run:
         _dry_run(manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out,
@@ -728,6 +763,9 @@ def validate(
     guide_scale: GuideScale = None,
     solver: Solver = None,
     negative_prompt: NegativePrompt = None,
+    lora: Lora = None,
+    cache: Cache = None,
+    recipe: Recipe = None,
     as_json: AsJson = False,
 ) -> None:
     """Check every row of MANIFEST as a run with the same flags would (its model's weights, its local images
@@ -737,7 +775,8 @@ def validate(
     from flows.manifest import load_manifest
 
     defaults = _defaults(_model(model), seeds, base_seed, size=size, frame_num=frame_num, steps=steps,
-                         shift=shift, guide_scale=guide_scale, solver=solver, negative_prompt=negative_prompt)
+                         shift=shift, guide_scale=guide_scale, solver=solver, negative_prompt=negative_prompt,
+                         loras=lora, cache=cache, recipe=recipe)  # fmt: skip
     settings = _settings()
     try:
         loaded = load_manifest(manifest, defaults, storage_options=settings.storage_options_for(manifest))

@@ -46,6 +46,7 @@ from flows.group_protocol import (
     GroupSpec,
     Ready,
     Stop,
+    UseLoras,
 )
 
 __all__ = ["GroupPipeline", "RankListener", "WorkerGroup", "WorkerGroupDied"]
@@ -191,7 +192,7 @@ class WorkerGroup:
         self._conn = None
         raise WorkerGroupDied(message)
 
-    def request(self, message: AskSettings | AskVideoSize) -> Any:
+    def request(self, message: AskSettings | AskVideoSize | UseLoras) -> Any:
         """Send one request and return rank 0's answer; a bad request raises ValueError."""
         if not self.alive:
             self.start()
@@ -218,7 +219,8 @@ class WorkerGroup:
                 if isinstance(reply, Chunk):
                     yield torch.from_numpy(reply.frames)
                 elif isinstance(reply, Done):
-                    self.last_done = {"peak_memory_bytes": reply.peak_memory_bytes}
+                    self.last_done = {"peak_memory_bytes": reply.peak_memory_bytes,
+                                      "cache_counts": reply.cache_counts}  # fmt: skip
                     finished = True
                     return
                 elif isinstance(reply, Failed):
@@ -355,10 +357,13 @@ class GroupPipeline:
     `WanPipeline` that `flows.shard` uses."""
 
     def __init__(self, group: WorkerGroup) -> None:
+        from wan.lora import LoraSet
         from wan.pipeline import MemoryOptions
 
         self.group = group
         self.memory = MemoryOptions.parse(**group.spec.memory())
+        self._loras = LoraSet()  # the set merged in the group's processes
+        self._merged_in = 0  # the group start (`WorkerGroup.starts`) that merged it
         if not group.alive:
             group.start()
 
@@ -383,11 +388,37 @@ class GroupPipeline:
         """For the sidecars: how the group ran the job (the memory options are recorded apart)."""
         return {"processes": self.group.nproc, **self.group.info.get("layout", {})}
 
+    @property
+    def last_cache_counts(self) -> Any:
+        """Rank 0's step-cache counts of the last generation (`wan.cache.CacheCounts`; None without one)."""
+        from wan.cache import CacheCounts
+
+        counts = self.group.last_done.get("cache_counts")
+        return None if counts is None else CacheCounts(**counts)
+
+    def use_loras(self, loras: Any) -> bool:
+        """Merge a `wan.lora.LoraSet` (None: the base weights) into every rank's DiT; the set travels to the
+        group only when it differs from the one merged there. Returns whether the weights changed."""
+        from wan.lora import LoraSet
+
+        loras = loras or LoraSet()
+        if loras.identity == self._loras.identity and self._merged():
+            return False
+        changed = bool(self.group.request(UseLoras(loras)))
+        self._loras, self._merged_in = loras, self.group.starts
+        return changed
+
+    def _merged(self) -> bool:
+        """Whether the group running now holds `self._loras` (a restarted group starts from the base)."""
+        return self.group.alive and self._merged_in == self.group.starts
+
     def settings(self, **kwargs: Any) -> Any:
+        from wan.cache import CacheSetting
         from wan.pipeline import GenerationSettings
 
         values = self.group.request(AskSettings(kwargs))
         values["size"] = tuple(values["size"])
+        values["cache"] = CacheSetting.parse(values.get("cache"))
         return GenerationSettings(**values)
 
     def video_size(self, settings: Any, image: Any | None = None) -> tuple[int, int]:
@@ -404,6 +435,9 @@ class GroupPipeline:
         self, prompt: str, *, seed: int = 0, image: Any = None, last_image: Any = None,
         progress: bool = False, **settings: Any,
     ) -> Iterator[torch.Tensor]:  # fmt: skip
+        if self._loras.entries and not self._merged():  # the group restarted: merge the set again first
+            self.group.request(UseLoras(self._loras))
+            self._merged_in = self.group.starts
         given = {"image": image, "last_image": last_image}
         images = {name: np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)
                   for name, img in given.items() if img is not None}  # fmt: skip

@@ -6,7 +6,8 @@ the spec back with `GroupSpec.from_argv`. Rank 0 then connects and the two talk 
 pickled over a `multiprocessing.connection.Connection`:
 
     rank 0 -> flow:  Ready, then for each request: Answer | Failed, or Chunk... Done | Failed
-    flow -> rank 0:  AskSettings | AskVideoSize (rank 0 answers alone), Generate (every rank samples), Stop
+    flow -> rank 0:  AskSettings | AskVideoSize (rank 0 answers alone), UseLoras (every rank merges, rank 0
+                     answers), Generate (every rank samples), Stop
 
 This module imports nothing of wanflow's: both sides (and the tests) import it without pulling the other in.
 """
@@ -34,6 +35,7 @@ __all__ = [
     "GroupSpec",
     "Ready",
     "Stop",
+    "UseLoras",
 ]  # fmt: skip
 
 ADDRESS_ENV = "WANFLOW_GROUP_ADDRESS"  # a Unix socket path (in a private directory)
@@ -171,6 +173,14 @@ class Generate:
 
 
 @dataclass
+class UseLoras:
+    """Every rank merges this LoRA set into its DiT (`WanPipeline.use_loras`; None: the base weights);
+    rank 0 answers whether the weights changed. `loras`: a `wan.lora.LoraSet`, tensors included."""
+
+    loras: Any = None
+
+
+@dataclass
 class Stop:
     """Every rank leaves its request loop."""
 
@@ -191,9 +201,11 @@ class Chunk:
 
 @dataclass
 class Done:
-    """The video in flight is finished; rank 0's peak GPU memory during it (None on the CPU)."""
+    """The video in flight is finished; rank 0's peak GPU memory during it (None on the CPU) and its step
+    cache's counts ({"forwards", "skipped"}; None without a step cache)."""
 
     peak_memory_bytes: int | None = None
+    cache_counts: dict[str, int] | None = None
 
 
 @dataclass

@@ -6,6 +6,7 @@ connects back to the shard's flow process (address and key in `WANFLOW_GROUP_ADD
 `WANFLOW_GROUP_AUTHKEY`) and serves its requests, in the messages of `flows.group_protocol`:
 
 - `AskSettings` and `AskVideoSize`: answered (`Answer`) by rank 0 alone;
+- `UseLoras`: broadcast to every rank, each merging the set into its DiT; rank 0 answers;
 - `Generate`: broadcast to every rank, sampled together; rank 0 decodes and sends the frames back chunk by
   chunk (`Chunk`, uint8 [n, H, W, 3]), then `Done`;
 - `Stop`: every rank leaves.
@@ -39,6 +40,7 @@ from flows.group_protocol import (
     GroupSpec,
     Ready,
     Stop,
+    UseLoras,
 )
 
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
@@ -78,8 +80,11 @@ def _answer(pipe: Any, message: AskSettings | AskVideoSize) -> Answer:
 
     if isinstance(message, AskSettings):
         return Answer(dataclasses.asdict(pipe.settings(**message.kwargs)))
+    from wan.cache import CacheSetting
+
     image = torch.zeros(3, message.height, message.width)
-    return Answer(pipe.video_size(GenerationSettings(**message.settings), image))
+    values = {**message.settings, "cache": CacheSetting.parse(message.settings.get("cache"))}
+    return Answer(pipe.video_size(GenerationSettings(**values), image))
 
 
 def _generate(pipe: Any, request: Generate, conn: Any) -> None:
@@ -89,6 +94,18 @@ def _generate(pipe: Any, request: Generate, conn: Any) -> None:
                                   **request.images, **request.settings)  # fmt: skip
     for chunk in stream:  # rank 0 only gets chunks
         conn.send(Chunk(chunk.numpy()))
+
+
+def _use_loras(pipe: Any, message: UseLoras, conn: Any) -> None:
+    """Every rank: merge the set (a file that does not fit fails alike on every rank, before any change)."""
+    try:
+        changed = pipe.use_loras(message.loras)
+    except (ValueError, TypeError) as exc:
+        if conn is not None:
+            conn.send(Failed(str(exc)))
+        return
+    if conn is not None:
+        conn.send(Answer(changed))
 
 
 def serve(pipe: Any, conn: Any | None) -> None:
@@ -109,6 +126,9 @@ def serve(pipe: Any, conn: Any | None) -> None:
         message = box[0]
         if isinstance(message, Stop):
             return
+        if isinstance(message, UseLoras):
+            _use_loras(pipe, message, conn)
+            continue
         if not isinstance(message, Generate):
             raise RuntimeError(f"worker group: unexpected request {type(message).__name__}")
         try:
@@ -118,7 +138,8 @@ def serve(pipe: Any, conn: Any | None) -> None:
                 conn.send(Failed(str(exc)))
             continue
         if rank == 0:
-            conn.send(Done(pipe.peak_memory_bytes))
+            counts = pipe.last_cache_counts
+            conn.send(Done(pipe.peak_memory_bytes, None if counts is None else counts.as_dict()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,15 @@
 """What a run would reject beyond the manifest's own rules: rows whose model has no weights here, rows whose
-image lies outside the input roots, rows whose local image file is missing. `wanflow validate`, `--dry-run`
-and the run itself share this check, so the first two report exactly what the third would leave out (or,
-without `--skip-invalid`, refuse).
+image or LoRA file lies outside the input roots, rows whose local image or LoRA file is missing (or a LoRA
+that is not a .safetensors file). `wanflow validate`, `--dry-run` and the run itself share this check, so
+the first two report exactly what the third would leave out (or, without `--skip-invalid`, refuse).
 
-The input policy: images are read only from under the input roots, `WANFLOW_INPUT_ROOTS` (a JSON list of
-URL prefixes); by default the manifest's own folder (or bucket prefix) and the storage root. The check is on
-the URL alone, made before anything is read: a path is resolved (symlinks and `..` included) and must lie
-under a root; a URL is normalised and must start with a root at a `/` boundary; http(s) images need an
-http(s) root. A file outside the roots gets the same message whether or not it exists, so the check tells
-nothing about files it refuses. Under the roots, only file metadata is looked at (a `stat`), never bytes;
-remote images are checked when the run hashes them.
+The input policy, for images and LoRA files alike: inputs are read only from under the input roots,
+`WANFLOW_INPUT_ROOTS` (a JSON list of URL prefixes); by default the manifest's own folder (or bucket
+prefix) and the storage root. The check is on the URL alone, made before anything is read: a path is
+resolved (symlinks and `..` included) and must lie under a root; a URL is normalised and must start with a
+root at a `/` boundary; http(s) inputs need an http(s) root. A file outside the roots gets the same message
+whether or not it exists, so the check tells nothing about files it refuses. Under the roots, only file
+metadata is looked at (a `stat`), never bytes; remote inputs are checked when the run hashes them.
 """
 
 from __future__ import annotations
@@ -92,31 +92,31 @@ def check_requests(
     roots = input_roots(settings, manifest.url)
     shown_roots = ", ".join(redact(root) for root in roots)
 
+    def input_problem(what: str, value: str) -> str | None:
+        """Why an input (`what`: "image", "LoRA") cannot be read under the policy, or None."""
+        uri = resolve_image_uri(value, manifest.url)
+        if has_secret(uri):
+            return (f"{what} URL {redact(uri)} carries a credential; give the workers their credentials "
+                    "through WANFLOW_INPUT_STORAGE_OPTIONS instead")  # fmt: skip
+        if outside_roots(uri, roots):
+            return (f"{what} {redact(uri)} is outside the input roots ({shown_roots}); allow its location "
+                    "with WANFLOW_INPUT_ROOTS")  # fmt: skip
+        if what == "LoRA" and not uri.split("?", 1)[0].lower().endswith(".safetensors"):
+            return f"LoRA {redact(uri)}: expected a .safetensors file"
+        path = local_path(uri)
+        if path is not None and not os.path.isfile(path):
+            return f"{what} file {path} {'is a directory' if os.path.isdir(path) else 'does not exist'}"
+        return None
+
     def problems_of(request: Any) -> list[RowProblem]:
         found = []
         if request.model in refused:
             found.append(RowProblem(request.line, "model", refused[request.model], request.item_id))
-        for name in IMAGE_FIELDS:
-            value = getattr(request, name, None)
-            if not value:
-                continue
-            uri = resolve_image_uri(value, manifest.url)
-            if has_secret(uri):
-                found.append(RowProblem(
-                    request.line, name, f"image URL {redact(uri)} carries a credential; give the workers "
-                    "their credentials through WANFLOW_INPUT_STORAGE_OPTIONS instead", request.item_id,
-                ))  # fmt: skip
-                continue
-            if outside_roots(uri, roots):
-                found.append(RowProblem(
-                    request.line, name, f"image {redact(uri)} is outside the input roots ({shown_roots}); "
-                    "allow its location with WANFLOW_INPUT_ROOTS", request.item_id,
-                ))  # fmt: skip
-                continue
-            path = local_path(uri)
-            if path is not None and not os.path.isfile(path):
-                what = "is a directory" if os.path.isdir(path) else "does not exist"
-                found.append(RowProblem(request.line, name, f"image file {path} {what}", request.item_id))
+        inputs = [(name, "image", getattr(request, name, None)) for name in IMAGE_FIELDS]
+        inputs += [("loras", "LoRA", uri) for uri, _ in getattr(request, "loras", ())]
+        for name, what, value in inputs:
+            if value and (problem := input_problem(what, value)) is not None:
+                found.append(RowProblem(request.line, name, problem, request.item_id))
         return found
 
     if isinstance(manifest, LazyManifest):

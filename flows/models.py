@@ -28,6 +28,7 @@ __all__ = [
     "load_pipeline",
     "memory_options",
     "model_source",
+    "pipeline_loads",
 ]
 
 RANDOM_SEED = RANDOM_WEIGHTS_SEED
@@ -138,6 +139,12 @@ def memory_options(
 
 _pipelines: dict[tuple, Any] = {}
 _lock = threading.Lock()
+_loads = 0  # pipelines this process has built (each reads its checkpoint once)
+
+
+def pipeline_loads() -> int:
+    """How many pipelines (or worker groups) this process has built: each read its weights once."""
+    return _loads
 
 
 def load_pipeline(
@@ -151,6 +158,7 @@ def load_pipeline(
     With `gpus_per_job` > 1, a `flows.group.GroupPipeline`: a `torchrun` group of that many processes
     (one GPU each) holding the model, laid out by `layout` (`Settings.parallel_layout()`), started once.
     """
+    global _loads
     memory = memory_options(memory)
     key = (source.model, source.ckpt_dir, device, dtype, gpus_per_job, tuple(sorted((layout or {}).items())),
            tuple(sorted(memory.items())))  # fmt: skip
@@ -160,6 +168,7 @@ def load_pipeline(
 
             # One model in memory at a time: a worker serves one shard's model. Free the old one first.
             _release_all()
+            _loads += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if gpus_per_job > 1:

@@ -3,11 +3,12 @@
     load_inputs                   the manifest as the run takes it (`flows.manifest.opening.read_manifest`:
                                   every bad row at once; large manifests split with dask), with the
                                   inputs checked (`flows.inputs`)
-    job_specs                     one job per (row, seed), each image's sha256 in its identity
+    job_specs                     one job per (row, seed), each image's and LoRA file's sha256 in its identity
     plan_run                      record the run, its rejections and jobs; jobs already done (a verified
                                   output under the run's root) are skipped; dead workers' claims requeued;
                                   open uploads older than any job aborted; pending jobs cut into shards
-    plan_shards                   jobs grouped by (model, size, frame_num), `shard_size` at most per shard
+    plan_shards                   jobs grouped by (model, size, frame_num, LoRA set, cache), `shard_size` at
+                                  most per shard
     dry_run                       what plan_run would do, writing nothing
 
 Plain functions: the flow, the CLI and the tests call them without Prefect.
@@ -15,7 +16,9 @@ Plain functions: the flow, the CLI and the tests call them without Prefect.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -54,19 +57,24 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Jobs that share a model, size and frame count, for one `generate_shard` run."""
+    """Jobs that share a model, size, frame count, LoRA set and step cache, for one `generate_shard` run
+    (it merges its LoRA set once)."""
 
     model: str
     size: str
     frame_num: int
     job_ids: list[int]
     label: str
+    loras: str | None = None  # the LoRA set's short id (`variant_key`), None: the base weights
+    cache: str | None = None  # 'kind:threshold', None: no step cache
 
     @property
     def tags(self) -> list[str]:
         from wan.configs import get_preset
 
-        return [f"model:{self.model}", f"task:{get_preset(self.model).task}", f"size:{self.size}"]
+        tags = [f"model:{self.model}", f"task:{get_preset(self.model).task}", f"size:{self.size}"]
+        tags += [f"loras:{self.loras}"] if self.loras else []
+        return tags + ([f"cache:{self.cache}"] if self.cache else [])
 
 
 @dataclass
@@ -86,7 +94,7 @@ class BatchPlan:
     abandoned: int = 0
     shards: list[ShardPlan] = field(default_factory=list)
     crashed_runs: list[str] = field(default_factory=list)  # earlier runs found dead and marked crashed
-    inputs_unread: int = 0  # dry runs: jobs whose images were not read (counted as to generate)
+    inputs_unread: int = 0  # dry runs: jobs whose images or LoRA files were not read (counted as to generate)
 
     @property
     def to_generate(self) -> int:
@@ -143,6 +151,7 @@ def job_specs(
             resolve_image_uri(getattr(r, name), manifest.url)
             for r in chunk for name in ("image", "last_image") if getattr(r, name)
         }  # fmt: skip
+        uris |= {resolve_image_uri(uri, manifest.url) for r in chunk for uri, _ in r.loras}
         digests = hash_images(sorted(uris), settings) if read_images else dict.fromkeys(uris)
         for request in chunk:
             fingerprint = sources[request.model].fingerprint
@@ -152,22 +161,44 @@ def job_specs(
                     uri = resolve_image_uri(params[field_name], manifest.url)
                     params[field_name] = uri
                     params[f"{field_name}_sha256"] = digests[uri]
+            for lora in params.get("loras", ()):  # a changed LoRA file makes new jobs
+                lora["uri"] = resolve_image_uri(lora["uri"], manifest.url)
+                lora["sha256"] = digests[lora["uri"]]
             for seed in request.seeds:
                 yield JobSpec(request.item_id, seed, request.model, fingerprint, params, root)
 
 
+def lora_set_id(loras: Any) -> str | None:
+    """A short id of a job's LoRA set (its params' `loras`: uri, sha256, strength per file, in order); None
+    for none. Two jobs with the same id merge the same weights."""
+    if not loras:
+        return None
+    text = json.dumps([[e.get("sha256"), e.get("strength"), e.get("uri")] for e in loras], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def cache_label(cache: Any) -> str | None:
+    """'kind:threshold' of a job's params' `cache` ({"kind", "threshold"}); None for none."""
+    return f"{cache['kind']}:{cache['threshold']:g}" if isinstance(cache, dict) else None
+
+
 def plan_shards(jobs: Iterable[JobGroupRow], shard_size: int) -> list[ShardPlan]:
-    """Group jobs by (model, size, frame_num), then cut each group into shards of `shard_size` at most."""
+    """Group jobs by (model, size, frame_num, LoRA set, step cache), then cut each group into shards of
+    `shard_size` at most: a shard merges one LoRA set, once."""
     if shard_size < 1:
         raise ValueError(f"shard_size {shard_size}: must be at least 1")
-    groups: dict[tuple[str, str, int], list[int]] = {}
-    for job_id, model, size, frame_num in jobs:
-        groups.setdefault((model, str(size), int(frame_num or 0)), []).append(job_id)
+    groups: dict[tuple[str, str, int, str, str], list[int]] = {}
+    for row in jobs:
+        key = (row.model_id, str(row.size), int(row.frame_num or 0), lora_set_id(row.loras) or "",
+               cache_label(row.cache) or "")  # fmt: skip
+        groups.setdefault(key, []).append(row.job_id)
     shards = []
-    for (model, size, frames), ids in sorted(groups.items()):
+    for (model, size, frames, loras, cache), ids in sorted(groups.items()):
+        variant = (f"-lora{loras[:6]}" if loras else "") + (f"-{cache.replace(':', '')}" if cache else "")
         for k in range(0, len(ids), shard_size):
-            label = f"{model}-{size.replace('*', 'x')}-f{frames}-{k // shard_size + 1}"
-            shards.append(ShardPlan(model, size, frames, ids[k : k + shard_size], label))
+            label = f"{model}-{size.replace('*', 'x')}-f{frames}{variant}-{k // shard_size + 1}"
+            shards.append(ShardPlan(model, size, frames, ids[k : k + shard_size], label, loras or None,
+                                    cache or None))  # fmt: skip
     return shards
 
 
@@ -263,12 +294,12 @@ def dry_run(
     skipped, the rest are cut into shards (job ids are left empty for jobs not yet in the catalog).
 
     Images are not read unless `read_images`: a job's identity holds its image's sha256, so without it the
-    jobs with images count as to generate (`inputs_unread` says how many), an upper bound."""
+    jobs with images (or LoRA files) count as to generate (`inputs_unread` says how many), an upper bound."""
     verify = _verify(settings)
     known = {}
     specs = list(job_specs(manifest, sources, settings, read_images=read_images))
-    with_images = sum(1 for spec in specs if spec.params.get("image") or spec.params.get("last_image"))
-    unread = 0 if read_images else with_images
+    read = ("image", "last_image", "loras")  # inputs whose sha256 joins the identity
+    unread = 0 if read_images else sum(1 for spec in specs if any(spec.params.get(k) for k in read))
     keys = [spec_key(s) for s in specs]
     if catalog is not None:
         known = catalog.find_jobs(keys)
@@ -280,7 +311,8 @@ def dry_run(
             done += 1
             continue
         size, frames = spec.params.get("size"), spec.params.get("frame_num")
-        pending.append(JobGroupRow(found[0].id if found else 0, spec.model_id, size, frames))
+        pending.append(JobGroupRow(found[0].id if found else 0, spec.model_id, size, frames,
+                                   spec.params.get("loras"), spec.params.get("cache")))  # fmt: skip
     shards = plan_shards(pending, shard_size)
     return BatchPlan(
         run_id=None, run_name="(dry run)", manifest=redact(manifest.url), rows=manifest.rows,

@@ -32,6 +32,7 @@ from prefect.tasks import exponential_backoff
 from flows.backend import GenerationBackend
 from flows.events import add_progress_listener, notify
 from flows.images import read_image
+from flows.loras import LoraFiles, lora_entries
 from flows.models import ModelSource, load_pipeline, model_source
 from flows.recovery import queued_shard_end, worker_id
 from flows.settings import Settings, check_secret_free, get_settings
@@ -81,9 +82,26 @@ class JobContext:
     provenance: dict[str, Any] = field(default_factory=dict)
     settings: Settings | None = None  # for the storage options of input images
     run_names: dict[int, str] = field(default_factory=dict)  # first runs of jobs redone here
+    loras: LoraFiles | None = None  # the LoRA files read for the shard's jobs (each once per process)
 
     def storage_options_for(self, url: str) -> dict[str, Any]:
         return self.settings.storage_options_for(url) if self.settings else {}
+
+    def lora_files(self) -> LoraFiles:
+        if self.loras is None:
+            self.loras = _process_lora_files(self.storage_options_for)
+        return self.loras
+
+
+_LORA_FILES: LoraFiles | None = None
+
+
+def _process_lora_files(storage_options_for: Any) -> LoraFiles:
+    """This process's LoRA files (read once each, kept for every later shard; see `flows.loras`)."""
+    global _LORA_FILES
+    if _LORA_FILES is None:
+        _LORA_FILES = LoraFiles(storage_options_for)
+    return _LORA_FILES
 
 
 def _settings_args(params: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +110,7 @@ def _settings_args(params: dict[str, Any]) -> dict[str, Any]:
         "negative_prompt": params.get("negative_prompt"), "size": params.get("size"),
         "frame_num": params.get("frame_num"), "steps": params.get("steps"),
         "shift": params.get("shift"), "guide_scale": params.get("guide_scale"),
-        "solver": params.get("solver"),
+        "solver": params.get("solver"), "cache": params.get("cache"),
     }  # fmt: skip
 
 
@@ -169,6 +187,10 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     pipe = ctx.pipeline
     assert pipe is not None  # loaded: the job was planned for this worker's weights (checked above)
     settings = pipe.settings(**_settings_args(params))  # ValueError: a bad request, never retried
+    entries = lora_entries(params)
+    loras = ctx.lora_files().load(entries) if entries else None  # BadLora: never retried
+    if pipe.use_loras(loras):  # a shard's jobs share their LoRA set: merged once, at its first job
+        log.info("LoRA set merged: %s", ", ".join(f"{redact(u)} x{s:g}" for u, _, s in entries) or "none")
     images = {name: read_image(params, name, ctx) for name in ("image", "last_image") if params.get(name)}
     width, height = pipe.video_size(settings, images.get("image"))  # image-to-video: the image's aspect
     device = torch.device(pipe.device)
@@ -184,7 +206,9 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         "request": params,
         "settings": {"size": f"{width}*{height}", "frame_num": settings.frame_num, "steps": settings.steps,
                      "shift": settings.shift, "guide_scale": settings.guide_scale, "solver": settings.solver,
-                     "negative_prompt": settings.negative_prompt},
+                     "negative_prompt": settings.negative_prompt,
+                     "cache": None if settings.cache is None else settings.cache.describe(),
+                     "loras": params.get("loras") or []},
         "seed": job.seed,
         "noise": "torch CPU generator, float32",
         "device": str(device), "dtype": str(pipe.dtype).removeprefix("torch."),
@@ -198,7 +222,16 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         height=height,
         fps=ctx.fps, storage_options=ctx.storage_options, provenance=provenance, device=str(device),
         peak_memory_bytes=lambda: pipe.peak_memory_bytes,  # read once the last frames are in
+        sampling=lambda: _sampling_counts(pipe),
     )  # fmt: skip
+
+
+def _sampling_counts(pipe: GenerationBackend) -> dict[str, int] | None:
+    """The last video's DiT forwards and skipped forwards under a step cache (None without one)."""
+    counts = pipe.last_cache_counts
+    if counts is None:
+        return None
+    return {"dit_forwards": counts.forwards, "dit_forwards_skipped": counts.skipped}
 
 
 def _attention_kernel(ctx: JobContext, device: Any, dtype: Any) -> str | None:

@@ -3,9 +3,11 @@
 One row per video: where it is (uri, sha256, bytes, thumbnail, poster, sidecar), what it shows (prompt,
 negative prompt, item id, seed), what made it (the run, the model id and fingerprint, every generation
 setting under the manifest's own field names: size, frame_num, steps, shift, guide_scale, solver), its
-inputs (image and last_image with their sha256) and its shape (width, height, frames, fps, codec). The
-request's parameters also travel whole, as a JSON string in `params`. The file is written atomically,
-like every other object.
+inputs (image and last_image with their sha256), its fast modes (`loras`: a JSON list of {uri, sha256,
+strength}, empty for none; `cache`: 'kind:threshold' or null; `dit_forwards` and `dit_forwards_skipped`: the
+sampling loop's DiT forwards and those the step cache skipped, null without a cache) and its shape (width,
+height, frames, fps, codec). The request's parameters also travel whole, as a JSON string in `params`. The
+file is written atomically, like every other object.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ _SCHEMA = pa.schema(
         ("width", pa.int64()), ("height", pa.int64()), ("frames", pa.int64()), ("fps", pa.float64()),
         ("codec", pa.string()), ("thumbnail_uri", pa.string()), ("poster_uri", pa.string()),
         ("sidecar_uri", pa.string()), ("job_id", pa.int64()), ("run_id", pa.int64()), ("run", pa.string()),
-        ("params", pa.string()),
+        ("loras", pa.string()), ("cache", pa.string()), ("dit_forwards", pa.int64()),
+        ("dit_forwards_skipped", pa.int64()), ("params", pa.string()),
     ]
 )  # fmt: skip
 
@@ -71,11 +74,19 @@ def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
             height=output.height, frames=output.frames, fps=output.fps, codec=output.codec,
             thumbnail_uri=output.thumbnail_uri, poster_uri=output.poster_uri, sidecar_uri=output.sidecar_uri,
             job_id=job.id, run_id=made_by, run=run_name(made_by),
+            loras=json.dumps(params.get("loras") or [], ensure_ascii=False),
+            cache=_cache_text(params.get("cache")),
+            dit_forwards=output.dit_forwards, dit_forwards_skipped=output.dit_forwards_skipped,
             params=json.dumps(params, sort_keys=True, ensure_ascii=False),
         )  # fmt: skip
         rows.append(row)
     rows.sort(key=lambda r: r["job_id"])
     return rows
+
+
+def _cache_text(cache: Any) -> str | None:
+    """A job's step cache ({"kind", "threshold"}) as 'kind:threshold'; None without one."""
+    return f"{cache['kind']}:{cache['threshold']:g}" if isinstance(cache, dict) else None
 
 
 def export_run(

@@ -43,6 +43,7 @@ def store_job_output(
     device: str | None = None,
     peak_memory_bytes: int | Callable[[], int | None] | None = None,
     seconds: float | None = None,
+    sampling: Callable[[], Mapping[str, Any] | None] | None = None,
 ) -> OutputRecord:
     """Stream `frames` (uint8 chunks [n, H, W, 3]) into the job's objects and record the output.
 
@@ -50,7 +51,9 @@ def store_job_output(
     the JSON sidecar next to the video, credentials masked. `device`, `peak_memory_bytes` and `seconds`
     (defaults to the time since the claim) go into the catalog; `peak_memory_bytes` may be a function, read
     once every frame has been consumed (frames usually come from a lazy generator that does the work).
-    Only the worker holding the job's claim
+    `sampling`, read then too, gives what the sampling loop counted ({"dit_forwards": n,
+    "dit_forwards_skipped": k} under a step cache, else None): the sidecar's `sampling` entry and the
+    output row's columns of those names. Only the worker holding the job's claim
     (`job.worker_id`) can record it. Returns the catalog's output record.
     """
     keys = layout.keys(run_name, job.item_id, job.seed)
@@ -77,6 +80,7 @@ def store_job_output(
             storage_options=storage_options,
         )
         written.append(keys.poster)
+        counted = dict(sampling() or {}) if sampling is not None else {}
         facts = dict(
             uri=keys.video, sha256=video.sha256, bytes=video.nbytes, width=width, height=height,
             frames=video.frames, fps=fps, codec=video.codec,
@@ -88,6 +92,7 @@ def store_job_output(
                 for key in ("id", "key", "item_id", "seed", "model_id", "model_fingerprint", "params")
             },
             "output": {**facts, "thumbnail_uri": keys.thumbnail, "poster_uri": keys.poster},
+            **({"sampling": counted} if counted else {}),
             "store_seconds": round(time.perf_counter() - start, 3),
         }  # fmt: skip
         write_bytes(keys.sidecar, sidecar_bytes(sidecar), storage_options=storage_options)
@@ -101,7 +106,8 @@ def store_job_output(
     peak = peak_memory_bytes() if callable(peak_memory_bytes) else peak_memory_bytes
     record = OutputRecord(
         **facts, thumbnail_uri=keys.thumbnail, sidecar_uri=keys.sidecar, poster_uri=keys.poster,
-        device=device, peak_memory_bytes=peak,
+        device=device, peak_memory_bytes=peak, dit_forwards=counted.get("dit_forwards"),
+        dit_forwards_skipped=counted.get("dit_forwards_skipped"),
     )  # fmt: skip
     return catalog.mark_succeeded(job.id, record, seconds=seconds, worker=job.worker_id)
 

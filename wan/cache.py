@@ -43,11 +43,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from wan.fast_modes import CACHE_KINDS, DEFAULT_THRESHOLDS, CacheSetting
 from wan.model import WanModel
 
 __all__ = [
-    "CacheCounts", "FirstBlockCache", "FirstBlockCacheConfig", "MagCache", "MagCacheConfig",
-    "apply_first_block_cache", "nearest_resample", "relative_l1_change",
+    "CACHE_KINDS",
+    "DEFAULT_THRESHOLDS",
+    "MAG_DEFAULTS",
+    "MAG_RATIOS",
+    "CacheCounts",
+    "CacheSetting",
+    "FirstBlockCache",
+    "FirstBlockCacheConfig",
+    "MagCache",
+    "MagCacheConfig",
+    "apply_first_block_cache",
+    "mag_ratios_for",
+    "nearest_resample",
+    "relative_l1_change",
+    "step_cache",
 ]  # fmt: skip
 
 DEFAULT_CONTEXT = "default"
@@ -448,3 +462,78 @@ class MagCache(_StepCache):
 def apply_first_block_cache(model: WanModel, threshold: float = 0.05) -> FirstBlockCache:
     """Enable a first-block cache on `model` with `threshold`; returns it (`disable()` undoes it)."""
     return FirstBlockCache(model, FirstBlockCacheConfig(threshold)).enable()
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+# MagCache's other settings: the defaults of its Wan 2.1 script (`magcache_K` 2, `retention_ratio` 0.2; the
+# threshold, `magcache_thresh` 0.12, is `DEFAULT_THRESHOLDS["magcache"]`). Its README runs the 14B models
+# faster with threshold 0.24 and K 6; K stays 2 here.
+MAG_DEFAULTS: dict[str, Any] = {"max_skip_steps": 2, "retention_ratio": 0.2}
+# MagCache's published Wan 2.1 calibrations (Zehong-Ma/MagCache, MagCache4Wan2.1/magcache_generate.py,
+# measured with SDPA attention): the conditional branch's magnitude ratio per step, of 50-step text-to-video
+# and 40-step image-to-video runs (the published lists interleave cond and uncond, from a padded first
+# step of 1.0; this is their cond half, the one diffusers' MagCache docs say to use). `MagCacheConfig`
+# resamples them to a run's steps (nearest). The tiny presets stand in for the big ones and borrow theirs.
+MAG_RATIOS: dict[str, tuple[float, ...]] = {
+    "t2v-1.3B": (  # 50 steps
+        1.0, 1.0124, 1.00166, 0.99791, 0.99682, 0.99634, 0.99567, 0.99416, 0.99578, 0.9957, 0.99511, 0.99535,
+        0.99552, 0.99541, 0.9954, 0.99489, 0.99518, 0.99484, 0.99481, 0.99415, 0.99419, 0.99396, 0.99388,
+        0.99349, 0.99309, 0.9927, 0.99228, 0.99171, 0.99137, 0.99068, 0.99005, 0.98944, 0.98849, 0.98758,
+        0.98644, 0.98504, 0.9836, 0.98202, 0.97977, 0.97717, 0.9741, 0.97003, 0.96538, 0.9593, 0.95086,
+        0.94013,
+        0.92402, 0.90241, 0.86821, 0.81838,
+    ),
+    "t2v-14B": (  # 50 steps
+        1.0, 1.02504, 1.00025, 0.9985, 0.99779, 0.9966, 0.99482, 0.99467, 0.99664, 0.99434, 0.99533, 0.99468,
+        0.99438, 0.99516, 0.99384, 0.99404, 0.99517, 0.99409, 0.99428, 0.99347, 0.99418, 0.99271, 0.99313,
+        0.99215, 0.99218, 0.99216, 0.99163, 0.99138, 0.98982, 0.98996, 0.9887, 0.98772, 0.98767, 0.98573,
+        0.98501, 0.9838, 0.98177, 0.98037, 0.97678, 0.97546, 0.97184, 0.96711, 0.96349, 0.95629, 0.94926,
+        0.93964, 0.92511, 0.90693, 0.8796, 0.86111,
+    ),
+    "i2v-14B-480P": (  # 40 steps
+        1.0, 0.98783, 0.97559, 0.98311, 0.98202, 0.9888, 0.98762, 0.98957, 0.99052, 0.99383, 0.98857, 0.99065,
+        0.98845, 0.99057, 0.98957, 0.98601, 0.98823, 0.98756, 0.98808, 0.98721, 0.98571, 0.98543, 0.98157,
+        0.98411, 0.97952, 0.98149, 0.9774, 0.97825, 0.97355, 0.97085, 0.97056, 0.96588, 0.96113, 0.9567,
+        0.94961, 0.93973, 0.93217, 0.91878, 0.90955, 0.92617,
+    ),
+    "i2v-14B-720P": (  # 40 steps
+        1.0, 0.99428, 0.98588, 0.98273, 0.99018, 0.98911, 0.98646, 0.99454, 0.9891, 0.99124, 0.99102, 0.99215,
+        0.99515, 0.99576, 0.99068, 0.99097, 0.99166, 0.99041, 0.99201, 0.99101, 0.98599, 0.98845, 0.98848,
+        0.98862, 0.98718, 0.98497, 0.98264, 0.98389, 0.97938, 0.97535, 0.97498, 0.973, 0.96827, 0.96261,
+        0.95335, 0.94649, 0.93397, 0.91636, 0.89088, 0.8679,
+    ),
+}
+_MAG_BORROWED = {"tiny-t2v": "t2v-1.3B", "tiny-i2v": "i2v-14B-480P", "tiny-flf2v": "i2v-14B-720P",
+                 "flf2v-14B": "i2v-14B-720P"}  # fmt: skip
+
+
+def mag_ratios_for(preset: str) -> tuple[float, ...] | None:
+    """The published MagCache ratios for a preset (None when it has none)."""
+    return MAG_RATIOS.get(preset) or MAG_RATIOS.get(_MAG_BORROWED.get(preset, ""))
+
+
+@contextlib.contextmanager
+def step_cache(
+    model: WanModel, setting: CacheSetting | None, steps: int, mag_ratios: tuple[float, ...] | None = None
+) -> Iterator[FirstBlockCache | MagCache | None]:
+    """A step cache on `model` for one denoising sequence of `steps` forwards per context, removed on
+    exit (also on error); yields None, changing nothing, when `setting` is None. MagCache needs the
+    model's calibrated `mag_ratios` (resampled to `steps`)."""
+    if setting is None:
+        yield None
+        return
+    cache: FirstBlockCache | MagCache
+    if setting.kind == "fbcache":
+        cache = FirstBlockCache(model, FirstBlockCacheConfig(setting.threshold))
+    else:
+        if mag_ratios is None:
+            raise ValueError("MagCache needs the model's calibrated magnitude ratios; this model has none")
+        config = MagCacheConfig(threshold=setting.threshold, num_inference_steps=steps, mag_ratios=mag_ratios,
+                                **MAG_DEFAULTS)  # fmt: skip
+        cache = MagCache(model, config)
+    cache.enable()
+    try:
+        yield cache
+    finally:
+        cache.disable()

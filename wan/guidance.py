@@ -15,6 +15,9 @@ All give the same velocity, `uncond + scale·(cond - uncond)` (`wan.sampling.gui
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,22 +36,29 @@ class Denoiser:
     """The DiT with one request's image conditioning (None for text-to-video).
 
     y: [B, 4 + z, T, h, w] mask and condition latents; clip: [B, Li, image_dim] CLIP features.
+    `branch_state`: given a guidance branch's name ("cond", "uncond"), a context manager inside which the
+    DiT keeps that branch's own step-cache state (`wan.cache` `context`); None without a step cache.
     """
 
     dit: torch.nn.Module
     y: torch.Tensor | None = None
     clip: torch.Tensor | None = None
+    branch_state: Callable[[str], AbstractContextManager[None]] | None = None
 
     def __call__(
-        self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, copies: int = 1
-    ) -> torch.Tensor:
+        self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, copies: int = 1,
+        branch: str | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """latents: [copies·B, z, T, h, w]; t: [copies·B]; context: [copies·B, L, C] -> velocity, latents'
-        shape. `copies`: how many times the batch is repeated (the conditioning is repeated to match)."""
-        if self.y is None:
-            return self.dit(latents, t, context)
-        inputs = torch.cat([latents, self.y.repeat(copies, 1, 1, 1, 1)], dim=1)
-        assert self.clip is not None
-        return self.dit(inputs, t, context, clip_features=self.clip.repeat(copies, 1, 1))
+        shape. `copies`: how many times the batch is repeated (the conditioning is repeated to match).
+        `branch`: which guidance branch this call is, when the branches are separate calls."""
+        scope = self.branch_state(branch) if branch and self.branch_state else contextlib.nullcontext()
+        with scope:
+            if self.y is None:
+                return self.dit(latents, t, context)
+            inputs = torch.cat([latents, self.y.repeat(copies, 1, 1, 1, 1)], dim=1)
+            assert self.clip is not None
+            return self.dit(inputs, t, context, clip_features=self.clip.repeat(copies, 1, 1))
 
 
 class Guidance(Protocol):
@@ -97,7 +107,8 @@ class SequentialGuidance:
     scale: float
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return guide(self.denoise(x, t, self.context), self.denoise(x, t, self.uncond), self.scale)
+        cond = self.denoise(x, t, self.context, branch="cond")
+        return guide(cond, self.denoise(x, t, self.uncond, branch="uncond"), self.scale)
 
 
 @dataclass
@@ -108,7 +119,8 @@ class SplitGuidance:
     scale: float
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond, uncond = self.split.exchange(self.denoise(x, t, self.branch_context))
+        branch = "cond" if self.split.branch == 0 else "uncond"
+        cond, uncond = self.split.exchange(self.denoise(x, t, self.branch_context, branch=branch))
         return guide(cond, uncond, self.scale)
 
 

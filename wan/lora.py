@@ -40,6 +40,7 @@ __all__ = [
     "check_lora",
     "detect_layout",
     "lora_from_state_dict",
+    "random_lora_state_dict",
     "read_lora",
     "remove_loras",
 ]
@@ -363,3 +364,22 @@ def apply_loras(
         base[module] = weight.detach().to(keep_base_on, copy=True)
         weight.copy_(merged.to(weight.dtype))
     setattr(model, _STATE_ATTR, _MergeState(base=base, identity=lora_set.identity, loras=lora_set))
+
+
+def random_lora_state_dict(
+    model: nn.Module, *, rank: int = 4, seed: int = 0, scale: float = 0.1,
+    pattern: str = r"\.self_attn\.[qkvo]$",
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """A random LoRA for `model` in the ComfyUI layout (for tests, benchmarks and demos): every linear layer
+    whose name matches `pattern` (default: the self-attention projections) gets down [rank, in] ~ N(0, 1)
+    and up [out, rank] ~ N(0, scale^2), drawn from a CPU generator seeded with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for name, linear in _linear_modules(model).items():
+        if re.search(pattern, name):
+            out_features, in_features = linear.weight.shape
+            sd[f"{_COMFY_PREFIX}{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=g)
+            sd[f"{_COMFY_PREFIX}{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=g) * scale
+    if not sd:
+        raise ValueError(f"no linear layer of the model matches {pattern!r}")
+    return sd

@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 import torch
 from tqdm.auto import tqdm
 
+from wan.cache import CacheCounts, CacheSetting, mag_ratios_for, step_cache
 from wan.conditioning import condition_video, crop_to_aspect, frame_mask, image_tensor, size_for_image
 from wan.configs import Preset, default_shift, get_preset, parse_size, validate_request
 from wan.guidance import Denoiser, choose_guidance
+from wan.lora import LoraSet, applied_loras, apply_loras
 from wan.model import WanModel
 from wan.sampling import SOLVERS, FlowSampler, initial_noise, latent_shape
 from wan.text_encoder import WanTextEncoder, text_encoder_dtype
@@ -85,6 +87,7 @@ class SettingsArgs(TypedDict, total=False):
     shift: float | None
     guide_scale: float | None
     solver: str | None
+    cache: CacheSetting | str | dict[str, Any] | None  # 'KIND[:THRESHOLD]' (`wan.cache.CacheSetting.parse`)
     sampling_steps: int | None  # the official names, aliases of the above
     sample_steps: int | None
     sample_shift: float | None
@@ -126,10 +129,11 @@ class GenerationSettings:
     guide_scale: float
     solver: str
     negative_prompt: str
+    cache: CacheSetting | None = None  # the step cache (`wan.cache`); None: every DiT forward computed
 
 
 _SETTING_NAMES = frozenset(
-    ("negative_prompt", "size", "frame_num", "steps", "shift", "guide_scale", "solver")
+    ("negative_prompt", "size", "frame_num", "steps", "shift", "guide_scale", "solver", "cache")
 )  # `GenerationSettings` as a request names them
 
 
@@ -236,6 +240,9 @@ class WanPipeline:
         self._place()
         # Set by `distribute` when one video runs on several processes.
         self.parallel: ParallelPlan | None = None
+        self.lora_merges = 0  # how many times a LoRA set was merged into (or removed from) the DiT
+        # The last video's step-cache counts (DiT forwards, skipped forwards); None: it ran uncached.
+        self.last_cache_counts: CacheCounts | None = None
 
     def _place(self) -> None:
         """Each part where it waits between uses: on the device, or on the CPU under `offload_model` (the
@@ -332,6 +339,27 @@ class WanPipeline:
         self.deferred = set()
         self.parallel = plan
         return self
+
+    # ------------------------------------------------------------------------------------------ LoRAs
+    @property
+    def loras(self) -> LoraSet:
+        """The LoRA set merged into the DiT now (empty: the base weights)."""
+        return applied_loras(self.dit)
+
+    def use_loras(self, loras: LoraSet | None) -> bool:
+        """Merge `loras` into the DiT for the next videos (None or empty: the base weights), restoring the
+        base weights first when another set is merged (bit-exactly, without reading the checkpoint).
+        Returns whether the weights changed (the same set again changes nothing); `lora_merges` counts the
+        changes. ValueError for a file that does not fit the model, before any weight changes."""
+        loras = loras or LoraSet()
+        if self.loras.identity == loras.identity:
+            return False
+        if self.parallel is not None and self.parallel.config.dit_zero3:
+            raise ValueError("LoRAs cannot be merged into a DiT sharded by ZeRO-3 (dit_zero3): its weights "
+                             "are split over the processes")  # fmt: skip
+        apply_loras(self.dit, loras)
+        self.lora_merges += 1
+        return True
 
     @contextlib.contextmanager
     def resident(self, *modules: Any) -> Iterator[None]:
@@ -446,6 +474,7 @@ class WanPipeline:
             solver=values.get("solver") or d.solver,
             # As in the official code, an empty negative prompt means the default one.
             negative_prompt=values.get("negative_prompt") or d.negative_prompt,
+            cache=CacheSetting.parse(values.get("cache")),
         )
         validate_request(self.preset, out.size, out.frame_num, out.steps)
         if out.solver not in SOLVERS:
@@ -532,10 +561,32 @@ class WanPipeline:
         timesteps = sampler.timesteps.to(self.device)
         steps = tqdm(range(len(timesteps)), desc="sampling", disable=not (progress and self.is_writer),
                      leave=False)  # fmt: skip
-        with self.resident(self.dit):  # offload_model: the DiT on the device for the loop only
+        self._check_cache(settings.cache)
+        self.last_cache_counts = None
+        with self.resident(self.dit), self._step_cache(settings) as cache:  # offload_model: DiT on the device
+            denoise.branch_state = cache.context if cache is not None else None
             for i in steps:
                 x = sampler.step(guided(x, timesteps[i].expand(x.shape[0])), i, x)
+            if cache is not None:
+                self.last_cache_counts = cache.counts()
         return x
+
+    def _step_cache(self, settings: GenerationSettings) -> contextlib.AbstractContextManager[Any]:
+        ratios = mag_ratios_for(self.preset.name) if settings.cache is not None else None
+        return step_cache(self.dit, settings.cache, settings.steps, ratios)
+
+    def _check_cache(self, cache: CacheSetting | None) -> None:
+        """Refuse a step cache where its decisions could differ between the processes of one video."""
+        plan = self.parallel
+        if cache is None or plan is None:
+            return
+        if plan.mesh.world_size > 1:
+            raise ValueError(f"the {cache.kind} step cache does not support context parallelism yet "
+                             "(ulysses_size / ring_size above 1): ranks would judge different tokens")
+        if plan.cfg is not None and plan.config.dit_zero3:
+            raise ValueError(f"the {cache.kind} step cache cannot run with cfg_parallel and dit_zero3 "
+                             "together: the two branches may skip different steps while ZeRO-3 needs every "
+                             "rank in each block")  # fmt: skip
 
     def _denoiser(
         self, n: int, settings: GenerationSettings, conditions: Sequence[ImageCondition] | None

@@ -35,6 +35,7 @@ from flows.manifest.schema import (
     _Unreadable,
 )
 from wan.configs import PRESETS, default_shift, validate_request
+from wan.fast_modes import get_recipe
 
 _IMAGE_MODELS = ", ".join(name for name, preset in PRESETS.items() if preset.task != "t2v")
 
@@ -224,12 +225,17 @@ def _fill(request: GenerationRequest, line: int, defaults: RunDefaults) -> Resol
     preset = PRESETS[model]
     s = preset.sampling
 
+    # A recipe's settings sit between the values given and the preset's: row value > row recipe > run
+    # value > run recipe > preset.
+    row_recipe = get_recipe(request.recipe).settings() if request.recipe else {}
+    run_recipe = get_recipe(defaults.recipe).settings() if defaults.recipe else {}
+
     def pick(name: str, preset_value: Any) -> Any:
-        row_value = getattr(request, name)
-        if row_value is not None:
-            return row_value
-        run_value = getattr(defaults, name)
-        return run_value if run_value is not None else preset_value
+        for value in (getattr(request, name), row_recipe.get(name), getattr(defaults, name, None),
+                      run_recipe.get(name)):  # fmt: skip
+            if value is not None:
+                return value
+        return preset_value
 
     count = request.num_seeds or defaults.num_seeds
     first = request.seed if request.seed is not None else derive_seed(request.item_id, defaults.base_seed)
@@ -251,4 +257,7 @@ def _fill(request: GenerationRequest, line: int, defaults: RunDefaults) -> Resol
         shift=float(pick("shift", default_shift(preset, resolved_size))),
         guide_scale=float(pick("guide_scale", s.guide_scale)),
         solver=pick("solver", s.solver),
+        loras=tuple((e.uri, e.strength)
+                    for e in (defaults.loras if request.loras is None else request.loras)),
+        cache=None if (cache := request.cache or defaults.cache) in (None, "off") else cache,
     )

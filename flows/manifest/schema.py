@@ -31,6 +31,7 @@ from pydantic import (
 from storage.layout import MAX_ID_LENGTH, safe_name
 from storage.urls import redact
 from wan.configs import PRESETS, parse_size
+from wan.fast_modes import CacheSetting, LoraRef, get_recipe, parse_lora_ref
 
 MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
 _EXTENSIONS = {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "parquet": "parquet", "pq": "parquet"}
@@ -44,6 +45,7 @@ MAX_URI_CHARS = 4096
 MAX_SIDE = 8192  # pixels; validate_request checks the rest (multiples of the patch quantum)
 MAX_FRAMES = 10_001
 MAX_STEPS = 1000
+MAX_LORAS = 16  # LoRA files stacked on one row
 MAX_RAW_CHARS = 2000  # a problem's `raw`: the row as written, cut
 MAX_NAME_CHARS = 200  # a problem's `field` and `item_id`, cut
 MAX_LISTED = 50  # problems listed in a ManifestError's message
@@ -196,6 +198,66 @@ def _check_model(value: str | None) -> str | None:
     return value
 
 
+def _check_cache(value: Any) -> str | None:
+    """A step-cache setting ('KIND[:THRESHOLD]' or {"kind", "threshold"}) as 'kind:threshold', or 'off'."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        _check_chars(value, "cache", "cache settings")
+    setting = CacheSetting.parse(value)
+    return "off" if setting is None else str(setting)
+
+
+def _check_recipe(value: str | None) -> str | None:
+    if value is None:
+        return None
+    _check_chars(value, "recipe", "recipe names")
+    return get_recipe(value).name
+
+
+def _lora_refs(value: Any) -> Any:
+    """A row's `loras` as a list of {"uri", "strength"}: a list of 'URI[:STRENGTH]' strings or mappings, or
+    one string (a JSON list, or entries separated by ';': CSV cells)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"not a JSON list ({error.msg} at character {error.pos + 1})") from None
+        else:
+            value = [part for part in text.split(";") if part.strip()]
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            "expected a list of LoRAs: [{\"uri\": path or URL, \"strength\": number}] or 'URI[:STRENGTH];...'"
+        )
+    refs = []
+    for n, entry in enumerate(value, 1):
+        try:
+            ref = parse_lora_ref(entry)
+        except ValueError as error:
+            raise ValueError(f"LoRA {n}: {error}") from None
+        _check_chars(ref.uri, f"LoRA {n} uri", "LoRA URIs")
+        if len(ref.uri) > MAX_URI_CHARS:
+            raise ValueError(f"LoRA {n}: uri longer than {MAX_URI_CHARS} characters")
+        refs.append({"uri": ref.uri, "strength": ref.strength})
+    if len(refs) > MAX_LORAS:
+        raise ValueError(f"{len(refs)} LoRAs: at most {MAX_LORAS} can be stacked on one row")
+    return refs
+
+
+class LoraEntry(BaseModel):
+    """One LoRA of a row or of the run: a file (path or fsspec URL, resolved like images) and its strength."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str
+    strength: float = 1.0
+
+    def ref(self) -> LoraRef:
+        return LoraRef(self.uri, self.strength)
+
+
 def _check_solver(value: str | None) -> str | None:
     if value is None:
         return None
@@ -212,7 +274,22 @@ _URIS = ("image", "last_image")
 
 
 class _SharedChecks(BaseModel):
-    """The checks of the fields a row and the run defaults share: model, size, solver."""
+    """The checks of the fields a row and the run defaults share: model, size, solver, the fast modes."""
+
+    @field_validator("loras", mode="before", check_fields=False)
+    @classmethod
+    def _loras(cls, value: Any) -> Any:
+        return None if value is None else _lora_refs(value)
+
+    @field_validator("cache", mode="before", check_fields=False)
+    @classmethod
+    def _cache(cls, value: Any) -> str | None:
+        return _check_cache(value)
+
+    @field_validator("recipe", check_fields=False)
+    @classmethod
+    def _recipe(cls, value: str | None) -> str | None:
+        return _check_recipe(value)
 
     @field_validator("model", check_fields=False)
     @classmethod
@@ -265,6 +342,9 @@ class GenerationRequest(_SharedChecks):
         allow_inf_nan=False,
     )
     solver: str | None = Field(None, validation_alias=AliasChoices("solver", "sample_solver"))
+    loras: tuple[LoraEntry, ...] | None = None
+    cache: str | None = None
+    recipe: str | None = None
 
     @field_validator("item_id", mode="before")
     @classmethod
@@ -320,6 +400,9 @@ class RunDefaults(_SharedChecks):
     guide_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
     solver: str | None = None
     negative_prompt: str | None = None
+    loras: tuple[LoraEntry, ...] = ()
+    cache: str | None = None
+    recipe: str | None = None
 
     @field_validator("negative_prompt")
     @classmethod
@@ -363,6 +446,8 @@ class ResolvedRequest:
     shift: float
     guide_scale: float
     solver: str
+    loras: tuple[tuple[str, float], ...] = ()  # (uri as written, strength) in stacking order
+    cache: str | None = None  # 'kind:threshold' (`wan.fast_modes.CacheSetting`); None: no step cache
 
     def params(self) -> dict[str, Any]:
         """JSON-ready generation parameters that identify a job, less item id, model, seed and line."""
@@ -381,6 +466,11 @@ class ResolvedRequest:
             out["image"] = self.image
         if self.last_image is not None:
             out["last_image"] = self.last_image
+        # The fast modes join a job's parameters only when used: jobs of runs without them keep their keys.
+        if self.loras:
+            out["loras"] = [{"uri": uri, "strength": strength} for uri, strength in self.loras]
+        if self.cache is not None:
+            out["cache"] = CacheSetting.parse(self.cache).describe()  # type: ignore[union-attr]
         return out
 
     def group(self) -> tuple[str, tuple[int, int], int]:
@@ -392,6 +482,7 @@ class ResolvedRequest:
         record = {f.name: getattr(self, f.name) for f in _RESOLVED_FIELDS}  # asdict() is slow: it deep-copies
         record["seeds"] = list(self.seeds)
         record["size"] = f"{self.size[0]}*{self.size[1]}"
+        record["loras"] = [list(entry) for entry in self.loras]
         return record
 
     @classmethod
@@ -416,6 +507,8 @@ class ResolvedRequest:
             shift=float(record["shift"]),
             guide_scale=float(record["guide_scale"]),
             solver=str(record["solver"]),
+            loras=tuple((str(uri), float(strength)) for uri, strength in record["loras"]),
+            cache=None if record["cache"] is None else str(record["cache"]),
         )
 
 

@@ -130,11 +130,14 @@ def jobs(
 
 
 def job_groups(session: Session, run_id: int, status: JobStatus) -> list[JobGroupRow]:
-    """(job id, model id, size, frame_num) of a run's jobs in `status` (the run's view), by job id:
-    what sharding needs, without loading every job's parameters."""
+    """(job id, model id, size, frame_num, LoRA set, step cache) of a run's jobs in `status` (the run's
+    view), by job id: what sharding needs, without loading every job's parameters."""
     run_status = _run_status()
     query = (
-        select(Job.id, Job.model_id, Job.params["size"].as_string(), Job.params["frame_num"].as_integer())
+        select(
+            Job.id, Job.model_id, Job.params["size"].as_string(), Job.params["frame_num"].as_integer(),
+            Job.params["loras"], Job.params["cache"],
+        )
         .join(RunJob, RunJob.job_id == Job.id)
         .where(RunJob.run_id == run_id, run_status == status.value)
         .order_by(Job.id)

@@ -133,6 +133,8 @@ class OutputRecord(_Record):
     poster_uri: str | None = None
     device: str | None = None
     peak_memory_bytes: int | None = None
+    dit_forwards: int | None = None  # DiT forwards of the sampling loop (counted under a step cache)
+    dit_forwards_skipped: int | None = None  # of which the step cache skipped
     job_id: int | None = None
     id: int | None = None
     created_at: datetime | None = None
@@ -171,6 +173,8 @@ class JobGroupRow(NamedTuple):
     model_id: str
     size: str | None
     frame_num: int | None
+    loras: list[dict[str, Any]] | None = None  # the job's LoRA set (params' `loras`), None: none
+    cache: dict[str, Any] | None = None  # its step cache (params' `cache`), None: none
 
 
 class PlanSummary(NamedTuple):

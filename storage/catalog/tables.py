@@ -163,6 +163,8 @@ class Output(Base):
     peak_memory_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
     created_at: Mapped[datetime]
     poster_uri: Mapped[str | None] = mapped_column(sa.Text)
+    dit_forwards: Mapped[int | None]  # sampling's DiT forwards, when a step cache counted them
+    dit_forwards_skipped: Mapped[int | None]  # of which the step cache skipped
 
 
 class Rejection(Base):

@@ -1,0 +1,92 @@
+"""LoRA files at run time: a job's `loras` parameter (uri, sha256, strength per file, as planned) -> the
+`wan.lora.LoraSet` its shard merges into the DiT.
+
+Each file is read once per process (`LoraFiles` keeps what it read, by uri and sha256) through
+`storage.faults.filesystem` with the storage options of its own URL, and refused when its bytes changed since
+the job was planned (its sha256 is in the job's identity: a new file means new jobs, planned by a new run).
+A bad file (missing, not safetensors, keys of no known layout, shapes that do not fit the model) is a
+`BadLora`: the job fails once, with the reason, and is not retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from storage.faults import filesystem
+from storage.urls import redact
+
+__all__ = ["MAX_LORA_BYTES", "BadLora", "LoraFiles", "lora_entries"]
+
+MAX_LORA_BYTES = 8 << 30  # a rank-128 LoRA of the 14B model is about 1.2 GB
+KEPT_FILES = 8  # files kept in memory after use (the most recently used)
+
+
+class BadLora(ValueError):
+    """A LoRA file a job cannot use: missing, unreadable, changed since planning, or not a LoRA for this
+    model. Not retried."""
+
+
+def lora_entries(params: dict[str, Any]) -> list[tuple[str, str | None, float]]:
+    """(uri, sha256, strength) per LoRA of a job's parameters, in stacking order ([] for none)."""
+    return [(e["uri"], e.get("sha256"), float(e.get("strength", 1.0))) for e in params.get("loras") or ()]
+
+
+class LoraFiles:
+    """The LoRA files this process has read, by (uri, sha256); `load` turns a job's entries into a set.
+    The `KEPT_FILES` most recently used stay in memory (a shard reads its set once); `reads` counts the files
+    read."""
+
+    def __init__(self, storage_options_for: Callable[[str], dict[str, Any]] | None = None) -> None:
+        self._options = storage_options_for or (lambda url: {})
+        self._files: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.reads = 0
+
+    def load(self, entries: Sequence[tuple[str, str | None, float]]) -> Any:
+        """The `wan.lora.LoraSet` of `entries` ((uri, sha256, strength) each); BadLora names the file."""
+        from wan.lora import LoraSet
+
+        return LoraSet.of(*((self._file(uri, sha256), strength) for uri, sha256, strength in entries))
+
+    def _file(self, uri: str, sha256: str | None) -> Any:
+        key = (uri, sha256)
+        with self._lock:
+            if key not in self._files:
+                self._files[key] = self._read(uri, sha256)
+                self.reads += 1
+                while len(self._files) > KEPT_FILES:
+                    self._files.popitem(last=False)
+            self._files.move_to_end(key)
+            return self._files[key]
+
+    def _read(self, uri: str, expected: str | None) -> Any:
+        from safetensors.torch import load as load_safetensors
+
+        from wan.lora import lora_from_state_dict
+
+        where = f"LoRA {redact(uri)}"
+        if expected is None:
+            raise BadLora(f"{where} could not be read when the job was planned; plan the run again")
+        try:
+            fs, path = filesystem(uri, self._options(uri))  # connect and read timeouts
+            size = fs.size(path)
+            if size is not None and size > MAX_LORA_BYTES:
+                raise BadLora(f"{where} is {size} bytes; LoRA files over {MAX_LORA_BYTES} bytes are refused")
+            data = fs.cat_file(path)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            raise BadLora(f"{where} cannot be read: {type(exc).__name__}: {redact(str(exc))}") from None
+        # Other errors (a throttled or unreachable object store) propagate as they are: transient, retried.
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise BadLora(f"{where} changed since the job was planned (sha256 differs); plan the run again")
+        try:
+            state_dict = load_safetensors(data)
+        except Exception as exc:  # safetensors raises its own error types
+            raise BadLora(f"{where} is not a readable safetensors file: {exc}") from None
+        try:
+            return lora_from_state_dict(state_dict, name=redact(uri), sha256=expected)
+        except ValueError as exc:
+            raise BadLora(str(exc)) from None

@@ -1,0 +1,252 @@
+"""Fast modes through the platform: manifest `loras` / `cache` / `recipe` fields, run defaults, job identity,
+shards grouped by LoRA set and cache, sidecars, catalog and export.
+
+The acceptance run: one manifest with rows under three LoRA sets (none, one file, two stacked at 0.7 and 0.4)
+and two cache settings (none, first-block cache) runs as six shards, each LoRA set merged once, the model
+loaded once per process; a re-run makes nothing; replacing one LoRA file redoes only the jobs that use it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+from safetensors.torch import save_file
+
+from flows.batch import generate_batch
+from flows.manifest import RunDefaults, load_manifest
+from flows.models import clear_pipelines, pipeline_loads
+from flows.planning import plan_shards
+from storage.catalog import Catalog, JobGroupRow
+from storage.export import export_run
+from wan.configs import RANDOM_WEIGHTS_SEED
+from wan.lora import random_lora_state_dict
+from wan.pipeline import WanPipeline
+
+FAST = {"size": "64*48", "frame_num": 5, "steps": 4, "guide_scale": 5.0}
+CACHED = "fbcache:0.5"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def _write_lora(path: Path, seed: int) -> Path:
+    dit = WanPipeline.from_config("tiny-t2v", seed=RANDOM_WEIGHTS_SEED, device="cpu").dit
+    save_file(random_lora_state_dict(dit, seed=seed, scale=0.5), str(path))
+    return path
+
+
+def _manifest(folder: Path) -> Path:
+    sets = {"base": None, "one": ["one.safetensors"], "two": ["two.safetensors:0.7", "three.safetensors:0.4"]}
+    rows = []
+    for name, loras in sets.items():
+        for cache in (None, CACHED):
+            row = {"item_id": f"{name}-{'cached' if cache else 'plain'}", "prompt": f"a clip, {name}", **FAST}
+            if loras is not None:
+                row["loras"] = loras
+            if cache is not None:
+                row["cache"] = cache
+            rows.append(row)
+    path = folder / "fast.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _run(folder: Path, catalog_url: str, manifest: Path) -> dict:
+    return generate_batch(str(manifest), model="tiny-t2v", out=str(folder / "out"), catalog_url=catalog_url,
+                          shard_size=8)  # fmt: skip
+
+
+def _pipe() -> WanPipeline:
+    """The one pipeline this process loaded for the shards."""
+    import flows.models
+
+    (pipe,) = flows.models._pipelines.values()
+    return pipe
+
+
+def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path):
+    for seed, name in enumerate(("one", "two", "three"), 1):
+        _write_lora(tmp_path / f"{name}.safetensors", seed)
+    manifest = _manifest(tmp_path)
+    catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(catalog_url).upgrade()
+    clear_pipelines()
+    loads = pipeline_loads()
+    import flows.shard
+
+    flows.shard._LORA_FILES = None  # this test counts the files read
+    try:
+        summary = _run(tmp_path, catalog_url, manifest)
+        assert summary["status"] == "succeeded", summary
+        shards = summary["plan"]["shards"]
+        assert len(shards) == 6 and all(len(s["job_ids"]) == 1 for s in shards)
+        assert {(s["loras"] is None, s["cache"]) for s in shards} == {(True, None), (True, "fbcache:0.5"),
+                                                                      (False, None), (False, "fbcache:0.5")}
+        assert pipeline_loads() - loads == 1  # one model load for the whole run
+        pipe = _pipe()
+        # Shards are ordered by LoRA set: each set is merged once (the two cache shards of a set share it),
+        # and the last set stays merged.
+        assert pipe.lora_merges == 2
+        assert flows.shard._LORA_FILES.reads == 3
+
+        with Catalog(catalog_url) as catalog:
+            jobs = {j.item_id: j for j in catalog.jobs(summary["run_id"])}
+            outputs = {o.job_id: o for o in catalog.outputs(summary["run_id"])}
+        assert len(outputs) == 6
+        two = jobs["two-cached"].params
+        assert [(Path(e["uri"]).name, e["strength"]) for e in two["loras"]] == [
+            ("two.safetensors", 0.7), ("three.safetensors", 0.4)
+        ]  # fmt: skip
+        assert all(len(e["sha256"]) == 64 and Path(e["uri"]).is_absolute() for e in two["loras"])
+        assert two["cache"] == {"kind": "fbcache", "threshold": 0.5}
+        assert "loras" not in jobs["base-plain"].params and "cache" not in jobs["base-plain"].params
+        for item, job in jobs.items():
+            output = outputs[job.id]
+            sidecar = json.loads(Path(output.sidecar_uri).read_text())
+            assert sidecar["settings"]["loras"] == job.params.get("loras", [])
+            if item.endswith("cached"):
+                assert output.dit_forwards == 4 and 0 < output.dit_forwards_skipped < 4
+                assert sidecar["settings"]["cache"] == {"kind": "fbcache", "threshold": 0.5}
+                assert sidecar["sampling"] == {"dit_forwards": 4,
+                                               "dit_forwards_skipped": output.dit_forwards_skipped}
+            else:
+                assert output.dit_forwards is None and "sampling" not in sidecar
+                assert sidecar["settings"]["cache"] is None
+        # Distinct LoRA sets make distinct videos; the cache makes (nearly) the same one.
+        shas = {item: outputs[job.id].sha256 for item, job in jobs.items()}
+        assert len({shas["base-plain"], shas["one-plain"], shas["two-plain"]}) == 3
+
+        export = tmp_path / "dataset.parquet"
+        export_run(Catalog(catalog_url), summary["run_id"], str(export), "parquet")
+        table = {row["item_id"]: row for row in pq.read_table(export).to_pylist()}
+        assert json.loads(table["two-cached"]["loras"]) == two["loras"]
+        assert table["two-cached"]["cache"] == "fbcache:0.5" and table["base-plain"]["cache"] is None
+        assert table["one-cached"]["dit_forwards"] == 4
+        assert table["one-cached"]["dit_forwards_skipped"] == outputs[jobs["one-cached"].id].dit_forwards_skipped
+        assert table["base-plain"]["loras"] == "[]" and table["base-plain"]["dit_forwards"] is None
+
+        again = _run(tmp_path, catalog_url, manifest)
+        assert again["plan"]["already_done"] == 6 and again["plan"]["to_generate"] == 0
+
+        _write_lora(tmp_path / "three.safetensors", 33)  # replaced: only the jobs stacking it are redone
+        redo = _run(tmp_path, catalog_url, manifest)
+        assert redo["status"] == "succeeded"
+        assert redo["plan"]["already_done"] == 4 and redo["plan"]["to_generate"] == 2
+        with Catalog(catalog_url) as catalog:
+            made = {j.item_id for j in catalog.jobs(redo["run_id"]) if j.last_run_id == redo["run_id"]}
+        assert made == {"two-plain", "two-cached"}
+        assert pipeline_loads() - loads == 1
+    finally:
+        clear_pipelines()
+
+
+def test_a_lora_file_changed_after_planning_fails_its_job_without_retry(tmp_path):
+    from flows.loras import BadLora, LoraFiles
+
+    path = _write_lora(tmp_path / "x.safetensors", 1)
+    import hashlib
+
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    files = LoraFiles()
+    assert len(files.load([(str(path), sha, 0.5)]).entries) == 1
+    assert files.load([(str(path), sha, 1.0)]).entries[0][1] == 1.0 and files.reads == 1
+    with pytest.raises(BadLora, match="changed since the job was planned"):
+        LoraFiles().load([(str(path), "0" * 64, 1.0)])
+    with pytest.raises(BadLora, match="cannot be read: FileNotFoundError"):
+        LoraFiles().load([(str(tmp_path / "gone.safetensors"), sha, 1.0)])
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(BadLora, match="not a readable safetensors file"):
+        LoraFiles().load([(str(junk), hashlib.sha256(junk.read_bytes()).hexdigest(), 1.0)])
+
+
+def _rows(tmp_path: Path, *rows: dict, defaults: RunDefaults | None = None):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"item_id": f"r{n}", "prompt": "p", **row}) + "\n"
+                            for n, row in enumerate(rows)))  # fmt: skip
+    return load_manifest(str(path), defaults or RunDefaults(model="tiny-t2v"))
+
+
+def test_manifest_fields_resolve_with_run_defaults_and_recipes(tmp_path):
+    defaults = RunDefaults(model="tiny-t2v", loras=["/l/run.safetensors:0.5"], cache="magcache", steps=30)
+    loaded = _rows(
+        tmp_path,
+        {},
+        {"loras": [], "cache": "off"},
+        {"loras": "a.safetensors:0.7;b.safetensors", "cache": {"kind": "fbcache", "threshold": 0.1}},
+        {"loras": [{"uri": "s3://bucket/c.safetensors", "strength": -0.5}], "recipe": "few-step"},
+        {"recipe": "few-step", "steps": 6, "guide_scale": 2.0},
+        defaults=defaults,
+    )
+    assert not loaded.problems
+    run, none, given, s3, mixed = loaded.requests
+    assert run.loras == (("/l/run.safetensors", 0.5),) and run.cache == "magcache:0.12" and run.steps == 30
+    assert none.loras == () and none.cache is None and "loras" not in none.params()
+    assert given.loras == (("a.safetensors", 0.7), ("b.safetensors", 1.0)) and given.cache == "fbcache:0.1"
+    assert given.params()["cache"] == {"kind": "fbcache", "threshold": 0.1}
+    assert s3.loras == (("s3://bucket/c.safetensors", -0.5),)
+    # The row's recipe beats the run's own values; the row's values beat its recipe.
+    assert (s3.steps, s3.guide_scale, s3.shift, s3.solver) == (4, 1.0, 5.0, "euler")
+    assert (mixed.steps, mixed.guide_scale, mixed.solver) == (6, 2.0, "euler")
+    from flows.manifest.schema import ResolvedRequest
+
+    assert ResolvedRequest.from_record(given.to_record()) == given
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "message"),
+    [
+        ({"cache": "teacache"}, "cache", "cache kind 'teacache': expected one of fbcache, magcache"),
+        ({"cache": "fbcache:x"}, "cache", "expected KIND[:THRESHOLD]"),
+        ({"loras": [{"uri": "a.safetensors", "weight": 1}]}, "loras", "LoRA 1: "),
+        ({"loras": ["a.safetensors:99"]}, "loras", "LoRA strength 99: expected a number from -10 to 10"),
+        ({"loras": 7}, "loras", "expected a list of LoRAs"),
+        ({"loras": "[oops"}, "loras", "not a JSON list"),
+        ({"recipe": "turbo"}, "recipe", "unknown recipe 'turbo'; expected one of: few-step"),
+    ],
+)
+def test_bad_fast_mode_fields_name_the_field(tmp_path, row, field, message):
+    loaded = _rows(tmp_path, row)
+    assert len(loaded.problems) == 1
+    problem = loaded.problems[0]
+    assert problem.field == field and message in problem.reason, problem
+
+
+def test_missing_or_foreign_lora_files_are_refused_before_the_run(tmp_path):
+    from flows.inputs import check_requests
+    from flows.settings import get_settings
+
+    _write_lora(tmp_path / "ok.safetensors", 1)
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    loaded = _rows(tmp_path, {"loras": ["ok.safetensors"]}, {"loras": ["missing.safetensors"]},
+                   {"loras": ["/etc/elsewhere.safetensors"]}, {"loras": ["model.ckpt"]})  # fmt: skip
+    settings = get_settings(storage_root=str(tmp_path / "out"))
+    checked, _, problems = check_requests(loaded, settings, None, "tiny-t2v")
+    assert len(checked.requests) == 1
+    reasons = sorted(p.reason for p in problems)
+    assert any("missing.safetensors does not exist" in r for r in reasons)
+    assert any("is outside the input roots" in r for r in reasons)
+    assert any("expected a .safetensors file" in r for r in reasons)
+    assert all(p.field == "loras" for p in problems)
+
+
+def test_shards_group_by_lora_set_and_cache():
+    one = [{"uri": "/a.safetensors", "sha256": "1" * 64, "strength": 1.0}]
+    other = [{"uri": "/a.safetensors", "sha256": "2" * 64, "strength": 1.0}]
+    cache = {"kind": "fbcache", "threshold": 0.05}
+    jobs = [JobGroupRow(1, "tiny-t2v", "64*48", 5), JobGroupRow(2, "tiny-t2v", "64*48", 5, one),
+            JobGroupRow(3, "tiny-t2v", "64*48", 5, other), JobGroupRow(4, "tiny-t2v", "64*48", 5, one, cache),
+            JobGroupRow(5, "tiny-t2v", "64*48", 5, one)]  # fmt: skip
+    shards = plan_shards(jobs, shard_size=8)
+    assert sorted(s.job_ids for s in shards) == [[1], [2, 5], [3], [4]]
+    labelled = {tuple(s.job_ids): s for s in shards}
+    assert labelled[(4,)].label.endswith("-fbcache0.05-1") and "cache:fbcache:0.05" in labelled[(4,)].tags
+    assert labelled[(2, 5)].loras and labelled[(2, 5)].loras != labelled[(3,)].loras
+    assert labelled[(1,)].label == "tiny-t2v-64x48-f5-1"
