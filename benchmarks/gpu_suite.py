@@ -40,6 +40,10 @@ Sections, in the order they run (the acceptance figures first; `--sections` pick
   giving the same video, no host sync in solver steps nor in the pipeline's sampling loop
   (`torch.cuda.set_sync_debug_mode("error")`), as many syncs for 8 steps as for 2, the VAE attention's
   720P peak memory.
+- fast_modes: issue 16's fast modes (`fast_modes.py`) on t2v-1.3B at 832x480 with 21 frames (not 81, to fit
+  about 90 s) and a narrow text encoder, one video each: 50 steps with CFG, each step cache at its default
+  threshold, the 4-step recipe with a random LoRA standing in for a distilled one: DiT forwards (and the
+  skipped ones), seconds per video, speed-up, max / mean pixel difference against the 50-step video.
 - forward_1.3b_compiled: forward_1.3b with `torch.compile` (ours: `compile_blocks(fullgraph=True)`,
   inductor; diffusers: `compile_repeated_blocks()`), plus the compile time and max |compiled - eager|. Last,
   since its compile time is the one unknown.
@@ -1078,6 +1082,32 @@ def section_gpu_tests(suite: Suite) -> dict[str, Any]:
     return {"checks": checks, "failed": failed, "all_passed": not failed, "line": line}
 
 
+def section_fast_modes(suite: Suite) -> dict[str, Any]:
+    """Issue 16's fast modes (`fast_modes.main`): t2v-1.3B at 832x480 with fewer frames (21), one repeat, a
+    narrow text encoder; on `--quick` the tiny preset with few steps."""
+    import fast_modes
+
+    argv = ["--device", str(suite.device), "--repeats", "1"]
+    if suite.quick:
+        argv += ["--preset", "tiny-t2v", "--size", "64*48", "--frame-num", "5", "--steps", "4",
+                 "--warmup-steps", "1"]  # fmt: skip
+    else:
+        argv += ["--preset", "t2v-1.3B", "--size", "832*480", "--frame-num", "21", "--steps", "50",
+                 "--text-encoder", "narrow"]  # fmt: skip
+    log: list[str] = []
+    with _quiet_stdout(log), contextlib.redirect_stderr(io.StringIO()) as table:
+        result = fast_modes.main(argv)
+    result["argv"] = argv
+    result["log"] = table.getvalue().splitlines()[-30:]  # its summary and table (stdout: the JSON only)
+    modes = result["modes"]
+    result["line"] = "; ".join(
+        f"{name} {row['effective_full_forwards']}/{row['dit_forwards']} fwd {row['seconds']:.2f} s"
+        + (f" {row['speedup_vs_baseline']:.1f}x" if name != "baseline" and row["speedup_vs_baseline"] else "")
+        for name, row in modes.items()
+    )
+    return result
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     name: str
@@ -1085,7 +1115,8 @@ class Section:
     estimate_s: float  # on an H200 at full size
 
 
-# The run order: what the acceptance needs first. Estimates are guesses for an H200 (about 450 s in all).
+# The run order: what the acceptance needs first. Estimates are guesses for an H200 (about 550 s in all, more
+# than the default budget: a section whose estimate exceeds what is left is skipped, saying so).
 SECTIONS: tuple[Section, ...] = (
     Section("env", section_env, 5),
     Section("peak", section_peak, 5),
@@ -1099,6 +1130,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("cp_model", section_cp_model, 20),
     Section("ring", section_ring, 5),
     Section("gpu_tests", section_gpu_tests, 20),
+    Section("fast_modes", section_fast_modes, 90),  # 50 steps + 2 caches + 4 steps at 832x480x21
     Section("forward_1.3b_compiled", section_forward_compiled, 90),  # last: compile time is the unknown
 )
 QUICK_ESTIMATE_S = 1.0

@@ -67,13 +67,13 @@ def generate_batch(
     `model` is the run's model for rows without one (default `WANFLOW_MODEL`; there is no built-in default,
     so the random-weight `tiny-*` presets run only when named). `out` (storage root) and `catalog_url`
     default to the `WANFLOW_*` settings (a URL with a credential is refused as a parameter: flow
-    parameters are stored and shown by Prefect); `defaults` holds run-wide
-    generation parameters (size, frame_num, steps, shift, guide_scale, solver, negative_prompt) that rows
-    override. With `shard_deployment` (or `WANFLOW_SHARD_DEPLOYMENT`), shards run as flow runs of that
-    deployment on its work pool; otherwise in this process. `memory` holds GPU-memory options for every
-    shard (offload_model, t5_cpu, vae_tiling; default each worker's `WANFLOW_*` settings), recorded with
-    the run. Raises `BatchFailed` (the flow run ends Failed) when any job failed or did not finish; its
-    `summary` is the same dict.
+    parameters are stored and shown by Prefect); `defaults` holds run-wide generation parameters (size,
+    frame_num, steps, shift, guide_scale, solver, negative_prompt, loras, cache, recipe) that rows override.
+    With `shard_deployment` (or `WANFLOW_SHARD_DEPLOYMENT`), shards run as flow runs of that deployment on
+    its work pool; otherwise in this process. `memory` holds GPU-memory options for every shard
+    (offload_model, t5_cpu, vae_tiling; default each worker's `WANFLOW_*` settings), recorded with the run.
+    Raises `BatchFailed` (the flow run ends Failed) when any job failed or did not finish; its `summary` is
+    the same dict.
     """
     check_secret_free(catalog_url, out=out, manifest=manifest, ckpt_dir=ckpt_dir)
     manifest = absolute_url(manifest)  # recorded once, the same wherever the catalog is read from

@@ -404,7 +404,7 @@ class GroupPipeline:
         loras = loras or LoraSet()
         if loras.identity == self._loras.identity and self._merged():
             return False
-        changed = bool(self.group.request(UseLoras(loras)))
+        changed = bool(self.group.request(UseLoras.of(loras)))
         self._loras, self._merged_in = loras, self.group.starts
         return changed
 
@@ -436,7 +436,7 @@ class GroupPipeline:
         progress: bool = False, **settings: Any,
     ) -> Iterator[torch.Tensor]:  # fmt: skip
         if self._loras.entries and not self._merged():  # the group restarted: merge the set again first
-            self.group.request(UseLoras(self._loras))
+            self.group.request(UseLoras.of(self._loras))
             self._merged_in = self.group.starts
         given = {"image": image, "last_image": last_image}
         images = {name: np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,10 +175,19 @@ class Generate:
 
 @dataclass
 class UseLoras:
-    """Every rank merges this LoRA set into its DiT (`WanPipeline.use_loras`; None: the base weights);
-    rank 0 answers whether the weights changed. `loras`: a `wan.lora.LoraSet`, tensors included."""
+    """Every rank merges this LoRA set into its DiT (`WanPipeline.use_loras`); rank 0 answers whether the
+    weights changed. `data`: a `wan.lora.LoraSet`, tensors included, as plain pickle bytes (`of`, `loras`):
+    the connection's own pickler would hand tensors over as shared-memory handles, which a process of
+    another session cannot open."""
 
-    loras: Any = None
+    data: bytes
+
+    @classmethod
+    def of(cls, loras: Any) -> UseLoras:
+        return cls(pickle.dumps(loras, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def loras(self) -> Any:
+        return pickle.loads(self.data)
 
 
 @dataclass

@@ -99,7 +99,7 @@ def _generate(pipe: Any, request: Generate, conn: Any) -> None:
 def _use_loras(pipe: Any, message: UseLoras, conn: Any) -> None:
     """Every rank: merge the set (a file that does not fit fails alike on every rank, before any change)."""
     try:
-        changed = pipe.use_loras(message.loras)
+        changed = pipe.use_loras(message.loras())
     except (ValueError, TypeError) as exc:
         if conn is not None:
             conn.send(Failed(str(exc)))

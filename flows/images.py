@@ -22,7 +22,8 @@ from storage.faults import filesystem
 from storage.urls import redact
 
 __all__ = [
-    "IMAGE_FIELDS", "BadImage", "hash_images", "image_sha256", "read_image", "resolve_image_uri",
+    "IMAGE_FIELDS", "BadImage", "hash_images", "image_sha256", "read_image", "read_input",
+    "resolve_image_uri",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,22 @@ class BadImage(ValueError):
     """An image a job cannot use (missing, unreadable, not an image, changed since planning): not retried."""
 
 
+def read_input(
+    uri: str, options: dict[str, Any], where: str, limit: int, kind: str, bad: type[ValueError]
+) -> bytes:
+    """An input's bytes, read once through `storage.faults.filesystem` (connect and read timeouts). A file
+    that is missing, unreadable or over `limit` bytes raises `bad` (a permanent error, naming `where`);
+    other errors (a throttled or unreachable object store) propagate as they are: transient, retried."""
+    try:
+        fs, path = filesystem(uri, options)
+        size = fs.size(path)
+        if size is not None and size > limit:
+            raise bad(f"{where} is {size} bytes; {kind} over {limit} bytes are refused")
+        return fs.cat_file(path)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise bad(f"{where} cannot be read: {type(exc).__name__}: {redact(str(exc))}") from None
+
+
 def read_image(params: dict[str, Any], name: str, ctx: HasStorageOptions) -> Any:
     """The job's `name` image ("image" or "last_image") as an RGB PIL image, read once, its bytes checked
     against the sha256 recorded when the job was planned."""
@@ -96,15 +113,7 @@ def read_image(params: dict[str, Any], name: str, ctx: HasStorageOptions) -> Any
 
     uri = params[name]
     where = f"{name} {redact(uri)}"
-    try:
-        fs, path = filesystem(uri, ctx.storage_options_for(uri))  # with connect and read timeouts
-        size = fs.size(path)
-        if size is not None and size > MAX_IMAGE_BYTES:
-            raise BadImage(f"{where} is {size} bytes; images over {MAX_IMAGE_BYTES} bytes are refused")
-        data = fs.cat_file(path)
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        raise BadImage(f"{where} cannot be read: {type(exc).__name__}: {redact(str(exc))}") from None
-    # Other errors (a throttled or unreachable object store) propagate as they are: transient, retried.
+    data = read_input(uri, ctx.storage_options_for(uri), where, MAX_IMAGE_BYTES, "images", BadImage)
     expected = params.get(f"{name}_sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise BadImage(f"{where} changed since the job was planned (sha256 differs); plan it again")

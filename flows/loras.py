@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from storage.faults import filesystem
+from flows.images import read_input
 from storage.urls import redact
 
 __all__ = ["MAX_LORA_BYTES", "BadLora", "LoraFiles", "lora_entries"]
@@ -71,15 +71,7 @@ class LoraFiles:
         where = f"LoRA {redact(uri)}"
         if expected is None:
             raise BadLora(f"{where} could not be read when the job was planned; plan the run again")
-        try:
-            fs, path = filesystem(uri, self._options(uri))  # connect and read timeouts
-            size = fs.size(path)
-            if size is not None and size > MAX_LORA_BYTES:
-                raise BadLora(f"{where} is {size} bytes; LoRA files over {MAX_LORA_BYTES} bytes are refused")
-            data = fs.cat_file(path)
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            raise BadLora(f"{where} cannot be read: {type(exc).__name__}: {redact(str(exc))}") from None
-        # Other errors (a throttled or unreachable object store) propagate as they are: transient, retried.
+        data = read_input(uri, self._options(uri), where, MAX_LORA_BYTES, "LoRA files", BadLora)
         if hashlib.sha256(data).hexdigest() != expected:
             raise BadLora(f"{where} changed since the job was planned (sha256 differs); plan the run again")
         try:

@@ -51,6 +51,32 @@ def test_context_parallel_bytes_and_scaling_model():
 
 
 @pytest.mark.slow
+def test_fast_modes_on_the_tiny_preset(tmp_path):
+    """Issue 16's fast-mode figures: DiT forwards per video (batched CFG: one call per step), the skips of
+    each step cache at its default threshold, the 4-step recipe, seconds, and the JSON also written."""
+    out = tmp_path / "fast_modes.json"
+    result = run("fast_modes.py", "--device", "cpu", "--steps", "10", "--repeats", "1", "--out", str(out))
+    assert json.loads(out.read_text()) == result
+    modes = result["modes"]
+    assert set(modes) == {"baseline", "fbcache", "magcache", "few-step"}
+    assert result["preset"] == "tiny-t2v" and result["device"] == "cpu" and result["torch"]
+    base = modes["baseline"]
+    assert base["dit_forwards"] == 10 and base["dit_batch"] == 2  # batched CFG: one call of batch 2 a step
+    assert base["dit_forwards_skipped"] == 0 and base["cache_counts"] is None
+    assert base["speedup_vs_baseline"] == 1 and base["max_abs_diff_vs_baseline"] == 0
+    for name in ("fbcache", "magcache"):
+        row = modes[name]
+        assert row["dit_forwards"] == 10 and row["cache_counts"]["forwards"] == 10
+        assert 0 <= row["dit_forwards_skipped"] == row["cache_counts"]["skipped"] < 10
+        assert row["effective_full_forwards"] == 10 - row["dit_forwards_skipped"]
+        assert row["settings"]["cache"] == f"{name}:{row['threshold']:g}"
+    few = modes["few-step"]
+    assert few["dit_forwards"] == 4 and few["dit_batch"] == 1 and few["settings"]["guide_scale"] == 1.0
+    assert "LoRA" in few["lora"] and few["max_abs_diff_vs_baseline"] > 0
+    assert all(row["seconds"] > 0 and row["speedup_vs_baseline"] > 0 for row in modes.values())
+
+
+@pytest.mark.slow
 def test_orchestration_on_a_few_jobs(tmp_path):
     """The platform-overhead benchmark runs end to end (it broke once, unseen, when the model became a
     required choice)."""
@@ -67,7 +93,7 @@ def test_orchestration_on_a_few_jobs(tmp_path):
 # Every section of benchmarks/gpu_suite.py, and the checks of its gpu_tests section.
 SUITE_SECTIONS = {
     "env", "peak", "attention", "forward_1.3b", "forward_1.3b_compiled", "vae", "generation", "offload",
-    "numerics", "forward_14b", "cp_model", "ring", "gpu_tests",
+    "numerics", "forward_14b", "cp_model", "ring", "gpu_tests", "fast_modes",
 }  # fmt: skip
 CUDA_CHECKS = {
     "noise_device_independent", "solver_steps_no_host_sync", "sampling_loop_no_host_sync",
@@ -120,6 +146,8 @@ def test_gpu_suite_runs_every_section_on_the_cpu(tmp_path):
     cp = sections["cp_model"]
     assert cp["official_8gpu_seconds"] == 287.9 and cp["predicted_8gpu_seconds"] > 0
     assert cp["forward_seconds_source"].startswith("forward_14b section")
+    fast = sections["fast_modes"]["modes"]  # tiny preset, 4 steps: one call a step, the recipe's 4 steps
+    assert fast["baseline"]["dit_forwards"] == 4 and fast["few-step"]["dit_forwards"] == 4
 
     ring = sections["ring"]  # the CPU kernel, the same merge: all within tolerance
     assert ring["all_passed"] and ring["kernels_used"] == ["cpu"] and len(ring["cases"]) == 16

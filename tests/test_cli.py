@@ -236,3 +236,36 @@ def test_markup_in_a_manifest_is_printed_as_text(tmp_path):
     manifest = _manifest(tmp_path, [{"item_id": "fox", "prompt": "a fox", "size": "[/x]"}])
     result = runner.invoke(app, ["generate", manifest, *TINY, "--catalog-url", f"sqlite:///{tmp_path}/c.db"])
     assert result.exit_code == 1 and "[/x]" in result.output and "MarkupError" not in result.output
+
+
+def test_fast_mode_flags_become_run_defaults(tmp_path, monkeypatch):
+    """--lora (relative to the working directory, repeatable), --cache and --recipe are the defaults rows
+    inherit: validate checks the LoRA files as the run would; a dry run shards by LoRA set and cache."""
+    from safetensors.torch import save_file
+
+    from wan.configs import RANDOM_WEIGHTS_SEED
+    from wan.lora import random_lora_state_dict
+    from wan.pipeline import WanPipeline
+
+    dit = WanPipeline.from_config("tiny-t2v", seed=RANDOM_WEIGHTS_SEED, device="cpu").dit
+    save_file(random_lora_state_dict(dit, seed=1), str(tmp_path / "ink.safetensors"))
+    rows = [*GOOD, {"item_id": "plain", "prompt": "no lora", "size": "64*48", "frame_num": 5, "loras": []}]
+    manifest = _manifest(tmp_path, rows)
+    monkeypatch.chdir(tmp_path)
+    flags = ["--lora", "ink.safetensors:0.6", "--cache", "fbcache", "--recipe", "few-step"]
+    ok = runner.invoke(app, ["validate", manifest, *TINY, *flags])
+    assert ok.exit_code == 0 and "3 valid" in ok.output, ok.output
+    url = f"sqlite:///{tmp_path}/c.db"
+    plan = json.loads(runner.invoke(app, ["generate", manifest, *TINY, *flags, "--catalog-url", url,
+                                          "--dry-run", "--json"]).stdout)  # fmt: skip
+    assert sorted(len(s["job_ids"]) for s in plan["shards"]) == [1, 1, 1]  # 2 sizes with the LoRA, 1 without
+    assert {s["cache"] for s in plan["shards"]} == {"fbcache:0.05"}
+    assert sum(1 for s in plan["shards"] if s["loras"]) == 2
+    missing = runner.invoke(app, ["validate", manifest, *TINY, "--lora", "gone.safetensors"])
+    assert missing.exit_code == 1
+    assert f"LoRA file {tmp_path / 'gone.safetensors'} does not exist" in missing.output
+    bad = runner.invoke(app, ["validate", manifest, *TINY, "--cache", "turbo"])
+    assert bad.exit_code == 1
+    assert "--cache: cache kind 'turbo': expected one of fbcache, magcache" in bad.output
+    recipe = runner.invoke(app, ["validate", manifest, *TINY, "--recipe", "fast"])
+    assert recipe.exit_code == 1 and "unknown recipe 'fast'" in recipe.output

@@ -61,7 +61,7 @@ def test_cache_settings_parse(text, expected):
         ("fbcache:-1", "cache threshold -1.0: expected a number >= 0"),
         ("fbcache:inf", "cache threshold inf: expected a number >= 0"),
         ({"kind": "fbcache", "limit": 1}, "unknown keys: limit"),
-        ({"threshold": 0.1}, "expected {\"kind\": fbcache | magcache"),
+        ({"threshold": 0.1}, 'expected {"kind": fbcache | magcache'),
         ({"kind": "fbcache", "threshold": True}, "cache threshold True: expected a number >= 0"),
         (3, "expected KIND[:THRESHOLD]"),
     ],

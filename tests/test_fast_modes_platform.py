@@ -87,8 +87,12 @@ def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path
         assert summary["status"] == "succeeded", summary
         shards = summary["plan"]["shards"]
         assert len(shards) == 6 and all(len(s["job_ids"]) == 1 for s in shards)
-        assert {(s["loras"] is None, s["cache"]) for s in shards} == {(True, None), (True, "fbcache:0.5"),
-                                                                      (False, None), (False, "fbcache:0.5")}
+        assert {(s["loras"] is None, s["cache"]) for s in shards} == {
+            (True, None),
+            (True, "fbcache:0.5"),
+            (False, None),
+            (False, "fbcache:0.5"),
+        }
         assert pipeline_loads() - loads == 1  # one model load for the whole run
         pipe = _pipe()
         # Shards are ordered by LoRA set: each set is merged once (the two cache shards of a set share it),
@@ -114,8 +118,10 @@ def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path
             if item.endswith("cached"):
                 assert output.dit_forwards == 4 and 0 < output.dit_forwards_skipped < 4
                 assert sidecar["settings"]["cache"] == {"kind": "fbcache", "threshold": 0.5}
-                assert sidecar["sampling"] == {"dit_forwards": 4,
-                                               "dit_forwards_skipped": output.dit_forwards_skipped}
+                assert sidecar["sampling"] == {
+                    "dit_forwards": 4,
+                    "dit_forwards_skipped": output.dit_forwards_skipped,
+                }
             else:
                 assert output.dit_forwards is None and "sampling" not in sidecar
                 assert sidecar["settings"]["cache"] is None
@@ -129,7 +135,8 @@ def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path
         assert json.loads(table["two-cached"]["loras"]) == two["loras"]
         assert table["two-cached"]["cache"] == "fbcache:0.5" and table["base-plain"]["cache"] is None
         assert table["one-cached"]["dit_forwards"] == 4
-        assert table["one-cached"]["dit_forwards_skipped"] == outputs[jobs["one-cached"].id].dit_forwards_skipped
+        skipped = outputs[jobs["one-cached"].id].dit_forwards_skipped
+        assert table["one-cached"]["dit_forwards_skipped"] == skipped
         assert table["base-plain"]["loras"] == "[]" and table["base-plain"]["dit_forwards"] is None
 
         again = _run(tmp_path, catalog_url, manifest)
@@ -250,3 +257,39 @@ def test_shards_group_by_lora_set_and_cache():
     assert labelled[(4,)].label.endswith("-fbcache0.05-1") and "cache:fbcache:0.05" in labelled[(4,)].tags
     assert labelled[(2, 5)].loras and labelled[(2, 5)].loras != labelled[(3,)].loras
     assert labelled[(1,)].label == "tiny-t2v-64x48-f5-1"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_worker_group_takes_loras_and_caches(harness, tmp_path, monkeypatch):
+    """gpus_per_job 2 on the CPU (gloo; CFG halves): the LoRA set travels to the group once and is merged on
+    both ranks; rank 0's cache counts come back for the catalog; a group restarted after a kill merges the
+    set again before its next video."""
+    from flows.group import GroupPipeline
+    from flows.models import _pipelines
+
+    monkeypatch.setenv("WANFLOW_GPUS_PER_JOB", "2")
+    _write_lora(tmp_path / "one.safetensors", 1)
+    rows = [{"item_id": f"g{i}", "prompt": f"clip {i}", **FAST, "loras": ["one.safetensors"], "cache": CACHED}
+            for i in range(2)]  # fmt: skip
+    manifest = tmp_path / "group.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    Catalog(catalog_url).upgrade()
+    clear_pipelines()
+    try:
+        summary = _run(tmp_path, catalog_url, manifest)
+        assert summary["by_status"]["succeeded"] == 2, summary
+        (pipe,) = [p for p in _pipelines.values() if isinstance(p, GroupPipeline)]
+        assert pipe.group.starts == 1 and pipe._merged() and len(pipe._loras.entries) == 1
+        with Catalog(catalog_url) as catalog:
+            outputs = catalog.outputs(summary["run_id"])
+        # Rank 0 runs the conditional branch: one forward per step, in its own cache context.
+        assert all(o.dit_forwards == FAST["steps"] and o.dit_forwards_skipped is not None for o in outputs)
+        pipe.group.abort()  # a dead group: the next video's group starts from the base weights
+        assert not pipe._merged()
+        frames = list(pipe.generate_stream("again", seed=1, **{k: FAST[k] for k in ("frame_num", "steps")},
+                                           size="64*48"))  # fmt: skip
+        assert frames and pipe.group.starts == 2 and pipe._merged()
+    finally:
+        clear_pipelines()

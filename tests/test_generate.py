@@ -163,3 +163,36 @@ def test_a_run_without_a_prompt_uses_the_tasks_example(tmp_path, capsys):
     argv = [a for a in TINY if a not in ("--prompt", "a fox")]
     assert main([*argv, "--frame_num", "5", "--save_file", str(out)]) == 0
     assert "no --prompt: using the example prompt" in capsys.readouterr().err and out.is_file()
+
+
+def test_fast_mode_flags_lora_cache_and_recipe(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from wan.configs import RANDOM_WEIGHTS_SEED
+    from wan.lora import random_lora_state_dict
+    from wan.pipeline import WanPipeline
+
+    dit = WanPipeline.from_config("tiny-t2v", seed=RANDOM_WEIGHTS_SEED, device="cpu").dit
+    lora = tmp_path / "style.safetensors"
+    save_file(random_lora_state_dict(dit, seed=1), str(lora))
+    out = tmp_path / "fast.mp4"
+    flags = ["--lora", f"{lora}:0.8", "--cache", "fbcache:0.5", "--recipe", "few-step", "--frame_num", "5"]
+    base = ["--task", "tiny-t2v", "--size", "64*48", "--prompt", "a fox"]  # no --sample_steps: the recipe's
+    assert main([*base, *flags, "--save_file", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"LoRAs merged: {lora}:0.8" in err
+    assert "4 euler steps, fbcache:0.5: " in err and "of 4 forwards skipped" in err  # the recipe's 4 steps
+    assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cache", "teacache"], "cache kind 'teacache': expected one of fbcache, magcache"),
+        (["--lora", "/nonexistent/x.safetensors"], "--lora /nonexistent/x.safetensors: no such file"),
+        (["--lora", "x.safetensors:50"], "LoRA strength 50: expected a number from -10 to 10"),
+    ],
+)
+def test_bad_fast_mode_flags_exit_2(tmp_path, capsys, flags, message):
+    assert main([*TINY, *flags, "--save_file", str(tmp_path / "x.mp4")]) == 2
+    assert message in capsys.readouterr().err

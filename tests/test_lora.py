@@ -3,7 +3,9 @@
 Parity: our DiT with a LoRA merged equals diffusers' `WanTransformer3DModel` with the same file loaded by
 diffusers' own `load_lora_weights` (PEFT, applied at run time) and `set_adapters` for stacks, in float32.
 Also: strength 0 is the base exactly, removal and switching sets restore the base weights bit-exactly,
-and each malformed file gets its own message naming the file.
+and each malformed file gets its own message naming the file. The full-delta keys of community files
+(`.diff`, `.diff_b`, `.diff_m`) match diffusers where diffusers reads them (`.diff_b` and `head.head.diff`)
+and are checked by hand elsewhere (norm weights, modulations).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from twins import diffusers_twin
 
 from wan.dit_keys import dit_state_dict_to_diffusers
 from wan.lora import (
+    LoraDiff,
     LoraSet,
     applied_loras,
     apply_loras,
@@ -289,6 +292,206 @@ def test_bf16_weights_restore_bit_exactly(tmp_path):
     assert all(torch.equal(v, base[k]) for k, v in pipe.dit.state_dict().items())
 
 
+# --- full deltas: .diff / .diff_b / .diff_m --------------------------------------------------------------
+
+_DIFF_SUFFIX = {"weight": "diff", "bias": "diff_b", "modulation": "diff_m"}
+
+
+def _diff_key(param: str, layout: str = "comfyui") -> str:
+    """Our parameter name -> its diff key: 'blocks.0.self_attn.q.bias' -> ComfyUI
+    'diffusion_model.blocks.0.self_attn.q.diff_b' or Kohya 'lora_unet_blocks_0_self_attn_q.diff_b';
+    'blocks.0.modulation' -> 'diffusion_model.blocks.0.diff_m' / 'lora_unet_blocks_0.diff_m'."""
+    module, _, kind = param.rpartition(".")
+    if layout == "kohya":
+        return f"lora_unet_{module.replace('.', '_')}.{_DIFF_SUFFIX[kind]}"
+    return f"diffusion_model.{module}.{_DIFF_SUFFIX[kind]}"
+
+
+def _random_diffs(pipe: WanPipeline, params: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """{parameter name: delta of its shape ~ N(0, 0.05^2)} (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {n: p.shape for n, p in pipe.dit.named_parameters()}
+    return {n: 0.05 * torch.randn(shapes[n], generator=g) for n in params}
+
+
+def _bias_diff_params(pipe: WanPipeline) -> list[str]:
+    """Biases of linears a test file also adapts with down/up: some per block, embeddings and the head."""
+    params = []
+    for i in range(pipe.dit.cfg.num_layers):
+        params += [f"blocks.{i}.self_attn.q.bias", f"blocks.{i}.cross_attn.o.bias", f"blocks.{i}.ffn.0.bias"]
+        if pipe.dit.cfg.image_dim:
+            params += [f"blocks.{i}.cross_attn.k_img.bias"]
+    params += ["text_embedding.0.bias", "time_projection.1.bias"]
+    if pipe.dit.cfg.image_dim:
+        params += ["img_emb.proj.1.bias"]
+    return params
+
+
+def test_diffs_match_diffusers(pipe, tmp_path):
+    """A ComfyUI file with lora_down/lora_up + alpha, `.diff_b` on some of those linears and the head as
+    `head.head.diff` + `head.head.diff_b` (no down/up): diffusers reads all of it (diff_b as PEFT's
+    lora_B.bias, head.head.diff as a full-rank lora_A); strength 0.7 through `set_adapters`."""
+    targets = _targets(pipe, extras=True)
+    del targets["head.head"]
+    lora = _random_lora(targets, 20)
+    diffs = _random_diffs(pipe, [*_bias_diff_params(pipe), "head.head.weight", "head.head.bias"], 21)
+    sd = _layout_sd(lora, "comfyui") | {_diff_key(p): d for p, d in diffs.items()}
+    path = tmp_path / "diffs.safetensors"
+    save_file(sd, str(path))
+    loaded = read_lora(path)
+    assert loaded.layout == "comfyui" and set(loaded.modules) == set(lora) and set(loaded.diffs) == set(diffs)
+    assert all(torch.equal(loaded.diffs[p].delta, d) for p, d in diffs.items())
+    inputs = _inputs(pipe, 22)
+    base = _ours(pipe, inputs)
+
+    twin = diffusers_twin(pipe)
+    # PEFT gives every adapted linear a lora_B bias once one has it; on the meta device (diffusers' default
+    # low_cpu_mem_usage) the ones the file lacks stay unset, so they are made (as zeros) on the CPU here
+    twin.load_lora_weights(str(path), adapter_name="a", low_cpu_mem_usage=False)
+    twin.set_adapters(["a"], adapter_weights=[0.7])
+    adapted = [n for n, m in twin.transformer.named_modules() if "a" in getattr(m, "lora_A", {})]
+    assert len(adapted) == len(lora) + 1  # every linear of the file, and the head
+    theirs = _theirs(twin, inputs)
+
+    apply_loras(pipe.dit, [(loaded, 0.7)])
+    ours = _ours(pipe, inputs)
+    diff = _max_diff(ours, theirs)
+    print(f"{pipe.preset.name} diffs: max abs diff {diff:.3e}, LoRA effect {_max_diff(ours, base):.3e}")
+    assert diff <= TOL
+
+    # the diffs alone move the output too: without them, we are far from diffusers
+    remove_loras(pipe.dit)
+    apply_loras(pipe.dit, [(lora_from_state_dict(_layout_sd(lora, "comfyui")), 0.7)])
+    assert _max_diff(_ours(pipe, inputs), theirs) > 1e-3
+
+
+def _hand_files(pipe: WanPipeline) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Two diff sets on the image-to-video DiT: norm weights (q/k norms, norm3, the image embedding's
+    LayerNorm), modulations (blocks and head), biases (norm3's, linears') and a linear's weight; the second
+    overlaps the first."""
+    a = _random_diffs(
+        pipe,
+        [
+            "blocks.0.self_attn.norm_q.weight",
+            "blocks.1.norm3.weight",
+            "blocks.0.cross_attn.norm_k_img.weight",
+            "img_emb.proj.0.weight",
+            "blocks.0.modulation",
+            "blocks.1.modulation",
+            "head.modulation",
+            "blocks.0.self_attn.q.bias",
+            "blocks.0.cross_attn.k_img.bias",
+            "head.head.bias",
+            "head.head.weight",
+        ],
+        30,
+    )
+    b = _random_diffs(
+        pipe,
+        [
+            "blocks.0.self_attn.norm_q.weight",
+            "blocks.1.cross_attn.norm_k.weight",
+            "blocks.1.norm3.bias",
+            "blocks.0.modulation",
+            "blocks.0.self_attn.q.bias",
+            "blocks.1.ffn.2.weight",
+        ],
+        31,
+    )
+    return a, b
+
+
+def test_diffs_are_the_hand_computed_sum():
+    """param = base + 0.7 * diff_a + 0.4 * diff_b in float32 for norms, modulations and biases (ComfyUI and
+    Kohya files stacked); a linear with a down/up pair and a bias diff gets both."""
+    pipe = _pipe("tiny-i2v")
+    base = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+    a, b = _hand_files(pipe)
+    down, up = _down_up(64, 64)
+    kohya = {_diff_key(p, "kohya"): d for p, d in b.items()}
+    kohya["lora_unet_blocks_0_self_attn_q.lora_down.weight"] = down
+    kohya["lora_unet_blocks_0_self_attn_q.lora_up.weight"] = 0.01 * up
+    kohya["lora_unet_blocks_0_self_attn_q.alpha"] = torch.tensor(ALPHA)
+    first = lora_from_state_dict({_diff_key(p): d for p, d in a.items()}, name="a")
+    second = lora_from_state_dict(kohya, name="b")
+    assert first.layout == "comfyui" and second.layout == "kohya"
+    assert set(first.diffs) == set(a) and set(second.diffs) == set(b) and not first.modules
+    modulation = second.diffs["blocks.0.modulation"]
+    assert isinstance(modulation, LoraDiff) and modulation.key == "lora_unet_blocks_0.diff_m"
+    assert torch.equal(modulation.delta, b["blocks.0.modulation"])
+    try:
+        apply_loras(pipe.dit, LoraSet.of((first, 0.7), (second, 0.4)))
+        merged = pipe.dit.state_dict()
+        for param in set(a) | set(b):
+            expected = base[param].clone()
+            if param in a:
+                expected = expected + 0.7 * a[param]
+            if param in b:
+                expected = expected + 0.4 * b[param]
+            assert merged[param].dtype == torch.float32
+            assert torch.equal(merged[param], expected), param
+        lora_q = base["blocks.0.self_attn.q.weight"] + 0.4 * (ALPHA / RANK) * (0.01 * up @ down)
+        assert torch.allclose(merged["blocks.0.self_attn.q.weight"], lora_q, atol=1e-6, rtol=0)
+        touched = set(a) | set(b) | {"blocks.0.self_attn.q.weight"}
+        assert all(torch.equal(merged[k], base[k]) for k in base if k not in touched)
+    finally:
+        remove_loras(pipe.dit)
+    assert all(torch.equal(v, base[k]) for k, v in pipe.dit.state_dict().items())
+
+
+def test_diff_keys_in_every_layout_read_the_same():
+    """ComfyUI with and without `diffusion_model.` and Kohya: the same parameters and deltas."""
+    pipe = _pipe("tiny-i2v")
+    a, _ = _hand_files(pipe)
+    comfy = lora_from_state_dict({_diff_key(p): d for p, d in a.items()})
+    bare = lora_from_state_dict({_diff_key(p).removeprefix("diffusion_model."): d for p, d in a.items()})
+    kohya = lora_from_state_dict({_diff_key(p, "kohya"): d for p, d in a.items()})
+    assert (comfy.layout, bare.layout, kohya.layout) == ("comfyui", "comfyui", "kohya")
+    for lora in (comfy, bare, kohya):
+        assert set(lora.diffs) == set(a) and not lora.modules
+        assert all(torch.equal(lora.diffs[p].delta, d) for p, d in a.items())
+        assert set(lora.parameters) == set(a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diffs_restore_bit_exactly(dtype):
+    """Every parameter a stack with diffs touches (linear weights and biases, norm weights and biases,
+    modulations) is restored bit-exactly by `remove_loras` and when switching sets; strength 0 is the base."""
+    pipe = WanPipeline.from_config("tiny-i2v", seed=0, device="cpu")
+    pipe.dit.cast(dtype)
+    base = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+    a, b = _hand_files(pipe)
+    low_rank = _layout_sd(_random_lora(_targets(pipe, extras=False), 32), "comfyui")
+    first = lora_from_state_dict(low_rank | {_diff_key(p): d for p, d in a.items()}, name="a")
+    second = lora_from_state_dict({_diff_key(p, "kohya"): d for p, d in b.items()}, name="b")
+    touched = set(first.parameters) | set(second.parameters)
+
+    def now() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+
+    try:
+        apply_loras(pipe.dit, LoraSet.of((first, 0.0), (second, 0.0)))
+        assert all(torch.equal(v, base[k]) for k, v in now().items())
+        apply_loras(pipe.dit, LoraSet.of((first, 0.7), (second, 0.4)))
+        merged = now()
+        changed = {k for k in base if not torch.equal(merged[k], base[k])}
+        assert changed == touched  # nothing else, and every diff moved its parameter
+        assert any(base[k].dtype == dtype for k in changed if k.endswith(".bias"))
+        assert all(merged[k].dtype == base[k].dtype for k in base)
+        apply_loras(pipe.dit, [(second, 1.0)])  # switching: merged onto the restored base
+        switched = now()
+        remove_loras(pipe.dit)
+        assert all(torch.equal(v, base[k]) for k, v in now().items())
+        apply_loras(pipe.dit, [(second, 1.0)])
+        assert all(torch.equal(v, switched[k]) for k, v in now().items())
+        apply_loras(pipe.dit, LoraSet.of((first, 0.7), (second, 0.4)))
+        assert all(torch.equal(v, merged[k]) for k, v in now().items())
+        remove_loras(pipe.dit)
+        assert all(torch.equal(v, base[k]) for k, v in now().items())
+    finally:
+        remove_loras(pipe.dit)
+
+
 # --- bad files -------------------------------------------------------------------------------------------
 
 
@@ -422,3 +625,80 @@ def test_missing_matrix_and_unknown_suffix(tmp_path):
     )
     with pytest.raises(ValueError, match=r"keys of no LoRA role.*dora_scale"):
         read_lora(dora)
+
+
+def test_diff_shape_that_does_not_fit(tmp_path):
+    pipe = _pipe("tiny-t2v")
+    base = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+    path = _bad(tmp_path, {"diffusion_model.blocks.1.norm3.diff": torch.randn(32)})
+    with pytest.raises(ValueError) as error:
+        _apply_file(pipe, path)
+    message = str(error.value)
+    assert str(path) in message and "diffusion_model.blocks.1.norm3.diff" in message
+    assert "blocks.1.norm3.weight" in message and "expected [64], found [32]" in message
+    modulation = _bad(tmp_path, {"diffusion_model.blocks.0.diff_m": torch.randn(6, 64)}, "m.safetensors")
+    with pytest.raises(ValueError, match=r"blocks\.0\.diff_m\): expected \[1, 6, 64\], found \[6, 64\]"):
+        _apply_file(pipe, modulation)
+    bias = _bad(tmp_path, {"lora_unet_blocks_0_ffn_0.diff_b": torch.randn(64)}, "b.safetensors")
+    with pytest.raises(ValueError, match=r"ffn_0\.diff_b\): expected \[128\], found \[64\]"):
+        _apply_file(pipe, bias)
+    wide = _bad(tmp_path, {"diffusion_model.blocks.0.diff_m": torch.randn(1, 6, 128)}, "w.safetensors")
+    with pytest.raises(ValueError, match=r"width 128.*this model is 64 wide"):
+        _apply_file(pipe, wide)
+    assert all(torch.equal(v, base[k]) for k, v in pipe.dit.state_dict().items())  # nothing was changed
+
+
+def test_diff_for_a_parameter_the_model_lacks(tmp_path):
+    """Parameter-free norms (norm1, norm2, the head's norm), image layers on a text-to-video DiT and a block
+    it does not have: listed with their parameter names, nothing changed."""
+    pipe = _pipe("tiny-t2v")
+    base = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+    sd = {
+        "diffusion_model.blocks.0.self_attn.norm_q.diff": torch.randn(64),  # fits
+        "diffusion_model.blocks.0.norm1.diff": torch.randn(64),
+        "diffusion_model.blocks.1.norm2.diff_b": torch.randn(64),
+        "diffusion_model.head.norm.diff": torch.randn(64),
+        "diffusion_model.blocks.0.cross_attn.norm_k_img.diff": torch.randn(64),
+        "diffusion_model.blocks.7.diff_m": torch.randn(1, 6, 64),
+    }
+    path = _bad(tmp_path, sd)
+    with pytest.raises(ValueError, match="parameters this model does not have") as error:
+        _apply_file(pipe, path)
+    message = str(error.value)
+    assert str(path) in message
+    for key, param in [
+        ("blocks.0.norm1.diff", "blocks.0.norm1.weight"),
+        ("blocks.1.norm2.diff_b", "blocks.1.norm2.bias"),
+        ("head.norm.diff", "head.norm.weight"),
+        ("blocks.0.cross_attn.norm_k_img.diff", "blocks.0.cross_attn.norm_k_img.weight"),
+        ("blocks.7.diff_m", "blocks.7.modulation"),
+    ]:
+        assert f"diffusion_model.{key} ({param})" in message
+    assert "norm_q" not in message
+    assert all(torch.equal(v, base[k]) for k, v in pipe.dit.state_dict().items())
+    with pytest.raises(ValueError, match=r"match no module.*lora_unet_blocks_0_mlp\.diff_b"):
+        lora_from_state_dict({"lora_unet_blocks_0_mlp.diff_b": torch.randn(64)})
+
+
+def test_diffs_keep_the_other_rules(tmp_path):
+    """With diffs present, a down without an up is still an error, and unknown suffixes are rejected."""
+    lonely = _bad(
+        tmp_path,
+        {
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 64),
+            "diffusion_model.blocks.0.self_attn.q.diff_b": torch.randn(64),
+        },
+    )
+    with pytest.raises(ValueError, match=r"blocks\.0\.self_attn\.q has no up matrix"):
+        read_lora(lonely)
+    odd = _bad(
+        tmp_path,
+        {
+            "diffusion_model.blocks.0.self_attn.q.diff_b": torch.randn(64),
+            "diffusion_model.blocks.0.self_attn.q.diff_w": torch.randn(64, 64),
+        },
+        "odd.safetensors",
+    )
+    with pytest.raises(ValueError, match=r"keys of no LoRA role.*blocks\.0\.self_attn\.q\.diff_w") as error:
+        read_lora(odd)
+    assert str(odd) in str(error.value) and "diff_b" not in str(error.value).split(": ")[-1]

@@ -7,6 +7,13 @@
 Writes an H.264 mp4 (yuv420p, 16 fps) with the ffmpeg binary that imageio-ffmpeg ships, streaming
 decoded chunks into the encoder as they come.
 
+Fast modes (not in the official script): `--lora FILE[:STRENGTH]` (repeat to stack LoRAs; diffusers,
+ComfyUI and Kohya layouts), `--cache fbcache[:THRESHOLD]` or `--cache magcache[:THRESHOLD]` (step caching),
+`--recipe few-step` (4 steps, no guidance: for step- and CFG-distilled LoRAs):
+
+    python -m wan.generate --task t2v-14B --ckpt_dir ./Wan2.1-T2V-14B --recipe few-step \
+        --lora ./wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors --prompt "..."
+
 GPU memory, as the official flags: `--offload_model True` (models on the GPU only while they run),
 `--t5_cpu` (the text encoder on the CPU), and `--vae_tiling [TILE:OVERLAP]` (tiled decode).
 
@@ -37,6 +44,7 @@ import torch
 
 from wan.configs import PRESETS, get_preset, parse_size, validate_request
 from wan.distributed.parallel import ParallelConfig, auto_config, init_distributed, local_device
+from wan.fast_modes import RECIPES, CacheSetting, get_recipe, parse_lora_ref
 from wan.pipeline import MemoryOptions, WanPipeline
 from wan.weights import CheckpointError
 
@@ -144,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--first_frame", default=None, help="first-last-frame-to-video: the first frame")
     _add(p, "--last_frame", default=None, help="first-last-frame-to-video: the last frame")
     _add(p, "--compile", action="store_true", help="torch.compile the DiT blocks (slower first step)")
+    f = p.add_argument_group("fast modes")
+    _add(f, "--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
+         help="merge a LoRA .safetensors into the DiT (default strength 1); repeat to stack")  # fmt: skip
+    _add(f, "--cache", default=None, metavar="KIND[:THRESHOLD]",
+         help="step cache: fbcache (first-block, default 0.05) or magcache (default 0.12)")  # fmt: skip
+    _add(f, "--recipe", default=None, choices=sorted(RECIPES),
+         help="sampling settings for distilled LoRAs (few-step: 4 steps, guidance 1, shift 5, euler); "
+              "--steps, --guide_scale, ... still win")  # fmt: skip
     m = p.add_argument_group("GPU memory")
     _add(m, "--offload_model", nargs="?", const=True, default=None, type=_flag, metavar="BOOL",
          help="keep models on the CPU, each on the GPU only while it runs (default: True for one "
@@ -316,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         image, last_image = _images(args, preset.task)
         size = parse_size(args.size) if args.size else preset.sampling.size
+        _apply_recipe(args)
+        cache = CacheSetting.parse(args.cache)
+        loras = [parse_lora_ref(value) for value in args.lora or ()]
+        for ref in loras:
+            if not Path(ref.uri).is_file():
+                raise ValueError(f"--lora {ref.uri}: no such file")
         # Refuse a bad size, frame count or layout before loading (possibly 14B of) weights.
         frame_num = preset.sampling.frame_num if args.frame_num is None else args.frame_num
         steps = preset.sampling.steps if args.sample_steps is None else args.sample_steps
@@ -353,7 +375,15 @@ def main(argv: list[str] | None = None) -> int:
             pipe = WanPipeline.from_pretrained(
                 args.ckpt_dir, task=args.task, device=device, dtype=dtype, memory=memory, defer=defer
             )
+        if loras:  # merged before compiling and sharding: the DiT's weights are final from here
+            from wan.lora import LoraSet, read_lora
+
+            pipe.use_loras(LoraSet.of(*((read_lora(ref.uri), ref.strength) for ref in loras)))
+            _say(rank, "[wan] LoRAs merged: " + ", ".join(str(ref) for ref in loras))
         if args.compile:
+            if cache is not None:
+                raise ValueError("--cache cannot be combined with --compile yet (the cache wraps the blocks "
+                                 "that --compile compiles)")  # fmt: skip
             pipe.dit.compile_blocks()
         if layout is not None:
             pipe.parallelize(layout)
@@ -370,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             shift=args.sample_shift,
             guide_scale=args.sample_guide_scale,
             solver=args.sample_solver,
+            cache=cache,
         )
         resolved = pipe.settings(**settings)  # validate before any work
         video_size = pipe.video_size(resolved, image)  # image-to-video: the image's aspect ratio
@@ -392,9 +423,22 @@ def main(argv: list[str] | None = None) -> int:
 
             dist.destroy_process_group()
     seconds = time.perf_counter() - start
+    counts = pipe.last_cache_counts
+    cached = f", {resolved.cache}: {counts.skipped} of {counts.forwards} forwards skipped" if counts else ""
     _say(rank, f"[wan] seed {seed}: {frames} frames {video_size[0]}x{video_size[1]}, "
-               f"{resolved.steps} {resolved.solver} steps, {seconds:.1f}s -> {out}")  # fmt: skip
+               f"{resolved.steps} {resolved.solver} steps{cached}, {seconds:.1f}s -> {out}")  # fmt: skip
     return 0
+
+
+def _apply_recipe(args: argparse.Namespace) -> None:
+    """--recipe fills the sampling flags left unset (steps, guide scale, shift, solver)."""
+    if args.recipe is None:
+        return
+    recipe = get_recipe(args.recipe)
+    for flag, value in (("sample_steps", recipe.steps), ("sample_guide_scale", recipe.guide_scale),
+                        ("sample_shift", recipe.shift), ("sample_solver", recipe.solver)):  # fmt: skip
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
 
 
 if __name__ == "__main__":

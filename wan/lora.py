@@ -5,15 +5,30 @@ Three layouts are read (detected from the keys):
 - ``diffusers`` (PEFT): ``transformer.blocks.N.attn1.to_q.lora_A.weight`` / ``lora_B`` (the ``transformer.``
   prefix is optional); module names are diffusers' and are translated through `wan.dit_keys`.
 - ``comfyui``: ``diffusion_model.blocks.N.self_attn.q.lora_A.weight`` / ``lora_B`` or ``lora_down`` /
-  ``lora_up``, optional ``.alpha``; module names are the official ones (ours).
+  ``lora_up``, optional ``.alpha``; module names are the official ones (ours). The prefix is optional.
 - ``kohya`` (musubi-tuner): ``lora_unet_blocks_N_self_attn_q.lora_down.weight`` / ``lora_up`` with
   ``.alpha``; the official module name with every ``.`` written as ``_``.
 
 Each module's update is ``delta W = scale * up @ down`` with down [r, in], up [out, r] and
-``scale = alpha / r`` when the file gives an alpha, else 1. A `LoraSet` stacks files with a strength each;
-`apply_loras` merges ``W += sum(strength * scale * up @ down)`` into the model (computed in float32) and
-keeps an exact copy of each weight it changes, so `remove_loras` (or applying another set) restores the
-base weights bit-exactly without reading the checkpoint again.
+``scale = alpha / r`` when the file gives an alpha, else 1.
+
+Community Wan 2.1 files (LightX2V's step/CFG-distill LoRAs, CausVid and AccVideo extractions) also carry
+full deltas ("diffs") of single parameters, in any of the layouts (module part named as above):
+
+- ``<module>.diff``: a delta of ``<module>.weight``, same shape (a linear's [out, in], a norm's [dim],
+  e.g. ``head.head.diff``, ``blocks.N.self_attn.norm_q.diff``, ``blocks.N.norm3.diff``);
+- ``<module>.diff_b``: a delta of ``<module>.bias``, same shape (e.g. ``blocks.N.self_attn.q.diff_b`` [out]);
+- ``<module>.diff_m``: a delta of ``<module>.modulation`` (LightX2V's ``blocks.N.diff_m`` [1, 6, dim] for
+  the parameter ``blocks.N.modulation``).
+
+A diff is added as it is, times the strength (``param += strength * diff``, as LightX2V's loader and
+ComfyUI do): the alpha / rank scale applies to ``up @ down`` only. A module may have a down/up pair, diffs,
+or both. (diffusers reads ``.diff_b`` and ``head.head.diff`` the same way but drops the other diffs.)
+
+A `LoraSet` stacks files with a strength each; `apply_loras` merges
+``param += sum(strength * (scale * up @ down + diff))`` into the model (computed in float32) and keeps an
+exact copy of each parameter it changes (weights, biases, norm weights, modulations), so `remove_loras`
+(or applying another set) restores the base parameters bit-exactly without reading the checkpoint again.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from wan.dit_keys import dit_state_dict_from_diffusers
 
 __all__ = [
     "LAYOUTS",
+    "LoraDiff",
     "LoraFile",
     "LoraModule",
     "LoraSet",
@@ -56,7 +72,13 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_B.weight", "up"),
     (".lora_up.weight", "up"),
     (".alpha", "alpha"),
+    (".diff", "diff"),
+    (".diff_b", "diff_b"),
+    (".diff_m", "diff_m"),
 )
+_LOW_RANK_ROLES = ("down", "up", "alpha")
+# A diff role -> the name of the module's parameter it changes.
+_DIFF_PARAMS = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation"}
 _KOHYA_PREFIX = "lora_unet_"
 _COMFY_PREFIX = "diffusion_model."
 _DIFFUSERS_PREFIX = "transformer."
@@ -66,7 +88,7 @@ _DIFFUSERS_NAMES = re.compile(
 )
 _OFFICIAL_NAMES = re.compile(
     r"(^|\.)(self_attn|cross_attn)\.|(^|\.)ffn\.\d|^(text_embedding|time_embedding|time_projection|img_emb)\.|"
-    r"^head\.head$"
+    r"^head\.head$|^head$|^blocks\.\d+$|^blocks\.\d+\.norm3$"
 )
 
 
@@ -88,8 +110,22 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class LoraDiff:
+    """A full delta of one parameter (a ``.diff``, ``.diff_b`` or ``.diff_m`` key): param += strength * delta.
+
+    `delta` has the parameter's shape (a weight's [out, in], a bias's [out], a norm's [dim], a block's
+    modulation [1, 6, dim]); `key` is the file's key, for messages.
+    """
+
+    key: str
+    delta: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LoraFile:
-    """A LoRA normalised to our module names: {module name: LoraModule}.
+    """A LoRA normalised to our names: low-rank updates {module name: LoraModule} and full deltas
+    {parameter name: LoraDiff} (e.g. "blocks.0.self_attn.q.bias", "blocks.0.norm3.weight",
+    "blocks.0.modulation"); a module may appear in both.
 
     `name` is where it came from (a path, for messages); `sha256` identifies its bytes (None when it was
     built from an in-memory state dict) and `layout` is one of `LAYOUTS`.
@@ -99,6 +135,12 @@ class LoraFile:
     layout: str
     modules: dict[str, LoraModule]
     sha256: str | None = None
+    diffs: dict[str, LoraDiff] = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The names of the model parameters this file changes (each linear's weight, then the diffs')."""
+        return tuple(dict.fromkeys([f"{m}.weight" for m in self.modules] + list(self.diffs)))
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -129,7 +171,8 @@ def _listed(keys: Iterable[str]) -> str:
 
 
 def _split(key: str) -> tuple[str, str] | None:
-    """'prefix.module.lora_A.weight' -> ('prefix.module', 'down'); None for keys of no known role."""
+    """'prefix.module.lora_A.weight' -> ('prefix.module', 'down'), 'prefix.blocks.0.diff_m' ->
+    ('prefix.blocks.0', 'diff_m'); None for keys of no known role."""
     for suffix, role in _SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
@@ -177,13 +220,33 @@ def _module_name(stem: str, layout: str) -> str | None:
     return renamed.removesuffix(".weight")
 
 
+def _diff_target(stem: str, role: str, layout: str) -> str | None:
+    """A diff key's module part and role in `layout` -> the name of our parameter it changes (None where it
+    has none): ``.diff`` -> ``<module>.weight``, ``.diff_b`` -> ``<module>.bias``, ``.diff_m`` ->
+    ``<module>.modulation``."""
+    param = _DIFF_PARAMS[role]
+    if layout == "diffusers":
+        (renamed,) = dit_state_dict_from_diffusers(
+            {f"{stem.removeprefix(_DIFFUSERS_PREFIX)}.{param}": torch.empty(0)}
+        )
+        return renamed
+    module = _module_name(stem, layout)
+    return None if module is None else f"{module}.{param}"
+
+
 # Kohya's flat names are unflattened by these official patterns.
 _KOHYA_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$"), r"blocks.\1.\2.\3"),
+    (
+        re.compile(r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img|norm_q|norm_k|norm_k_img)$"),
+        r"blocks.\1.\2.\3",
+    ),
     (re.compile(r"^blocks_(\d+)_ffn_(\d+)$"), r"blocks.\1.ffn.\2"),
+    (re.compile(r"^blocks_(\d+)_(norm\d)$"), r"blocks.\1.\2"),
+    (re.compile(r"^blocks_(\d+)$"), r"blocks.\1"),  # the block itself: its modulation (``.diff_m``)
     (re.compile(r"^(text_embedding|time_embedding|time_projection)_(\d+)$"), r"\1.\2"),
     (re.compile(r"^img_emb_proj_(\d+)$"), r"img_emb.proj.\1"),
-    (re.compile(r"^head_head$"), "head.head"),
+    (re.compile(r"^head_(head|norm)$"), r"head.\1"),
+    (re.compile(r"^(head|patch_embedding)$"), r"\1"),
 )
 
 
@@ -197,13 +260,16 @@ def _kohya_guess(flat: str) -> str | None:
 def lora_from_state_dict(
     sd: Mapping[str, torch.Tensor], name: str = "<state dict>", sha256: str | None = None
 ) -> LoraFile:
-    """Normalise a LoRA state dict in any of `LAYOUTS` to {our module name: LoraModule}.
+    """Normalise a LoRA state dict in any of `LAYOUTS` to {our module name: LoraModule} and
+    {our parameter name: LoraDiff}.
 
     Raises ValueError (naming `name`) for an unknown layout, keys of no known role, a module with a down
-    or up matrix missing, matrices that are not 2-D, a down/up rank mismatch, or a non-scalar alpha.
+    or up matrix missing (an alpha without both), matrices that are not 2-D, a down/up rank mismatch, a
+    non-scalar alpha, or keys that match no module of the Wan DiT. A module with diffs only is valid; the
+    diffs' shapes are checked against a model by `check_lora`.
     """
     layout = detect_layout(sd.keys(), name)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # stem -> role -> (key, tensor)
     unknown = []
     for key, tensor in sd.items():
         split = _split(key)
@@ -211,18 +277,29 @@ def lora_from_state_dict(
             unknown.append(key)
             continue
         stem, role = split
-        parts.setdefault(stem, {})[role] = tensor
+        parts.setdefault(stem, {})[role] = (key, tensor)
     if unknown:
         raise ValueError(
-            f"{name}: keys of no LoRA role (not lora_A/B, lora_down/up or alpha): {_listed(unknown)}"
+            f"{name}: keys of no LoRA role (not lora_A/B, lora_down/up, alpha, diff, diff_b or diff_m): "
+            f"{_listed(unknown)}"
         )
     modules: dict[str, LoraModule] = {}
+    diffs: dict[str, LoraDiff] = {}
     unmatched = []
     for stem, entry in parts.items():
+        for role in _DIFF_PARAMS:
+            if role in entry:
+                target = _diff_target(stem, role, layout)
+                if target is None:
+                    unmatched.append(entry[role][0])
+                else:
+                    diffs[target] = LoraDiff(key=entry[role][0], delta=entry[role][1])
+        if not any(role in entry for role in _LOW_RANK_ROLES):
+            continue
         missing = [role for role in ("down", "up") if role not in entry]
         if missing:
             raise ValueError(f"{name}: {stem} has no {' or '.join(missing)} matrix")
-        down, up = entry["down"], entry["up"]
+        down, up = entry["down"][1], entry["up"][1]
         if down.ndim != 2 or up.ndim != 2:
             raise ValueError(
                 f"{name}: {stem}: LoRA matrices must be 2-D, found down {tuple(down.shape)}, "
@@ -235,7 +312,7 @@ def lora_from_state_dict(
             )
         scale = 1.0
         if "alpha" in entry:
-            alpha = entry["alpha"]
+            alpha = entry["alpha"][1]
             if alpha.numel() != 1:
                 raise ValueError(f"{name}: {stem}.alpha must be a scalar, found shape {tuple(alpha.shape)}")
             scale = float(alpha.float().item()) / down.shape[0]
@@ -246,7 +323,7 @@ def lora_from_state_dict(
         modules[module] = LoraModule(down=down, up=up, scale=scale)
     if unmatched:
         raise ValueError(f"{name}: LoRA keys that match no module of the Wan DiT: {_listed(unmatched)}")
-    return LoraFile(name=name, layout=layout, modules=modules, sha256=sha256)
+    return LoraFile(name=name, layout=layout, modules=modules, sha256=sha256, diffs=diffs)
 
 
 def read_lora(path: str | Path) -> LoraFile:
@@ -263,11 +340,23 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
 
 
+def _width_of(param: str, delta: torch.Tensor) -> int | None:
+    """The model width a diff implies: a self-attention projection weight's inputs [out, in] -> in, or a
+    modulation's last dimension [1, 6, dim] -> dim; None for other parameters."""
+    if delta.ndim == 2 and re.search(r"(^|\.)self_attn\.[qkvo]\.weight$", param):
+        return int(delta.shape[1])
+    if delta.ndim >= 1 and re.search(r"(^|\.)blocks\.\d+\.modulation$", param):
+        return int(delta.shape[-1])
+    return None
+
+
 def check_lora(model: nn.Module, lora: LoraFile) -> None:
-    """Check that every module of `lora` is a linear layer of `model` with the shape its matrices imply.
+    """Check that every module of `lora` is a linear layer of `model` with the shape its matrices imply, and
+    that every diff changes a parameter of `model` of exactly its shape.
 
     Raises ValueError naming the file: for a LoRA made for another model width (both widths given), for
-    modules the model lacks (listed), or for a shape that does not fit (key, expected, found).
+    modules or parameters the model lacks (listed; e.g. the weight of a norm without affine parameters), or
+    for a shape that does not fit (key, expected, found).
     """
     linears = _linear_modules(model)
     width = getattr(getattr(model, "cfg", None), "dim", None)
@@ -278,9 +367,23 @@ def check_lora(model: nn.Module, lora: LoraFile) -> None:
                     f"{lora.name}: LoRA made for a model of width {entry.down.shape[1]} ({module} takes "
                     f"{entry.down.shape[1]} inputs); this model is {width} wide"
                 )
+        for param, diff in lora.diffs.items():
+            implied = _width_of(param, diff.delta)
+            if implied is not None and implied != width:
+                raise ValueError(
+                    f"{lora.name}: LoRA made for a model of width {implied} ({diff.key} has shape "
+                    f"{list(diff.delta.shape)}); this model is {width} wide"
+                )
     unmatched = [m for m in lora.modules if m not in linears]
     if unmatched:
         raise ValueError(f"{lora.name}: LoRA keys that match no module of this model: {_listed(unmatched)}")
+    params = dict(model.named_parameters())
+    absent = [f"{diff.key} ({param})" for param, diff in lora.diffs.items() if param not in params]
+    if absent:
+        raise ValueError(
+            f"{lora.name}: LoRA diff keys for parameters this model does not have (key (parameter)): "
+            f"{_listed(absent)}"
+        )
     for module, entry in lora.modules.items():
         expected = tuple(linears[module].weight.shape)  # [out, in]
         found = (int(entry.up.shape[0]), int(entry.down.shape[1]))
@@ -289,11 +392,19 @@ def check_lora(model: nn.Module, lora: LoraFile) -> None:
                 f"{lora.name}: shape does not fit for {module}: expected [out, in] = {list(expected)}, found "
                 f"down {list(entry.down.shape)} / up {list(entry.up.shape)} (= {list(found)})"
             )
+    for param, diff in lora.diffs.items():
+        expected = tuple(params[param].shape)
+        if tuple(diff.delta.shape) != expected:
+            raise ValueError(
+                f"{lora.name}: shape does not fit for {param} ({diff.key}): expected {list(expected)}, "
+                f"found {list(diff.delta.shape)}"
+            )
 
 
 @dataclass
 class _MergeState:
-    """What `apply_loras` leaves on a model: exact base copies of changed weights and the applied set."""
+    """What `apply_loras` leaves on a model: exact base copies of the changed parameters (by parameter name)
+    and the applied set."""
 
     base: dict[str, torch.Tensor]
     identity: tuple
@@ -312,13 +423,13 @@ def applied_loras(model: nn.Module) -> LoraSet:
 
 @torch.no_grad()
 def remove_loras(model: nn.Module) -> None:
-    """Restore every weight `apply_loras` changed to its exact base value (a no-op when none is merged)."""
+    """Restore every parameter `apply_loras` changed to its exact base value (a no-op when none is merged)."""
     state: _MergeState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return
-    linears = _linear_modules(model)
-    for module, base in state.base.items():
-        linears[module].weight.copy_(base)
+    params = dict(model.named_parameters())
+    for name, base in state.base.items():
+        params[name].copy_(base)
     delattr(model, _STATE_ATTR)
 
 
@@ -328,14 +439,16 @@ def apply_loras(
     loras: LoraSet | Sequence[tuple[LoraFile, float]],
     keep_base_on: torch.device | str = "cpu",
 ) -> None:
-    """Merge a LoRA set into `model`'s linear weights: W [out, in] += sum(strength * scale * up @ down).
+    """Merge a LoRA set into `model`'s parameters: a linear's weight W [out, in] += sum(strength * scale *
+    up @ down), and every parameter with diffs (weights, biases, norm weights, modulations [1, 6, dim])
+    += sum(strength * diff), the diff of the parameter's shape.
 
     Every file is checked against the model before anything changes. A set already merged is left as it
-    is; any other set first restores the base weights (bit-exactly) and is then merged onto them. Module by
-    module (so only one [out, in] float32 update exists at a time), the sum of the updates is computed in
-    float32 on the weight's device, added to the float32 base and cast to the weight's dtype. Entries of
-    strength 0 change nothing. The exact base copies of the changed weights are kept on `keep_base_on`
-    (the CPU by default, so that a GPU holds no second copy of the model).
+    is; any other set first restores the base parameters (bit-exactly) and is then merged onto them.
+    Parameter by parameter (so only one float32 update of one parameter exists at a time), the sum of the
+    updates is computed in float32 on the parameter's device, added to the float32 base and cast to the
+    parameter's dtype. Entries of strength 0 change nothing. The exact base copies of the changed parameters
+    are kept on `keep_base_on` (the CPU by default, so that a GPU holds no second copy of the model).
     """
     lora_set = _as_set(loras)
     for lora, _ in lora_set.entries:
@@ -345,24 +458,28 @@ def apply_loras(
         return
     remove_loras(model)
     active = [(lora, strength) for lora, strength in lora_set.entries if strength != 0]
-    modules = list(dict.fromkeys(m for lora, _ in active for m in lora.modules))
-    if not modules:
+    targets = list(dict.fromkeys(p for lora, _ in active for p in lora.parameters))
+    if not targets:
         return
-    linears = _linear_modules(model)
+    params = dict(model.named_parameters())
     base: dict[str, torch.Tensor] = {}
-    for module in modules:
-        weight = linears[module].weight
-        merged = weight.float()  # a new tensor unless the weight is float32
-        if merged is weight:
+    for name in targets:
+        param = params[name]
+        merged = param.float()  # a new tensor unless the parameter is float32
+        if merged is param:
             merged = merged.clone()
+        module = name.removesuffix(".weight") if name.endswith(".weight") else None
         for lora, strength in active:
-            entry = lora.modules.get(module)
+            entry = lora.modules.get(module) if module is not None else None
             if entry is not None:
-                up = entry.up.to(weight.device, torch.float32)
-                down = entry.down.to(weight.device, torch.float32)
+                up = entry.up.to(param.device, torch.float32)
+                down = entry.down.to(param.device, torch.float32)
                 merged.addmm_(up, down, alpha=strength * entry.scale)
-        base[module] = weight.detach().to(keep_base_on, copy=True)
-        weight.copy_(merged.to(weight.dtype))
+            diff = lora.diffs.get(name)
+            if diff is not None:  # strength * diff rounded first, then added: exactly param + strength * diff
+                merged.add_(diff.delta.to(param.device, torch.float32, copy=True).mul_(strength))
+        base[name] = param.detach().to(keep_base_on, copy=True)
+        param.copy_(merged.to(param.dtype))
     setattr(model, _STATE_ATTR, _MergeState(base=base, identity=lora_set.identity, loras=lora_set))
 
 
