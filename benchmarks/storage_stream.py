@@ -10,6 +10,11 @@ the video. Each variant gets the same frames:
 - s3: VideoWriter into a moto S3 server on 127.0.0.1, started here in its own process so its memory
   and CPU are not counted as ours.
 
+Quality signals (`storage.signals`, measured by VideoWriter on every frame): the local write is also timed
+with them off (`local_unmeasured`), and the meter alone over the same frames (`signals_alone`); target: the
+signals add at most 5% to the local write (`signals_overhead`, from the meter's own time, which the
+encoder's run-to-run noise does not blur).
+
 Memory: the growth of this process's peak RSS (VmHWM, reset through /proc/self/clear_refs) above its
 RSS before the write; target: below the raw video (frames x H x W x 3 bytes). Time: the median of
 interleaved runs; target: VideoWriter / ffmpeg alone <= 1.15. Prints a summary, then one JSON object.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +37,7 @@ import torch
 from common import emit, interleaved_times, peak_memory, rss_now
 from PIL import Image
 
+from storage.signals import SignalMeter
 from storage.video import VideoWriter, encoder_stream, ffmpeg_executable
 
 BUCKET = "bench"
@@ -62,6 +69,19 @@ def frame_chunks(frames: int, height: int, width: int, noise: bool, seed: int = 
                 chunk[i] = (texture[:, PAN * t : PAN * t + width] * 3 + bands) // 4
         yield chunk
         start += n
+
+
+def signal_seconds(chunks: list[np.ndarray], fps: int, repeats: int) -> float:
+    """Median seconds of the quality-signal meter alone over the video's chunks (made beforehand)."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        meter = SignalMeter(fps)
+        for chunk in chunks:
+            meter.update(chunk)
+        meter.result()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 def _free_port() -> int:
@@ -131,10 +151,13 @@ def main() -> None:
         if proc.wait() != 0:
             raise RuntimeError(f"ffmpeg exited with {proc.returncode}")
 
-    def writer_run(name: str, url: str, storage_options: dict | None) -> Callable[[], None]:
+    def writer_run(
+        name: str, url: str, storage_options: dict | None, measure: bool = True
+    ) -> Callable[[], None]:
         def run() -> None:
             with VideoWriter(url, width=args.width, height=args.height, fps=args.fps, crf=args.crf,
-                             preset=args.preset, storage_options=storage_options) as writer:  # fmt: skip
+                             preset=args.preset, storage_options=storage_options,
+                             measure=measure) as writer:  # fmt: skip
                 for chunk in chunks():
                     writer.write(chunk)
             encoded[name] = writer.nbytes
@@ -145,6 +168,7 @@ def main() -> None:
         "ffmpeg": run_ffmpeg,
         "local": writer_run("local", f"{workdir.name}/run/video.mp4", None),
         "s3": writer_run("s3", f"s3://{BUCKET}/run/video.mp4", options),
+        "local_unmeasured": writer_run("local_unmeasured", f"{workdir.name}/run/plain.mp4", None, False),
     }
     try:
         for run in runs.values():  # warm-up: page cache, the s3fs session, ffmpeg's first start
@@ -158,6 +182,7 @@ def main() -> None:
                 samples.append(peak - before)
             growth[name] = min(samples)
         times = interleaved_times(runs, args.repeats, cpu)
+        times["signals_alone"] = signal_seconds(list(chunks()), args.fps, max(args.repeats, 5))
     finally:
         server.kill()
         server.wait()
@@ -179,6 +204,10 @@ def main() -> None:
         "seconds_s3": round(times["s3"], 3),
         "time_ratio_local": ratios["local"],
         "time_ratio_s3": ratios["s3"],
+        "seconds_local_unmeasured": round(times["local_unmeasured"], 3),
+        "seconds_signals_alone": round(times["signals_alone"], 4),
+        "signals_overhead": round(times["signals_alone"] / times["local_unmeasured"], 4),
+        "signals_ok": times["signals_alone"] <= 0.05 * times["local_unmeasured"],
         "peak_growth_bytes_local": growth["local"],
         "peak_growth_bytes_s3": growth["s3"],
         "memory_ok": max(growth.values()) < raw,
@@ -191,7 +220,10 @@ def main() -> None:
         f"local {times['local']:.2f}s (x{ratios['local']}), s3 {times['s3']:.2f}s (x{ratios['s3']}); "
         f"encoded {encoded['local'] / mib:.2f} MiB\n"
         f"peak RSS growth: local {growth['local'] / mib:.1f} MiB, s3 {growth['s3'] / mib:.1f} MiB "
-        f"(raw video {raw / mib:.1f} MiB)"
+        f"(raw video {raw / mib:.1f} MiB)\n"
+        f"quality signals: {times['signals_alone'] * 1000:.1f} ms over the video = "
+        f"{100 * result['signals_overhead']:.2f}% of the local write without them "
+        f"({times['local_unmeasured']:.2f}s)"
     )
     emit(result)
 

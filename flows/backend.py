@@ -47,6 +47,11 @@ class GenerationBackend(Protocol):
         """The video's frames as they are decoded: uint8 chunks [n, H, W, 3]."""
         ...
 
+    def latents_metadata(self) -> dict[str, str]:
+        """Text metadata for a stored latents file (normalisation, layout); with `generate_stream(...,
+        keep_latents=True)` the video's latents are then in `last_latents`."""
+        ...
+
     def use_loras(self, loras: Any) -> bool:
         """Merge a `wan.lora.LoraSet` into the DiT for the next videos (None: the base weights); returns
         whether the weights changed. ValueError for a set that does not fit the model."""

@@ -11,6 +11,7 @@
     wanflow catalog show JOB                        one job with its output
     wanflow catalog stats [--run R]                 counts by status, bytes, GPU seconds
     wanflow catalog export --run R --format parquet --to s3://bucket/datasets/r.parquet
+    wanflow dataset export --to URL [--format webdataset|hf] [--run R]... [--where EXPR] [--drop-duplicates]
 
 Every listing prints a table, or JSON with `--json`. The catalog and storage locations come from
 `WANFLOW_*` settings (see flows/settings.py) unless `--catalog-url` is given; every command says on
@@ -185,12 +186,54 @@ def jobs(
     _emit(rows, False, columns, "jobs")
 
 
+Where = Annotated[
+    str | None,
+    typer.Option("--where", help="only videos that meet every condition, e.g. 'motion > 0.02 and not "
+                 "frozen' (fields: motion, black, flat, frozen, black_frames, flat_frames, frozen_frames, "
+                 "width, height, frames, fps, bytes, dit_forwards, dit_forwards_skipped)"),
+]  # fmt: skip
+
+
 @catalog_app.command()
-def outputs(run: RunRef = None, catalog_url: CatalogUrl = None, as_json: AsJson = False) -> None:
-    """Videos in the catalog, optionally of one run."""
+def outputs(
+    run: RunRef = None, where: Where = None, catalog_url: CatalogUrl = None, as_json: AsJson = False
+) -> None:
+    """Videos in the catalog, optionally of one run, with their quality signals."""
+    from storage.catalog.filters import parse_filter
+
+    try:
+        conditions = parse_filter(where)
+    except ValueError as exc:
+        raise _fail(f"--where: {exc}") from exc
     catalog = _open(catalog_url)
-    rows = [o.to_dict() for o in catalog.outputs(run_id=_run_id(catalog, run))]
-    _emit(rows, as_json, ["job_id", "uri", "bytes", "width", "height", "frames", "fps", "sha256"], "outputs")
+    rows = [o.to_dict() for o in catalog.outputs(run_id=_run_id(catalog, run), where=conditions)]
+    flags = ("black", "flat", "frozen")  # one column of the table
+    shown = [{**row, "flags": ",".join(flag for flag in flags if row.get(flag))} for row in rows]
+    _emit(rows if as_json else shown, as_json, ["job_id", "uri", "frames", "motion", "flags"], "outputs")
+
+
+@catalog_app.command()
+def snapshots(
+    name: Annotated[str | None, typer.Argument(help="a snapshot name (default: every snapshot)")] = None,
+    version: Annotated[
+        int | None, typer.Option("--version", min=1, help="list this version's samples (needs NAME)")
+    ] = None,
+    catalog_url: CatalogUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Dataset snapshots (the export-dataset flow's versions): name, version, samples, where; with NAME and
+    --version, that version's samples (key, job, video sha256)."""
+    catalog = _open(catalog_url)
+    found = [s.to_dict() for s in catalog.snapshots(name)]
+    if version is None:
+        columns = ["name", "version", "samples", "bytes", "format", "created_at", "uri"]
+        _emit(found, as_json, columns, "snapshots")
+        return
+    match = [s for s in found if s["version"] == version]
+    if name is None or not match:
+        raise _fail(f"no snapshot {name or '(give its name)'} v{version} in the catalog")
+    samples = catalog.snapshot_samples(match[0]["id"])
+    _emit(samples, as_json, ["key", "job_id", "sha256"], f"{name} v{version}")
 
 
 JobId = Annotated[int, typer.Argument(min=1, max=MAX_ID, help="a job id (`catalog jobs` lists them)")]
@@ -299,6 +342,86 @@ def export(
     except (OSError, ValueError) as exc:
         raise _fail(f"export to {to}: {exc}") from exc
     _console.print(f"wrote {count} rows to {redact(to)}")
+
+
+# -------------------------------------------------------------------------------------------- datasets
+
+dataset_app = typer.Typer(help="Training-ready datasets of the catalog's videos.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("export")
+def dataset_export(
+    to: Annotated[str, typer.Option("--to", help="destination folder: a path or any fsspec URL")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="webdataset (tar shards) or hf (a Hugging Face videofolder)")
+    ] = "webdataset",
+    run: Annotated[
+        list[str] | None, typer.Option("--run", help="run id or name; repeat for several (default: all runs)")
+    ] = None,
+    where: Where = None,
+    model: Annotated[str | None, typer.Option("--model", help="only videos of this model id")] = None,
+    lora: Annotated[
+        str | None,
+        typer.Option("--lora", help="only videos made with a LoRA whose URI contains TEXT or whose sha256 "
+                     "starts with it"),
+    ] = None,
+    drop_duplicates: Annotated[
+        bool, typer.Option("--drop-duplicates/--keep-duplicates", "--drop_duplicates/--keep_duplicates",
+                           help="keep only the first video of each group of near-duplicates (phash)")
+    ] = False,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", "--shard_size", min=1, help="webdataset: bytes per shard, about")
+    ] = 2**30,
+    catalog_url: CatalogUrl = None,
+    as_json: AsJson = False,
+) -> None:  # fmt: skip
+    """Write the selected videos with every setting as a dataset (WebDataset shards or a Hugging Face
+    folder) with an index and a dataset card. Running it again writes only what changed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from storage.catalog.filters import parse_filter
+    from storage.dataset import DATASET_FORMATS, Selection, export_dataset
+
+    if fmt not in DATASET_FORMATS:
+        raise _fail(f"--format {fmt!r}: expected one of {', '.join(DATASET_FORMATS)}")
+    try:
+        parse_filter(where)
+    except ValueError as exc:
+        raise _fail(f"--where: {exc}") from exc
+    settings = _settings(catalog_url=catalog_url)
+    catalog = _open(catalog_url)
+    selection = Selection(tuple(run or ()), where, model, lora, drop_duplicates)
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=_err, transient=True, disable=not _err.is_terminal) as bar:
+            task = bar.add_task("exporting", total=None)
+            summary = export_dataset(
+                catalog, to, fmt=fmt, selection=selection, shard_size=shard_size,
+                storage_options=settings.storage_options_for(to), source_options=settings.storage_options_for,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise _fail(f"dataset export to {to}: {exc}") from exc
+    finally:
+        catalog.close()
+    _print_export(summary.to_dict(), as_json)
+
+
+def _print_export(doc: dict[str, Any], as_json: bool) -> None:
+    """The summary of a dataset export: counts on one line, then one line per sample skipped."""
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+        return
+    shards = f" in {doc['shards']} shards" if doc["format"] == "webdataset" else ""
+    changed = f"{len(doc['written'])} objects written, {doc['kept']} parts unchanged"
+    _console.print(
+        f"exported {doc['samples']} samples{shards} ({_bytes(doc['bytes'])}) to {doc['url']}: {changed}; "
+        f"{len(doc['skipped'])} skipped, {doc['duplicates_dropped']} near-duplicates dropped",
+        highlight=False, markup=False, soft_wrap=True,
+    )  # fmt: skip
+    for skipped in doc["skipped"]:
+        _err.print(f"skipped {skipped['key']}: {skipped['reason']}", highlight=False, markup=False)
 
 
 # ----------------------------------------------------------------------------------------- generation
@@ -660,6 +783,10 @@ def generate(
         str | None, typer.Option("--vae-tiling", "--vae_tiling",
                                  help="GPU memory: tiled VAE decode, TILE:OVERLAP latent cells, 'on' = 32:8")
     ] = None,
+    save_latents: Annotated[
+        bool | None, typer.Option("--save-latents/--no-save-latents", "--save_latents/--no_save_latents",
+                                  help="keep each video's final latents beside it (safetensors)")
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run/--no-dry-run", "--dry_run/--no_dry_run",
                            help="print the plan; generate nothing, write nothing")
@@ -675,7 +802,7 @@ def generate(
     quiet_prefect(verbose)  # before anything imports Prefect
     defaults = _defaults(_model(model), seeds, base_seed, size=size, frame_num=frame_num, steps=steps,
                          shift=shift, guide_scale=guide_scale, solver=solver, negative_prompt=negative_prompt,
-                         loras=lora, cache=cache, recipe=recipe)  # fmt: skip
+                         loras=lora, cache=cache, recipe=recipe, save_latents=save_latents)  # fmt: skip
     memory = _memory(offload_model, t5_cpu, vae_tiling)
     if dry_run:
         _dry_run(manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out,

@@ -412,6 +412,9 @@ class GroupPipeline:
         """Whether the group running now holds `self._loras` (a restarted group starts from the base)."""
         return self.group.alive and self._merged_in == self.group.starts
 
+    def latents_metadata(self) -> dict[str, str]:
+        raise ValueError("worker groups do not keep latents yet")
+
     def settings(self, **kwargs: Any) -> Any:
         from wan.cache import CacheSetting
         from wan.pipeline import GenerationSettings
@@ -435,6 +438,9 @@ class GroupPipeline:
         self, prompt: str, *, seed: int = 0, image: Any = None, last_image: Any = None,
         progress: bool = False, **settings: Any,
     ) -> Iterator[torch.Tensor]:  # fmt: skip
+        if settings.pop("keep_latents", False):
+            raise ValueError("worker groups (WANFLOW_GPUS_PER_JOB > 1) do not keep latents yet: run the jobs "
+                             "that save latents with one GPU each")  # fmt: skip
         if self._loras.entries and not self._merged():  # the group restarted: merge the set again first
             self.group.request(UseLoras.of(self._loras))
             self._merged_in = self.group.starts

@@ -195,9 +195,11 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     width, height = pipe.video_size(settings, images.get("image"))  # image-to-video: the image's aspect
     device = torch.device(pipe.device)
     pipe.reset_peak_memory()
+    keep = bool(params.get("save_latents"))
     frames = pipe.generate_stream(
-        params["prompt"], seed=job.seed, progress=False, **images, **_settings_args(params)
-    )
+        params["prompt"], seed=job.seed, progress=False, **images, **_settings_args(params),
+        **({"keep_latents": True} if keep else {}),
+    )  # fmt: skip
     provenance = {
         **ctx.provenance,
         "run": {"id": ctx.run_id, "name": ctx.run_name, "objects_under": _objects_run_name(ctx, job)},
@@ -223,6 +225,7 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         fps=ctx.fps, storage_options=ctx.storage_options, provenance=provenance, device=str(device),
         peak_memory_bytes=lambda: pipe.peak_memory_bytes,  # read once the last frames are in
         sampling=lambda: _sampling_counts(pipe),
+        latents=(lambda: (pipe.last_latents, pipe.latents_metadata())) if keep else None,
     )  # fmt: skip
 
 

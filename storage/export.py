@@ -1,13 +1,15 @@
 """Dataset manifests: a run's videos as one table (Parquet or JSON Lines) at any fsspec URL.
 
-One row per video: where it is (uri, sha256, bytes, thumbnail, poster, sidecar), what it shows (prompt,
-negative prompt, item id, seed), what made it (the run, the model id and fingerprint, every generation
-setting under the manifest's own field names: size, frame_num, steps, shift, guide_scale, solver), its
-inputs (image and last_image with their sha256), its fast modes (`loras`: a JSON list of {uri, sha256,
-strength}, empty for none; `cache`: 'kind:threshold' or null; `dit_forwards` and `dit_forwards_skipped`: the
-sampling loop's DiT forwards and those the step cache skipped, null without a cache) and its shape (width,
-height, frames, fps, codec). The request's parameters also travel whole, as a JSON string in `params`. The
-file is written atomically, like every other object.
+One row per video: where it is (uri, sha256, bytes, thumbnail, poster, sidecar, latents when kept), what it
+shows (prompt, negative prompt, item id, seed), what made it (the run, the model id and fingerprint, every
+generation setting under the manifest's own field names: size, frame_num, steps, shift, guide_scale,
+solver), its inputs (image and last_image with their sha256), its fast modes (`loras`: a JSON list of {uri,
+sha256, strength}, empty for none; `cache`: 'kind:threshold' or null; `dit_forwards` and
+`dit_forwards_skipped`: the sampling loop's DiT forwards and those the step cache skipped, null without a
+cache), its quality signals (motion, black, flat, frozen, black_frames, flat_frames, frozen_frames, phash:
+`storage.signals`; null for videos stored before they were measured) and its shape (width, height, frames,
+fps, codec). The request's parameters also travel whole, as a JSON string in `params`. The file is written
+atomically, like every other object.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.catalog import Catalog
+from storage.outputs import SIGNAL_COLUMNS
 from storage.video import write_bytes
 
-__all__ = ["EXPORT_FORMATS", "dataset_rows", "export_run"]
+__all__ = ["EXPORT_FORMATS", "EXPORT_SCHEMA", "dataset_rows", "export_run"]
 
 EXPORT_FORMATS = ("parquet", "jsonl")
 
@@ -36,16 +39,19 @@ _SETTINGS = (
 # Older jobs stored some settings under the official names.
 _OLD_NAMES = {"steps": "sampling_steps", "solver": "sample_solver"}
 
-_SCHEMA = pa.schema(
+EXPORT_SCHEMA = pa.schema(
     [
         ("uri", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
         ("item_id", pa.string()), ("seed", pa.int64()), *_SETTINGS,
         ("model_id", pa.string()), ("model_fingerprint", pa.string()),
         ("width", pa.int64()), ("height", pa.int64()), ("frames", pa.int64()), ("fps", pa.float64()),
         ("codec", pa.string()), ("thumbnail_uri", pa.string()), ("poster_uri", pa.string()),
-        ("sidecar_uri", pa.string()), ("job_id", pa.int64()), ("run_id", pa.int64()), ("run", pa.string()),
+        ("sidecar_uri", pa.string()), ("latents_uri", pa.string()), ("job_id", pa.int64()),
+        ("run_id", pa.int64()), ("run", pa.string()),
         ("loras", pa.string()), ("cache", pa.string()), ("dit_forwards", pa.int64()),
-        ("dit_forwards_skipped", pa.int64()), ("params", pa.string()),
+        ("dit_forwards_skipped", pa.int64()), ("motion", pa.float64()), ("black_frames", pa.int64()),
+        ("flat_frames", pa.int64()), ("frozen_frames", pa.int64()), ("black", pa.bool_()),
+        ("flat", pa.bool_()), ("frozen", pa.bool_()), ("phash", pa.string()), ("params", pa.string()),
     ]
 )  # fmt: skip
 
@@ -73,10 +79,12 @@ def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
             model_id=job.model_id, model_fingerprint=job.model_fingerprint, width=output.width,
             height=output.height, frames=output.frames, fps=output.fps, codec=output.codec,
             thumbnail_uri=output.thumbnail_uri, poster_uri=output.poster_uri, sidecar_uri=output.sidecar_uri,
+            latents_uri=output.latents_uri,
             job_id=job.id, run_id=made_by, run=run_name(made_by),
             loras=json.dumps(params.get("loras") or [], ensure_ascii=False),
             cache=_cache_text(params.get("cache")),
             dit_forwards=output.dit_forwards, dit_forwards_skipped=output.dit_forwards_skipped,
+            **{name: getattr(output, name) for name in SIGNAL_COLUMNS},
             params=json.dumps(params, sort_keys=True, ensure_ascii=False),
         )  # fmt: skip
         rows.append(row)
@@ -100,7 +108,7 @@ def export_run(
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     else:
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), buffer)
+        pq.write_table(pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA), buffer)
         data = buffer.getvalue()
     write_bytes(url, data, storage_options=storage_options)
     return len(rows)

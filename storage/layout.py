@@ -4,6 +4,7 @@
     {root}/{run}/{item}/{item}-s{seed}.json         provenance sidecar
     {root}/{run}/{item}/{item}-s{seed}.thumb.webp   first frame
     {root}/{run}/{item}/{item}-s{seed}.poster.webp  contact sheet of a few frames
+    {root}/{run}/{item}/{item}-s{seed}.latents.safetensors  the final latents (runs that keep them)
 
 Run names and item ids come from users and manifests, so they are made safe before they become
 keys: letters, digits, `.`, `_` and `-` pass; every other character is percent-encoded (so two
@@ -62,6 +63,7 @@ class ObjectKeys:
     sidecar: str
     thumbnail: str
     poster: str
+    latents: str
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class OutputLayout:
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed {seed!r}: must be a non-negative integer")
         base = join_url(self.item_prefix(run, item), f"{safe_name(item)}-s{seed}")
-        return ObjectKeys(f"{base}.mp4", f"{base}.json", f"{base}.thumb.webp", f"{base}.poster.webp")
+        return ObjectKeys(f"{base}.mp4", f"{base}.json", f"{base}.thumb.webp", f"{base}.poster.webp",
+                          f"{base}.latents.safetensors")  # fmt: skip
 
 
 def software_versions() -> dict[str, str]:

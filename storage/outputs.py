@@ -19,13 +19,17 @@ from storage.layout import OutputLayout, sidecar_bytes
 from storage.urls import redact, redact_options
 from storage.video import VideoWriter, contact_sheet, verify_object, write_bytes, write_image
 
-__all__ = ["store_job_output", "verifier"]
+__all__ = ["LATENTS_KEY", "SIGNAL_COLUMNS", "latents_file", "store_job_output", "verifier"]
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_WIDTH = 512
 POSTER_FRAMES = 8
 POSTER_TILE_WIDTH = 256  # frames narrower than this are not blown up
+# The quality signals (`storage.signals.VideoSignals`) the output row keeps, by the same names.
+SIGNAL_COLUMNS = (
+    "motion", "black_frames", "flat_frames", "frozen_frames", "black", "flat", "frozen", "phash",
+)  # fmt: skip
 
 
 def store_job_output(
@@ -44,6 +48,7 @@ def store_job_output(
     peak_memory_bytes: int | Callable[[], int | None] | None = None,
     seconds: float | None = None,
     sampling: Callable[[], Mapping[str, Any] | None] | None = None,
+    latents: Callable[[], tuple[Any, Mapping[str, str]] | None] | None = None,
 ) -> OutputRecord:
     """Stream `frames` (uint8 chunks [n, H, W, 3]) into the job's objects and record the output.
 
@@ -53,8 +58,11 @@ def store_job_output(
     once every frame has been consumed (frames usually come from a lazy generator that does the work).
     `sampling`, read then too, gives what the sampling loop counted ({"dit_forwards": n,
     "dit_forwards_skipped": k} under a step cache, else None): the sidecar's `sampling` entry and the
-    output row's columns of those names. Only the worker holding the job's claim
-    (`job.worker_id`) can record it. Returns the catalog's output record.
+    output row's columns of those names. The quality signals measured on the frames as they were encoded
+    (`storage.signals`) go into the sidecar (`signals`) and the row. `latents`, read then too, gives the
+    video's final latents (a tensor) and text metadata for their file (shape, normalisation), or None: they
+    are stored as safetensors beside the video, before the sidecar, and recorded in both. Only the worker
+    holding the job's claim (`job.worker_id`) can record it. Returns the catalog's output record.
     """
     keys = layout.keys(run_name, job.item_id, job.seed)
     written: list[str] = []
@@ -81,6 +89,16 @@ def store_job_output(
         )
         written.append(keys.poster)
         counted = dict(sampling() or {}) if sampling is not None else {}
+        assert video.signals is not None
+        signals = video.signals.result()
+        kept = latents() if latents is not None else None
+        stored_latents: dict[str, Any] = {}
+        if kept is not None:
+            tensor, metadata = kept
+            data = latents_file(tensor, metadata)
+            sha, size = write_bytes(keys.latents, data, storage_options=storage_options)
+            written.append(keys.latents)
+            stored_latents = {"latents_uri": keys.latents, "latents_sha256": sha, "latents_bytes": size}
         facts = dict(
             uri=keys.video, sha256=video.sha256, bytes=video.nbytes, width=width, height=height,
             frames=video.frames, fps=fps, codec=video.codec,
@@ -93,6 +111,8 @@ def store_job_output(
             },
             "output": {**facts, "thumbnail_uri": keys.thumbnail, "poster_uri": keys.poster},
             **({"sampling": counted} if counted else {}),
+            "signals": signals.as_dict(),
+            **({"latents": {**stored_latents, **dict(kept[1])}} if kept is not None else {}),
             "store_seconds": round(time.perf_counter() - start, 3),
         }  # fmt: skip
         write_bytes(keys.sidecar, sidecar_bytes(sidecar), storage_options=storage_options)
@@ -108,6 +128,7 @@ def store_job_output(
         **facts, thumbnail_uri=keys.thumbnail, sidecar_uri=keys.sidecar, poster_uri=keys.poster,
         device=device, peak_memory_bytes=peak, dit_forwards=counted.get("dit_forwards"),
         dit_forwards_skipped=counted.get("dit_forwards_skipped"),
+        **{name: getattr(signals, name) for name in SIGNAL_COLUMNS}, **stored_latents,
     )  # fmt: skip
     return catalog.mark_succeeded(job.id, record, seconds=seconds, worker=job.worker_id)
 
@@ -123,9 +144,25 @@ def _remove(urls: list[str], storage_options: dict | None) -> None:
 
 
 def verifier(storage_options: dict | None = None):
-    """A `verify` callable for `Catalog.plan_jobs`: the object exists with the recorded size and sha256."""
+    """A `verify` callable for `Catalog.plan_jobs`: the video exists with the recorded size and sha256, and so
+    do its latents when it has them."""
 
     def verify(output: OutputRecord) -> bool:
-        return verify_object(output.uri, output.sha256, output.bytes, storage_options)
+        if not verify_object(output.uri, output.sha256, output.bytes, storage_options):
+            return False
+        if output.latents_uri is None:
+            return True
+        assert output.latents_sha256 is not None and output.latents_bytes is not None
+        return verify_object(output.latents_uri, output.latents_sha256, output.latents_bytes, storage_options)
 
     return verify
+
+
+LATENTS_KEY = "latents"
+
+
+def latents_file(latents: Any, metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file of one tensor named `latents` (contiguous, on the CPU) with text `metadata`."""
+    from safetensors.torch import save
+
+    return save({LATENTS_KEY: latents.detach().to("cpu").contiguous()}, metadata=dict(metadata))

@@ -67,6 +67,7 @@ from storage.faults import (
     storage_error,
     storage_errors,
 )
+from storage.signals import SignalMeter
 from storage.urls import redact
 
 __all__ = [
@@ -76,10 +77,12 @@ __all__ = [
     "StorageError",
     "VideoWriteError",
     "VideoWriter",
+    "abort_quietly",
     "contact_sheet",
     "encoder_stream",
     "ffmpeg_executable",
     "object_info",
+    "open_sink",
     "part_size",
     "verify_object",
     "write_bytes",
@@ -276,7 +279,7 @@ class _TempKeySink:
 _Sink = _LocalSink | _S3Sink | _TempKeySink
 
 
-def _open_sink(url: str, storage_options: dict | None, *, whole: int | None = None) -> _Sink:
+def open_sink(url: str, storage_options: dict | None, *, whole: int | None = None) -> _Sink:
     """A sink for `url`, checked for writability now (StorageError naming the URL and the reason).
 
     `whole`: the size of an object that is in memory already; on S3 it goes in one PUT whatever the part
@@ -295,7 +298,7 @@ def _open_sink(url: str, storage_options: dict | None, *, whole: int | None = No
         return _S3Sink(fs, path, size)
 
 
-def _abort_quietly(sink: _Sink, url: str) -> None:
+def abort_quietly(sink: _Sink, url: str) -> None:
     """Abort a sink during error handling: a failure to clean up is logged, never raised over the cause."""
     try:
         sink.abort()
@@ -416,13 +419,13 @@ def write_bytes(url: str, data: bytes, *, storage_options: dict | None = None) -
     behind, not even an open upload. (Sidecars, thumbnails, posters and contact sheets come this way; only
     streamed videos need multipart uploads, and a job redone aborts those left under its own keys.)
     """
-    sink = _open_sink(url, storage_options, whole=len(data))
+    sink = open_sink(url, storage_options, whole=len(data))
     try:
         with storage_errors(url, "write"):
             sink.write(data)
             sink.commit()
     except BaseException:
-        _abort_quietly(sink, url)
+        abort_quietly(sink, url)
         raise
     return hashlib.sha256(data).hexdigest(), len(data)
 
@@ -522,7 +525,9 @@ class VideoWriter:
     After commit: `sha256` (hex) and `nbytes` of the stored object, `frames`, `seconds` (wall time since
     opening). After abort, `sha256` and `nbytes` are None. `first_frame` is frame 0 at full size
     [H, W, 3]; with `keep_frames=k`, `kept_frames` holds up to k evenly spaced frames (indices in
-    `kept_indices`), shrunk to at most 256 px wide, for a poster.
+    `kept_indices`), shrunk to at most 256 px wide, for a poster. `signals` measures the frames' quality
+    signals as they go to the encoder (`storage.signals`; `signals.result()` once every frame is in; None
+    with `measure=False`).
     """
 
     codec = "h264"
@@ -539,6 +544,7 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "medium",
         keep_frames: int = 0,
+        measure: bool = True,
     ) -> None:
         if width < 2 or height < 2 or width % 2 or height % 2:
             raise ValueError(f"video size {width}x{height}: H.264 in yuv420p needs even width and height")
@@ -555,17 +561,18 @@ class VideoWriter:
         self.first_frame: np.ndarray | None = None
         self.kept_frames: list[np.ndarray] = []
         self.kept_indices: list[int] = []
+        self.signals = SignalMeter(fps) if measure else None
         self._stride = 1  # kept frames are the multiples of this
         self._digest, self._count, self._sent = hashlib.sha256(), 0, 0
         self._stderr = bytearray()
         self._upload_error: BaseException | None = None
         self._state = "open"
         self._started = time.perf_counter()
-        self._sink = _open_sink(url, storage_options)
+        self._sink = open_sink(url, storage_options)
         try:
             self.process = self._spawn(ffmpeg_executable(ffmpeg_binary), crf, preset)
         except BaseException:
-            _abort_quietly(self._sink, url)
+            abort_quietly(self._sink, url)
             raise
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUE_BLOCKS)
         self._threads = [
@@ -661,6 +668,8 @@ class VideoWriter:
         except OSError as exc:
             raise self._failure("receiving frames") from exc
         self._keep(frames)
+        if self.signals is not None:
+            self.signals.update(frames)
         self.frames += len(frames)
 
     def _keep(self, frames: np.ndarray) -> None:
@@ -720,7 +729,7 @@ class VideoWriter:
         with contextlib.suppress(OSError, ValueError):
             self.process.stdin.close()
         self._join()
-        _abort_quietly(self._sink, self.url)
+        abort_quietly(self._sink, self.url)
         self.sha256 = self.nbytes = None
         self.seconds = time.perf_counter() - self._started
 

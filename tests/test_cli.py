@@ -36,7 +36,8 @@ def filled(catalog_url):
         done.id,
         OutputRecord(uri="s3://b/nightly/x.mp4", sha256="cd" * 32, bytes=1234, width=832, height=480,
                      frames=81, fps=16.0, codec="h264", thumbnail_uri="s3://b/nightly/x.thumb.webp",
-                     device="cuda:0"),
+                     device="cuda:0", motion=0.031, black=False, flat=False, frozen=True, frozen_frames=20,
+                     phash="ab" * 64),
     )  # fmt: skip
     catalog.mark_failed(failed.id, "CUDA out of memory", retry=False)
     catalog.close()
@@ -98,6 +99,19 @@ def test_export_writes_one_row_per_video(filled, tmp_path, fmt):
         8.0,
     )
     assert (row["width"], row["height"], row["frames"], row["model_id"]) == (832, 480, 81, "t2v-1.3B")
+    assert (row["motion"], row["frozen"], row["frozen_frames"], row["phash"]) == (0.031, True, 20, "ab" * 64)
+    assert row["black_frames"] is None  # not measured
+
+
+def test_outputs_filter_by_signals(filled):
+    url, done, _ = filled
+    rows = json.loads(_wanflow(url, "outputs", "--where", "motion > 0.02 and frozen", "--json").stdout)
+    assert [r["job_id"] for r in rows] == [done.id] and rows[0]["motion"] == 0.031
+    assert json.loads(_wanflow(url, "outputs", "--where", "not frozen", "--json").stdout) == []
+    table = _wanflow(url, "outputs", "--run", "nightly").output
+    assert "0.031" in table and "frozen" in table
+    bad = _wanflow(url, "outputs", "--where", "speed > 1")
+    assert bad.exit_code == 1 and "--where: filter 'speed > 1': unknown field 'speed'" in bad.output
 
 
 def test_errors_are_clear(filled, tmp_path):

@@ -293,3 +293,26 @@ def test_a_worker_group_takes_loras_and_caches(harness, tmp_path, monkeypatch):
         assert frames and pipe.group.starts == 2 and pipe._merged()
     finally:
         clear_pipelines()
+
+
+def test_job_groups_carry_the_lora_set_and_cache_on_every_backend(catalog_url):
+    """Sharding reads the LoRA set and cache out of the jobs' JSON parameters in SQL (SQLite and PostgreSQL
+    extract JSON differently)."""
+    from storage.catalog import JobSpec, JobStatus
+
+    loras = [{"uri": "/l/a.safetensors", "sha256": "a" * 64, "strength": 0.7}]
+    cache = {"kind": "magcache", "threshold": 0.12}
+    catalog = Catalog(catalog_url)
+    catalog.upgrade()
+    run = catalog.create_run("groups", "/m.jsonl", "ab" * 32, {})
+    base = {"prompt": "p", "size": "64*48", "frame_num": 5}
+    specs = [JobSpec("plain", 1, "tiny-t2v", "fp", base),
+             JobSpec("styled", 1, "tiny-t2v", "fp", {**base, "loras": loras, "cache": cache})]  # fmt: skip
+    catalog.plan_jobs(run.id, specs)
+    rows = {row.job_id: row for row in catalog.job_groups(run.id, JobStatus.pending)}
+    by_item = {j.item_id: rows[j.id] for j in catalog.jobs(run.id)}
+    assert by_item["plain"].loras is None and by_item["plain"].cache is None
+    assert by_item["styled"].loras == loras and by_item["styled"].cache == cache
+    shards = plan_shards(rows.values(), shard_size=8)
+    assert len(shards) == 2 and {s.cache for s in shards} == {None, "magcache:0.12"}
+    catalog.close()

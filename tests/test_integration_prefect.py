@@ -222,6 +222,13 @@ def deployed(prefect_server: PrefectServer) -> PrefectServer:
     assert shard["work_pool_name"] == "wanflow-gpu"
     automations = prefect_server.request("POST", "/automations/filter", {})
     assert "wanflow-crash-silent-runs" in {a["name"] for a in automations}
+    # The snapshot deployment, and its example trigger (a snapshot after every generate-batch run), off.
+    export = prefect_server.request("GET", "/deployments/name/export-dataset/export-dataset")
+    assert export["work_pool_name"] == "wanflow-cpu" and export["parameters"]["name"] == "nightly"
+    linked = [a for a in automations
+              if any(action.get("deployment_id") == export["id"] for action in a["actions"])]  # fmt: skip
+    assert len(linked) == 1 and linked[0]["enabled"] is False, linked
+    assert linked[0]["trigger"]["match_related"]["prefect.resource.name"] == "generate-batch"
     return prefect_server
 
 
@@ -583,7 +590,35 @@ def test_manifest_finishes_on_the_deployed_pools(stack: Stack) -> None:
     assert {j.worker_id.rsplit(":", 1)[1] for j in jobs} <= {s["id"] for s in shards}
 
     check_storage_matches_catalog(stack)
+    check_snapshots(stack, run.name)
     check_no_secret_anywhere(stack, manifest)
+
+
+def check_snapshots(stack: Stack, run_name: str) -> None:
+    """The export-dataset deployment, run on the CPU pool as an operator runs it: v1 of a selection, then
+    v2 when the selection picks other videos; the catalog lists both with their samples, the bucket holds
+    their shards and cards under snapshots/<name>/v<N>/."""
+    motions = sorted(o.motion for o in stack.catalog.outputs())
+    assert len(motions) == 12 and None not in motions
+    cut = (motions[5] + motions[6]) / 2  # the six calmest videos
+    versions = []
+    for where in (f"motion < {cut!r}", "frames >= 1"):
+        params = {"name": "six", "runs": [run_name], "where": where}
+        out = stack.server.cli("deployment", "run", "export-dataset/export-dataset", "--params",
+                               json.dumps(params))  # fmt: skip
+        stack.outputs.append(out)
+        run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+        final = stack.wait_final(run_id)
+        assert final["state_type"] == "COMPLETED", f"{final['state']}\n{stack.logs()}"
+        versions.append(run_id)
+    listed = stack.catalog.snapshots("six")
+    found = [(s.version, s.samples, s.flow_run_id) for s in listed]
+    assert found == [(1, 6, versions[0]), (2, 12, versions[1])]
+    assert len(stack.catalog.snapshot_samples(listed[1].id)) == 12
+    for snapshot in listed:
+        assert snapshot.uri == f"{stack.s3.root}/snapshots/six/v{snapshot.version}"
+        names = {path.rsplit("/", 1)[1] for path in stack.s3.fs.find(snapshot.uri.removeprefix("s3://"))}
+        assert {"README.md", "export.json", "index.parquet", "shard-000000.tar"} <= names, names
 
 
 def test_killed_workers_then_rerun_completes_only_missing_jobs(stack: Stack) -> None:

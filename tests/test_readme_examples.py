@@ -381,9 +381,13 @@ def test_readme_commands_run(tmp_path: Path, moto_port: int, readme_bucket, post
     assert len(videos) == len(ROWS) * 2, videos  # --seeds 2
     with Catalog(postgres_or_sqlite) as catalog:  # that run's --catalog-url
         assert catalog.stats()["outputs"] == len(ROWS) * 2
-    (skip_invalid,) = [" ".join(r.output.split()) for r in ran if BAD_ROW_BEFORE in r.argv]
+    skip_invalid, keeping_latents = [" ".join(r.output.split()) for r in ran if BAD_ROW_BEFORE in r.argv]
     assert "succeeded: 2 made" in skip_invalid and "1 rows rejected" in skip_invalid, skip_invalid
-    assert len(list((work / "outputs").rglob("*.mp4"))) == len(ROWS)  # the good rows
+    # The good rows, twice: "Making a training set" runs them again keeping their latents (new jobs).
+    assert "succeeded: 2 made" in keeping_latents, keeping_latents
+    assert len(list((work / "outputs").rglob("*.mp4"))) == len(ROWS) * 2
+    assert len(list((work / "outputs").rglob("*.latents.safetensors"))) == len(ROWS)
+    assert list((work / "datasets" / "train").glob("shard-*.tar"))  # the training set's export
     (refused,) = [r.output for r in ran if r.wanted != 0]
     assert "line 3" in refused and "size" in refused, refused  # "every bad row: line, field, reason"
     assert (work / "cats.mp4").exists() and (work / "cat.mp4").exists()

@@ -373,9 +373,9 @@ def test_disk_full_at_commit_leaves_no_partial_file(tmp_path: Path):
 
 _KILLED_WRITER = """
 import os, signal, sys
-from storage.video import PART_SIZE, _open_sink
+from storage.video import PART_SIZE, open_sink
 from s3_server import s3_options
-sink = _open_sink(sys.argv[1], s3_options(int(sys.argv[2])))
+sink = open_sink(sys.argv[1], s3_options(int(sys.argv[2])))
 sink.write(b"x" * (PART_SIZE + 1))  # more than a part: the multipart upload starts, part 1 is sent
 assert sink.upload_id and len(sink.parts) == 1
 os.kill(os.getpid(), signal.SIGKILL)  # killed before commit or abort
@@ -419,7 +419,7 @@ def test_small_objects_are_one_put_and_big_ones_multipart(s3_target: Target):
     """A multipart object's ETag ends with '-<parts>': objects of at most one part never are multipart, nor
     objects written whole from memory (`write_bytes`: a process killed meanwhile leaves no upload open); a
     bigger stream is."""
-    from storage.video import _open_sink
+    from storage.video import open_sink
 
     s3 = s3_target.fs
 
@@ -429,7 +429,7 @@ def test_small_objects_are_one_put_and_big_ones_multipart(s3_target: Target):
     write_bytes(s3_target.url("fox.json"), b'{"seed": 1}', storage_options=s3_target.options)
     write_bytes(s3_target.url("exact.bin"), b"a" * PART_SIZE, storage_options=s3_target.options)
     write_bytes(s3_target.url("whole.bin"), b"c" * (PART_SIZE + 1), storage_options=s3_target.options)
-    sink = _open_sink(s3_target.url("over.bin"), s3_target.options)
+    sink = open_sink(s3_target.url("over.bin"), s3_target.options)
     sink.write(b"b" * (PART_SIZE + 1))
     sink.commit()
     with VideoWriter(s3_target.url("fox.mp4"), width=W, height=H, storage_options=s3_target.options) as video:

@@ -57,6 +57,12 @@ def test_output_objects_then_row(setup):
     assert sidecar["job"]["seed"] == 7 and "python" in sidecar["software"]
     assert catalog.get_job(job.id).status == JobStatus.succeeded
     assert catalog.output_of(job.id).uri == out.uri
+    # The quality signals were measured on the frames as they streamed: flat grey chunks (1, 4, 4 frames).
+    signals = sidecar["signals"]
+    assert signals["frames"] == 9 and signals["flat"] and signals["flat_frames"] == 9
+    assert signals["black_frames"] == 1 and signals["frozen_frames"] == 6 and signals["motion"] > 0
+    stored = catalog.output_of(job.id)
+    assert (stored.motion, stored.flat, stored.phash) == (signals["motion"], True, signals["phash"])
 
 
 def test_failure_leaves_no_object_and_no_row_then_retry_succeeds(setup):

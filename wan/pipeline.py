@@ -243,6 +243,8 @@ class WanPipeline:
         self.lora_merges = 0  # how many times a LoRA set was merged into (or removed from) the DiT
         # The last video's step-cache counts (DiT forwards, skipped forwards); None: it ran uncached.
         self.last_cache_counts: CacheCounts | None = None
+        # The last `generate_stream(keep_latents=True)` video's final latents [z, T, h, w] float32 on the CPU.
+        self.last_latents: torch.Tensor | None = None
 
     def _place(self) -> None:
         """Each part where it waits between uses: on the device, or on the CPU under `offload_model` (the
@@ -571,6 +573,20 @@ class WanPipeline:
                 self.last_cache_counts = cache.counts()
         return x
 
+    def latents_metadata(self) -> dict[str, str]:
+        """What a stored latents file says about itself (text, for safetensors metadata): how the latents are
+        normalised and what decodes them."""
+        import json
+
+        return {
+            "format": "wanflow.latents/1", "model": self.preset.name, "layout": "[z, T, h, w] float32",
+            "normalisation": "(mu - latents_mean) / latents_std per channel, as the DiT samples them; "
+                             "WanVAE.decode takes them as they are",
+            "latents_mean": json.dumps(self.vae.latents_mean.tolist()),
+            "latents_std": json.dumps(self.vae.latents_std.tolist()),
+            "vae_stride": json.dumps(list(self.vae.stride)),
+        }  # fmt: skip
+
     def _step_cache(self, settings: GenerationSettings) -> contextlib.AbstractContextManager[Any]:
         ratios = mag_ratios_for(self.preset.name) if settings.cache is not None else None
         return step_cache(self.dit, settings.cache, settings.steps, ratios)
@@ -685,10 +701,13 @@ class WanPipeline:
         last_image: object | None = None,
         batch_cfg: bool = True,
         progress: bool = True,
+        keep_latents: bool = False,
         **settings: Unpack[SettingsArgs],
     ) -> Iterator[torch.Tensor]:
         """Like `generate`, but yields uint8 frame chunks [n, H, W, 3] as the VAE decodes them
-        (1 frame, then 4 per latent frame); no whole-video tensor is held.
+        (1 frame, then 4 per latent frame); no whole-video tensor is held. With `keep_latents`, the final
+        latents the VAE decodes are kept in `last_latents` ([z, T, h, w] float32, CPU, normalised as the
+        DiT sees them: `WanVAE.decode` takes them back).
 
         A parallel pipeline's ranks other than 0 (`is_writer` False) take part in the sampling and yield
         nothing: rank 0 decodes."""
@@ -696,9 +715,12 @@ class WanPipeline:
         conditions = self._conditions(
             1, resolved, None if image is None else [image], None if last_image is None else [last_image]
         )
+        self.last_latents = None
         latents = self.sample_latents(
             [prompt], [seed], resolved, conditions=conditions, batch_cfg=batch_cfg, progress=progress
         )
+        if keep_latents:
+            self.last_latents = latents[0].detach().to("cpu", torch.float32, copy=True)
         if not self.is_writer:
             return
         with self.resident(self.vae):

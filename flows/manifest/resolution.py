@@ -260,4 +260,5 @@ def _fill(request: GenerationRequest, line: int, defaults: RunDefaults) -> Resol
         loras=tuple((e.uri, e.strength)
                     for e in (defaults.loras if request.loras is None else request.loras)),
         cache=None if (cache := request.cache or defaults.cache) in (None, "off") else cache,
+        save_latents=defaults.save_latents,
     )

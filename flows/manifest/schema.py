@@ -403,6 +403,7 @@ class RunDefaults(_SharedChecks):
     loras: tuple[LoraEntry, ...] = ()
     cache: str | None = None
     recipe: str | None = None
+    save_latents: bool = False  # keep each video's final latents beside it (a job parameter when on)
 
     @field_validator("negative_prompt")
     @classmethod
@@ -448,6 +449,7 @@ class ResolvedRequest:
     solver: str
     loras: tuple[tuple[str, float], ...] = ()  # (uri as written, strength) in stacking order
     cache: str | None = None  # 'kind:threshold' (`wan.fast_modes.CacheSetting`); None: no step cache
+    save_latents: bool = False  # the run keeps the final latents beside the video
 
     def params(self) -> dict[str, Any]:
         """JSON-ready generation parameters that identify a job, less item id, model, seed and line."""
@@ -471,6 +473,8 @@ class ResolvedRequest:
             out["loras"] = [{"uri": uri, "strength": strength} for uri, strength in self.loras]
         if self.cache is not None:
             out["cache"] = CacheSetting.parse(self.cache).describe()  # type: ignore[union-attr]
+        if self.save_latents:  # a job that kept its latents is not the job that did not
+            out["save_latents"] = True
         return out
 
     def group(self) -> tuple[str, tuple[int, int], int]:
@@ -509,6 +513,7 @@ class ResolvedRequest:
             solver=str(record["solver"]),
             loras=tuple((str(uri), float(strength)) for uri, strength in record["loras"]),
             cache=None if record["cache"] is None else str(record["cache"]),
+            save_latents=bool(record["save_latents"]),
         )
 
 

@@ -5,7 +5,7 @@ transaction (`transaction`) and calls one of those functions in it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,6 +17,7 @@ import storage.catalog.engine as db
 import storage.catalog.lifecycle as lifecycle
 import storage.catalog.planning as planning
 import storage.catalog.queries as queries
+import storage.catalog.snapshots as snapshots
 from storage.catalog.records import (
     MAX_ID,
     CatalogError,
@@ -29,6 +30,7 @@ from storage.catalog.records import (
     PlanSummary,
     RunRecord,
     RunStatus,
+    SnapshotRecord,
 )
 from storage.catalog.tables import _run
 from storage.urls import redact
@@ -283,10 +285,45 @@ class Catalog:
         with self.transaction() as session:
             return queries.job_groups(session, run_id, status)
 
-    def outputs(self, run_id: int | None = None, limit: int | None = None) -> list[OutputRecord]:
-        """Outputs by id; with `run_id`, the outputs of every job the run asked for (skipped ones too)."""
+    def outputs(
+        self, run_id: int | None = None, limit: int | None = None, where: Iterable[Any] = ()
+    ) -> list[OutputRecord]:
+        """Outputs by id; with `run_id`, the outputs of every job the run asked for (skipped ones too);
+        `where`: conditions they all meet (`storage.catalog.filters.parse_filter`)."""
         with self.transaction() as session:
-            return queries.outputs(session, run_id, limit)
+            return queries.outputs(session, run_id, limit, list(where))
+
+    # ------------------------------------------------------------------------------------ snapshots
+
+    def record_snapshot(
+        self, name: str, uri: str, fmt: str, selection: Mapping[str, Any],
+        samples: Sequence[tuple[str, int, str]], nbytes: int, flow_run_id: str | None = None,
+        version: int | None = None, content: str | None = None,
+    ) -> tuple[SnapshotRecord, bool]:  # fmt: skip
+        """Record an export of `name` as its next version, unless the latest one holds the same content;
+        returns (the snapshot, whether it is new). `samples`: (key, job id, video sha256)."""
+        with self.transaction(write=True) as session:
+            return snapshots.record_snapshot(session, name, uri, fmt, selection, samples, nbytes,
+                                             flow_run_id=flow_run_id, version=version,
+                                             content=content)  # fmt: skip
+
+    def next_snapshot_version(self, name: str) -> int:
+        with self.transaction() as session:
+            return snapshots.next_version(session, name)
+
+    def latest_snapshot(self, name: str) -> SnapshotRecord | None:
+        with self.transaction() as session:
+            return snapshots.latest_snapshot(session, name)
+
+    def snapshots(self, name: str | None = None) -> list[SnapshotRecord]:
+        """Every snapshot by name and version (of `name` only, when given)."""
+        with self.transaction() as session:
+            return snapshots.snapshots(session, name)
+
+    def snapshot_samples(self, snapshot_id: int) -> list[dict[str, Any]]:
+        """A snapshot's samples: key, job id, video sha256."""
+        with self.transaction() as session:
+            return snapshots.snapshot_samples(session, snapshot_id)
 
     def progress(self, run_id: int) -> tuple[int, int]:
         """(jobs finished, jobs) of a run as it sees them now: succeeded, failed and skipped are finished."""

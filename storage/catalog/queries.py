@@ -145,11 +145,16 @@ def job_groups(session: Session, run_id: int, status: JobStatus) -> list[JobGrou
     return [JobGroupRow(*row) for row in session.execute(query)]
 
 
-def outputs(session: Session, run_id: int | None = None, limit: int | None = None) -> list[OutputRecord]:
-    """Outputs by id; with `run_id`, the outputs of every job the run asked for (skipped ones too)."""
+def outputs(
+    session: Session, run_id: int | None = None, limit: int | None = None, where: Iterable[Any] = ()
+) -> list[OutputRecord]:
+    """Outputs by id; with `run_id`, the outputs of every job the run asked for (skipped ones too); `where`:
+    `storage.catalog.filters.Condition`s they must all meet."""
     query = select(Output).order_by(Output.id).limit(limit)
     if run_id is not None:
         query = query.join(RunJob, RunJob.job_id == Output.job_id).where(RunJob.run_id == run_id)
+    for condition in where:
+        query = query.where(condition.clause())
     return [_record(OutputRecord, row) for row in session.scalars(query).all()]
 
 

@@ -135,9 +135,38 @@ class OutputRecord(_Record):
     peak_memory_bytes: int | None = None
     dit_forwards: int | None = None  # DiT forwards of the sampling loop (counted under a step cache)
     dit_forwards_skipped: int | None = None  # of which the step cache skipped
+    motion: float | None = None  # quality signals (storage/signals.py), None: not measured
+    black_frames: int | None = None
+    flat_frames: int | None = None
+    frozen_frames: int | None = None
+    black: bool | None = None
+    flat: bool | None = None
+    frozen: bool | None = None
+    phash: str | None = None
+    latents_uri: str | None = None  # the final latents (safetensors), when the run kept them
+    latents_sha256: str | None = None
+    latents_bytes: int | None = None
     job_id: int | None = None
     id: int | None = None
     created_at: datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotRecord(_Record):
+    """A versioned dataset export (`storage.catalog.snapshots`): what was selected, where it was written,
+    how many samples and bytes, and `content_sha256` over its samples (key, job, video sha256) and format."""
+
+    id: int
+    name: str
+    version: int
+    uri: str
+    format: str
+    selection: dict[str, Any]
+    content_sha256: str
+    samples: int
+    bytes: int
+    flow_run_id: str | None
+    created_at: datetime
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,6 +165,51 @@ class Output(Base):
     poster_uri: Mapped[str | None] = mapped_column(sa.Text)
     dit_forwards: Mapped[int | None]  # sampling's DiT forwards, when a step cache counted them
     dit_forwards_skipped: Mapped[int | None]  # of which the step cache skipped
+    # Quality signals measured while the frames streamed (storage/signals.py); NULL: not measured.
+    motion: Mapped[float | None]
+    black_frames: Mapped[int | None]
+    flat_frames: Mapped[int | None]
+    frozen_frames: Mapped[int | None]
+    black: Mapped[bool | None]
+    flat: Mapped[bool | None]
+    frozen: Mapped[bool | None]
+    phash: Mapped[str | None] = mapped_column(sa.String(256))
+    # The final latents kept beside the video (safetensors), for runs that keep them.
+    latents_uri: Mapped[str | None] = mapped_column(sa.Text)
+    latents_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    latents_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+
+
+class Snapshot(Base):
+    """A versioned dataset export: `name` v`version`, written to `uri` from a saved selection."""
+
+    __tablename__ = "snapshots"
+    __table_args__ = (sa.UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    version: Mapped[int]
+    uri: Mapped[str] = mapped_column(sa.Text)
+    format: Mapped[str] = mapped_column(sa.String(32))
+    selection: Mapped[dict[str, Any]]
+    content_sha256: Mapped[str] = mapped_column(sa.String(64))
+    samples: Mapped[int]
+    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    flow_run_id: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime]
+
+
+class SnapshotSample(Base):
+    """One sample of a snapshot: its key in the export, the job it came from and the video's sha256."""
+
+    __tablename__ = "snapshot_samples"
+
+    snapshot_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("snapshots.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(sa.String(400), primary_key=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
 
 
 class Rejection(Base):
