@@ -402,7 +402,7 @@ def dataset_export(
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )  # fmt: skip
     except (OSError, ValueError) as exc:
-        raise _fail(f"dataset export to {to}: {exc}") from exc
+        raise _fail(f"dataset export to {redact(to)}: {redact(str(exc))}") from exc
     finally:
         catalog.close()
     _print_export(summary.to_dict(), as_json)

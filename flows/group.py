@@ -220,7 +220,8 @@ class WorkerGroup:
                     yield torch.from_numpy(reply.frames)
                 elif isinstance(reply, Done):
                     self.last_done = {"peak_memory_bytes": reply.peak_memory_bytes,
-                                      "cache_counts": reply.cache_counts}  # fmt: skip
+                                      "cache_counts": reply.cache_counts, "latents": reply.latents,
+                                      "latents_metadata": reply.latents_metadata}  # fmt: skip
                     finished = True
                     return
                 elif isinstance(reply, Failed):
@@ -412,8 +413,15 @@ class GroupPipeline:
         """Whether the group running now holds `self._loras` (a restarted group starts from the base)."""
         return self.group.alive and self._merged_in == self.group.starts
 
+    @property
+    def last_latents(self) -> torch.Tensor | None:
+        """The last generation's final latents [z, T, h, w] (float32, CPU), when it kept them."""
+        latents = self.group.last_done.get("latents")
+        return None if latents is None else torch.from_numpy(latents)
+
     def latents_metadata(self) -> dict[str, str]:
-        raise ValueError("worker groups do not keep latents yet")
+        """The metadata rank 0 gave the last kept latents (see `WanPipeline.latents_metadata`)."""
+        return dict(self.group.last_done.get("latents_metadata") or {})
 
     def settings(self, **kwargs: Any) -> Any:
         from wan.cache import CacheSetting
@@ -438,9 +446,6 @@ class GroupPipeline:
         self, prompt: str, *, seed: int = 0, image: Any = None, last_image: Any = None,
         progress: bool = False, **settings: Any,
     ) -> Iterator[torch.Tensor]:  # fmt: skip
-        if settings.pop("keep_latents", False):
-            raise ValueError("worker groups (WANFLOW_GPUS_PER_JOB > 1) do not keep latents yet: run the jobs "
-                             "that save latents with one GPU each")  # fmt: skip
         if self._loras.entries and not self._merged():  # the group restarted: merge the set again first
             self.group.request(UseLoras.of(self._loras))
             self._merged_in = self.group.starts

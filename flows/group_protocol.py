@@ -211,11 +211,14 @@ class Chunk:
 
 @dataclass
 class Done:
-    """The video in flight is finished; rank 0's peak GPU memory during it (None on the CPU) and its step
-    cache's counts ({"forwards", "skipped"}; None without a step cache)."""
+    """The video in flight is finished; rank 0's peak GPU memory during it (None on the CPU), its step
+    cache's counts ({"forwards", "skipped"}; None without a step cache), and, when the request kept them,
+    its final latents (float32 [z, T, h, w]) with the metadata of their file."""
 
     peak_memory_bytes: int | None = None
     cache_counts: dict[str, int] | None = None
+    latents: np.ndarray | None = None
+    latents_metadata: dict[str, str] | None = None
 
 
 @dataclass

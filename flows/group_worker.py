@@ -139,7 +139,10 @@ def serve(pipe: Any, conn: Any | None) -> None:
             continue
         if rank == 0:
             counts = pipe.last_cache_counts
-            conn.send(Done(pipe.peak_memory_bytes, None if counts is None else counts.as_dict()))
+            kept = pipe.last_latents if message.settings.get("keep_latents") else None
+            conn.send(Done(pipe.peak_memory_bytes, None if counts is None else counts.as_dict(),
+                           None if kept is None else kept.numpy(),
+                           None if kept is None else pipe.latents_metadata()))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,9 +58,9 @@ def _manifest(folder: Path) -> Path:
     return path
 
 
-def _run(folder: Path, catalog_url: str, manifest: Path) -> dict:
+def _run(folder: Path, catalog_url: str, manifest: Path, ckpt_dir: Path | None = None) -> dict:
     return generate_batch(str(manifest), model="tiny-t2v", out=str(folder / "out"), catalog_url=catalog_url,
-                          shard_size=8)  # fmt: skip
+                          shard_size=8, ckpt_dir=None if ckpt_dir is None else str(ckpt_dir))  # fmt: skip
 
 
 def _pipe() -> WanPipeline:
@@ -71,10 +71,22 @@ def _pipe() -> WanPipeline:
     return pipe
 
 
-def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path):
+def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path, monkeypatch):
+    from twins import write_official
+
     for seed, name in enumerate(("one", "two", "three"), 1):
         _write_lora(tmp_path / f"{name}.safetensors", seed)
     manifest = _manifest(tmp_path)
+    # A tiny checkpoint in the official layout: the base weights are read from files, and counted.
+    ckpt = write_official(WanPipeline.from_config("tiny-t2v", seed=RANDOM_WEIGHTS_SEED), tmp_path / "ckpt")
+    reads: list[str] = []
+    original = WanPipeline.from_pretrained.__func__
+
+    def counting(cls, ckpt_dir, *args, **kwargs):
+        reads.append(str(ckpt_dir))
+        return original(cls, ckpt_dir, *args, **kwargs)
+
+    monkeypatch.setattr(WanPipeline, "from_pretrained", classmethod(counting))
     catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
     Catalog(catalog_url).upgrade()
     clear_pipelines()
@@ -83,7 +95,7 @@ def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path
 
     flows.shard._LORA_FILES = None  # this test counts the files read
     try:
-        summary = _run(tmp_path, catalog_url, manifest)
+        summary = _run(tmp_path, catalog_url, manifest, ckpt)
         assert summary["status"] == "succeeded", summary
         shards = summary["plan"]["shards"]
         assert len(shards) == 6 and all(len(s["job_ids"]) == 1 for s in shards)
@@ -93,7 +105,7 @@ def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path
             (False, None),
             (False, "fbcache:0.5"),
         }
-        assert pipeline_loads() - loads == 1  # one model load for the whole run
+        assert pipeline_loads() - loads == 1 and reads == [str(ckpt.resolve())]  # the checkpoint, read once
         pipe = _pipe()
         # Shards are ordered by LoRA set: each set is merged once (the two cache shards of a set share it),
         # and the last set stays merged.
@@ -139,17 +151,17 @@ def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path
         assert table["one-cached"]["dit_forwards_skipped"] == skipped
         assert table["base-plain"]["loras"] == "[]" and table["base-plain"]["dit_forwards"] is None
 
-        again = _run(tmp_path, catalog_url, manifest)
+        again = _run(tmp_path, catalog_url, manifest, ckpt)
         assert again["plan"]["already_done"] == 6 and again["plan"]["to_generate"] == 0
 
         _write_lora(tmp_path / "three.safetensors", 33)  # replaced: only the jobs stacking it are redone
-        redo = _run(tmp_path, catalog_url, manifest)
+        redo = _run(tmp_path, catalog_url, manifest, ckpt)
         assert redo["status"] == "succeeded"
         assert redo["plan"]["already_done"] == 4 and redo["plan"]["to_generate"] == 2
         with Catalog(catalog_url) as catalog:
             made = {j.item_id for j in catalog.jobs(redo["run_id"]) if j.last_run_id == redo["run_id"]}
         assert made == {"two-plain", "two-cached"}
-        assert pipeline_loads() - loads == 1
+        assert pipeline_loads() - loads == 1 and len(reads) == 1  # still once, over three runs
     finally:
         clear_pipelines()
 
@@ -264,7 +276,7 @@ def test_shards_group_by_lora_set_and_cache():
 def test_a_worker_group_takes_loras_and_caches(harness, tmp_path, monkeypatch):
     """gpus_per_job 2 on the CPU (gloo; CFG halves): the LoRA set travels to the group once and is merged on
     both ranks; rank 0's cache counts come back for the catalog; a group restarted after a kill merges the
-    set again before its next video."""
+    set again before its next video, and hands kept latents back."""
     from flows.group import GroupPipeline
     from flows.models import _pipelines
 
@@ -289,8 +301,11 @@ def test_a_worker_group_takes_loras_and_caches(harness, tmp_path, monkeypatch):
         pipe.group.abort()  # a dead group: the next video's group starts from the base weights
         assert not pipe._merged()
         frames = list(pipe.generate_stream("again", seed=1, **{k: FAST[k] for k in ("frame_num", "steps")},
-                                           size="64*48"))  # fmt: skip
+                                           size="64*48", keep_latents=True))  # fmt: skip
         assert frames and pipe.group.starts == 2 and pipe._merged()
+        # Latents kept by the group come back from rank 0 with their file's metadata.
+        assert tuple(pipe.last_latents.shape) == (16, 2, 6, 8)
+        assert pipe.latents_metadata()["layout"] == "[z, T, h, w] float32"
     finally:
         clear_pipelines()
 
