@@ -424,13 +424,9 @@ class GroupPipeline:
         return dict(self.group.last_done.get("latents_metadata") or {})
 
     def settings(self, **kwargs: Any) -> Any:
-        from wan.cache import CacheSetting
         from wan.pipeline import GenerationSettings
 
-        values = self.group.request(AskSettings(kwargs))
-        values["size"] = tuple(values["size"])
-        values["cache"] = CacheSetting.parse(values.get("cache"))
-        return GenerationSettings(**values)
+        return GenerationSettings.from_dict(self.group.request(AskSettings(kwargs)))
 
     def video_size(self, settings: Any, image: Any | None = None) -> tuple[int, int]:
         if image is None:

@@ -80,11 +80,8 @@ def _answer(pipe: Any, message: AskSettings | AskVideoSize) -> Answer:
 
     if isinstance(message, AskSettings):
         return Answer(dataclasses.asdict(pipe.settings(**message.kwargs)))
-    from wan.cache import CacheSetting
-
     image = torch.zeros(3, message.height, message.width)
-    values = {**message.settings, "cache": CacheSetting.parse(message.settings.get("cache"))}
-    return Answer(pipe.video_size(GenerationSettings(**values), image))
+    return Answer(pipe.video_size(GenerationSettings.from_dict(message.settings), image))
 
 
 def _generate(pipe: Any, request: Generate, conn: Any) -> None:

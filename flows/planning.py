@@ -45,6 +45,7 @@ from storage.catalog import (
     RunStatus,
     spec_key,
 )  # fmt: skip
+from storage.export import cache_label
 from storage.faults import abort_open_uploads
 from storage.outputs import verifier
 from storage.urls import is_under, redact
@@ -65,7 +66,7 @@ class ShardPlan:
     frame_num: int
     job_ids: list[int]
     label: str
-    loras: str | None = None  # the LoRA set's short id (`variant_key`), None: the base weights
+    loras: str | None = None  # the LoRA set's short id (`lora_set_id`), None: the base weights
     cache: str | None = None  # 'kind:threshold', None: no step cache
 
     @property
@@ -175,11 +176,6 @@ def lora_set_id(loras: Any) -> str | None:
         return None
     text = json.dumps([[e.get("sha256"), e.get("strength"), e.get("uri")] for e in loras], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def cache_label(cache: Any) -> str | None:
-    """'kind:threshold' of a job's params' `cache` ({"kind", "threshold"}); None for none."""
-    return f"{cache['kind']}:{cache['threshold']:g}" if isinstance(cache, dict) else None
 
 
 def plan_shards(jobs: Iterable[JobGroupRow], shard_size: int) -> list[ShardPlan]:

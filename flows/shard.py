@@ -32,7 +32,7 @@ from prefect.tasks import exponential_backoff
 from flows.backend import GenerationBackend
 from flows.events import add_progress_listener, notify
 from flows.images import read_image
-from flows.loras import LoraFiles, lora_entries
+from flows.loras import lora_entries, process_lora_files
 from flows.models import ModelSource, load_pipeline, model_source
 from flows.recovery import queued_shard_end, worker_id
 from flows.settings import Settings, check_secret_free, get_settings
@@ -82,26 +82,9 @@ class JobContext:
     provenance: dict[str, Any] = field(default_factory=dict)
     settings: Settings | None = None  # for the storage options of input images
     run_names: dict[int, str] = field(default_factory=dict)  # first runs of jobs redone here
-    loras: LoraFiles | None = None  # the LoRA files read for the shard's jobs (each once per process)
 
     def storage_options_for(self, url: str) -> dict[str, Any]:
         return self.settings.storage_options_for(url) if self.settings else {}
-
-    def lora_files(self) -> LoraFiles:
-        if self.loras is None:
-            self.loras = _process_lora_files(self.storage_options_for)
-        return self.loras
-
-
-_LORA_FILES: LoraFiles | None = None
-
-
-def _process_lora_files(storage_options_for: Any) -> LoraFiles:
-    """This process's LoRA files (read once each, kept for every later shard; see `flows.loras`)."""
-    global _LORA_FILES
-    if _LORA_FILES is None:
-        _LORA_FILES = LoraFiles(storage_options_for)
-    return _LORA_FILES
 
 
 def _settings_args(params: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +171,8 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     assert pipe is not None  # loaded: the job was planned for this worker's weights (checked above)
     settings = pipe.settings(**_settings_args(params))  # ValueError: a bad request, never retried
     entries = lora_entries(params)
-    loras = ctx.lora_files().load(entries) if entries else None  # BadLora: never retried
+    # BadLora: never retried. Each file is read once per process.
+    loras = process_lora_files().load(entries, ctx.storage_options_for) if entries else None
     if pipe.use_loras(loras):  # a shard's jobs share their LoRA set: merged once, at its first job
         log.info("LoRA set merged: %s", ", ".join(f"{redact(u)} x{s:g}" for u, _, s in entries) or "none")
     images = {name: read_image(params, name, ctx) for name in ("image", "last_image") if params.get(name)}

@@ -8,8 +8,8 @@
               run can name the exact snapshot it used (`wanflow catalog snapshots`)
 
 `make_snapshot` is the work as a plain function; `export_dataset_flow` wraps it for Prefect (the
-`export-dataset` deployment of prefect.yaml runs it on the CPU pool, and infra/automations/ has an example
-that runs it whenever a `generate-batch` run completes). Credentials come from the worker's `WANFLOW_*`
+`export-dataset` deployment of prefect.yaml runs it on the CPU pool, and declares a trigger, disabled, that
+runs it whenever a `generate-batch` run completes). Credentials come from the worker's `WANFLOW_*`
 settings, never from parameters.
 """
 

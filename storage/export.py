@@ -25,7 +25,7 @@ from storage.catalog import Catalog
 from storage.outputs import SIGNAL_COLUMNS
 from storage.video import write_bytes
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_SCHEMA", "dataset_rows", "export_run"]
+__all__ = ["EXPORT_FORMATS", "EXPORT_SCHEMA", "cache_label", "dataset_rows", "export_run"]
 
 EXPORT_FORMATS = ("parquet", "jsonl")
 
@@ -82,7 +82,7 @@ def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
             latents_uri=output.latents_uri,
             job_id=job.id, run_id=made_by, run=run_name(made_by),
             loras=json.dumps(params.get("loras") or [], ensure_ascii=False),
-            cache=_cache_text(params.get("cache")),
+            cache=cache_label(params.get("cache")),
             dit_forwards=output.dit_forwards, dit_forwards_skipped=output.dit_forwards_skipped,
             **{name: getattr(output, name) for name in SIGNAL_COLUMNS},
             params=json.dumps(params, sort_keys=True, ensure_ascii=False),
@@ -92,7 +92,7 @@ def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _cache_text(cache: Any) -> str | None:
+def cache_label(cache: Any) -> str | None:
     """A job's step cache ({"kind", "threshold"}) as 'kind:threshold'; None without one."""
     return f"{cache['kind']}:{cache['threshold']:g}" if isinstance(cache, dict) else None
 

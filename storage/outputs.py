@@ -8,6 +8,7 @@ job is retried (`Catalog.mark_failed(..., retry=...)`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -16,6 +17,7 @@ from typing import Any
 from storage.catalog import Catalog, JobRecord, OutputRecord
 from storage.faults import abort_open_uploads, filesystem
 from storage.layout import OutputLayout, sidecar_bytes
+from storage.signals import VideoSignals
 from storage.urls import redact, redact_options
 from storage.video import VideoWriter, contact_sheet, verify_object, write_bytes, write_image
 
@@ -26,10 +28,8 @@ log = logging.getLogger(__name__)
 THUMBNAIL_WIDTH = 512
 POSTER_FRAMES = 8
 POSTER_TILE_WIDTH = 256  # frames narrower than this are not blown up
-# The quality signals (`storage.signals.VideoSignals`) the output row keeps, by the same names.
-SIGNAL_COLUMNS = (
-    "motion", "black_frames", "flat_frames", "frozen_frames", "black", "flat", "frozen", "phash",
-)  # fmt: skip
+# The quality signals the output row keeps: every `VideoSignals` field but the frame count (a column already).
+SIGNAL_COLUMNS = tuple(f.name for f in dataclasses.fields(VideoSignals) if f.name != "frames")
 
 
 def store_job_output(

@@ -91,9 +91,9 @@ def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path
     Catalog(catalog_url).upgrade()
     clear_pipelines()
     loads = pipeline_loads()
-    import flows.shard
+    import flows.loras
 
-    flows.shard._LORA_FILES = None  # this test counts the files read
+    monkeypatch.setattr(flows.loras, "_PROCESS_FILES", flows.loras.LoraFiles())  # this test counts the reads
     try:
         summary = _run(tmp_path, catalog_url, manifest, ckpt)
         assert summary["status"] == "succeeded", summary
@@ -110,7 +110,7 @@ def test_lora_sets_and_caches_run_as_grouped_shards_and_resume(harness, tmp_path
         # Shards are ordered by LoRA set: each set is merged once (the two cache shards of a set share it),
         # and the last set stays merged.
         assert pipe.lora_merges == 2
-        assert flows.shard._LORA_FILES.reads == 3
+        assert flows.loras.process_lora_files().reads == 3
 
         with Catalog(catalog_url) as catalog:
             jobs = {j.item_id: j for j in catalog.jobs(summary["run_id"])}

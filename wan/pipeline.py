@@ -131,6 +131,13 @@ class GenerationSettings:
     negative_prompt: str
     cache: CacheSetting | None = None  # the step cache (`wan.cache`); None: every DiT forward computed
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GenerationSettings:
+        """The inverse of `dataclasses.asdict` (as settings travel between processes): the size a tuple
+        again, the cache a `CacheSetting`."""
+        cache = CacheSetting.parse(values.get("cache"))
+        return cls(**{**values, "size": tuple(values["size"]), "cache": cache})
+
 
 _SETTING_NAMES = frozenset(
     ("negative_prompt", "size", "frame_num", "steps", "shift", "guide_scale", "solver", "cache")

@@ -31,7 +31,7 @@ from pydantic import (
 from storage.layout import MAX_ID_LENGTH, safe_name
 from storage.urls import redact
 from wan.configs import PRESETS, parse_size
-from wan.fast_modes import CacheSetting, LoraRef, get_recipe, parse_lora_ref
+from wan.fast_modes import CacheSetting, get_recipe, parse_lora_ref
 
 MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
 _EXTENSIONS = {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "parquet": "parquet", "pq": "parquet"}
@@ -253,9 +253,6 @@ class LoraEntry(BaseModel):
 
     uri: str
     strength: float = 1.0
-
-    def ref(self) -> LoraRef:
-        return LoraRef(self.uri, self.strength)
 
 
 def _check_solver(value: str | None) -> str | None:
