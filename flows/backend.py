@@ -44,7 +44,8 @@ class GenerationBackend(Protocol):
         self, prompt: str, *, seed: int = 0, image: Any = None, last_image: Any = None,
         progress: bool = False, **settings: Any,
     ) -> Iterator[torch.Tensor]:  # fmt: skip
-        """The video's frames as they are decoded: uint8 chunks [n, H, W, 3]."""
+        """The video's frames as they are decoded: uint8 chunks [n, H, W, 3]. `keep_latents=True` keeps the
+        final latents (`last_latents`); `decode_video=False` then yields the first frame alone."""
         ...
 
     def latents_metadata(self) -> dict[str, str]:

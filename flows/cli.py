@@ -190,7 +190,7 @@ Where = Annotated[
     str | None,
     typer.Option("--where", help="only videos that meet every condition, e.g. 'motion > 0.02 and not "
                  "frozen' (fields: motion, black, flat, frozen, black_frames, flat_frames, frozen_frames, "
-                 "width, height, frames, fps, bytes, dit_forwards, dit_forwards_skipped)"),
+                 "width, height, frames, fps, bytes, dit_forwards, dit_forwards_skipped, video, latents)"),
 ]  # fmt: skip
 
 
@@ -787,6 +787,11 @@ def generate(
         bool | None, typer.Option("--save-latents/--no-save-latents", "--save_latents/--no_save_latents",
                                   help="keep each video's final latents beside it (safetensors)")
     ] = None,
+    latents_only: Annotated[
+        bool, typer.Option("--latents-only", "--latents_only",
+                           help="store the final latents instead of the video: no VAE decode but the first "
+                                "frame's, for the thumbnail")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run/--no-dry-run", "--dry_run/--no_dry_run",
                            help="print the plan; generate nothing, write nothing")
@@ -800,9 +805,12 @@ def generate(
 ) -> None:
     """Generate every (row, seed) of MANIFEST not already in the catalog with a verified video."""
     quiet_prefect(verbose)  # before anything imports Prefect
+    if latents_only and save_latents is False:
+        raise _fail("--latents-only stores the latents: it contradicts --no-save-latents")
     defaults = _defaults(_model(model), seeds, base_seed, size=size, frame_num=frame_num, steps=steps,
                          shift=shift, guide_scale=guide_scale, solver=solver, negative_prompt=negative_prompt,
-                         loras=lora, cache=cache, recipe=recipe, save_latents=save_latents)  # fmt: skip
+                         loras=lora, cache=cache, recipe=recipe,
+                         save_latents="only" if latents_only else save_latents)  # fmt: skip
     memory = _memory(offload_model, t5_cpu, vae_tiling)
     if dry_run:
         _dry_run(manifest, defaults, skip_invalid=skip_invalid, catalog_url=catalog_url, out=out,

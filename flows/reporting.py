@@ -122,7 +122,7 @@ def _outputs_markdown(
     outputs = shown[:MAX_TABLE_ROWS]
     lines = [f"# {run_name}: outputs", ""]
     if outputs:
-        lines += ["| thumbnail | item | seed | status | seconds | video |", "|---|---|---|---|---|---|"]
+        lines += ["| thumbnail | item | seed | status | seconds | output |", "|---|---|---|---|---|---|"]
     for out, job, image in outputs:
         thumbnail = (
             f"![{_cell(_label(job))}]({_data_uri(image, TABLE_THUMBNAIL_WIDTH)})" if image is not None else ""

@@ -180,9 +180,10 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
     device = torch.device(pipe.device)
     pipe.reset_peak_memory()
     keep = bool(params.get("save_latents"))
+    video = params.get("save_latents") != "only"  # latents only: no decode but the first frame (thumbnail)
     frames = pipe.generate_stream(
         params["prompt"], seed=job.seed, progress=False, **images, **_settings_args(params),
-        **({"keep_latents": True} if keep else {}),
+        **({"keep_latents": True} if keep else {}), **({} if video else {"decode_video": False}),
     )  # fmt: skip
     provenance = {
         **ctx.provenance,
@@ -209,7 +210,7 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         fps=ctx.fps, storage_options=ctx.storage_options, provenance=provenance, device=str(device),
         peak_memory_bytes=lambda: pipe.peak_memory_bytes,  # read once the last frames are in
         sampling=lambda: _sampling_counts(pipe),
-        latents=(lambda: (pipe.last_latents, pipe.latents_metadata())) if keep else None,
+        latents=(lambda: (pipe.last_latents, pipe.latents_metadata())) if keep else None, video=video,
     )  # fmt: skip
 
 

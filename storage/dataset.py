@@ -5,7 +5,7 @@
 `url` (a local folder or any fsspec URL) as one of
 
     webdataset   shard-000000.tar, shard-000001.tar, ...   about `shard_size` bytes each; per sample
-                     <key>.mp4          the video, byte for byte as stored
+                     <key>.mp4          the video, byte for byte as stored (none for a latents-only output)
                      <key>.json         every setting: the `storage.export` row of the video (prompt,
                                         model and fingerprint, size, frame_num, steps, shift, guide_scale,
                                         solver, input images and their sha256, loras, cache, signals, ...)
@@ -17,6 +17,9 @@
                  metadata.parquet       one row per sample: file_name (the video, relative to the folder),
                                         thumbnail, latents (relative paths or null), key, the export
                                         row's columns
+                 (latents-only outputs: no videos/; `first_frame_file_name` is the thumbnail, so the folder
+                 loads as an `imagefolder` with a `first_frame` image and a `latents` column naming each
+                 file; a selection mixing them with videos is refused)
 
 and, for both, `README.md` (a dataset card: counts, models, settings, signals, provenance, how to load it)
 and `export.json` (the manifest below). A sample's key is `<run>/<item>-s<seed>`, the run that made the
@@ -143,7 +146,8 @@ class Sample:
         return [self.key, o.sha256, o.bytes, o.latents_sha256, o.thumbnail_uri, _sha256(self.doc_bytes)]
 
     def estimated_bytes(self) -> int:
-        return self.output.bytes + (self.output.latents_bytes or 0) + len(self.doc_bytes) + _TAR_OVERHEAD
+        latents = self.output.latents_bytes or 0 if self.output.has_video else 0  # else counted as `bytes`
+        return self.output.bytes + latents + len(self.doc_bytes) + _TAR_OVERHEAD
 
 
 @dataclass
@@ -299,6 +303,13 @@ def export_dataset(
     selected = select_samples(catalog, selection)
     if not selected.samples:
         raise ValueError("no video in the catalog matches the selection: nothing to export")
+    latents_only = sum(1 for s in selected.samples if not s.output.has_video)
+    if fmt == "hf" and 0 < latents_only < len(selected.samples):
+        raise ValueError(
+            f"{latents_only} of the {len(selected.samples)} selected outputs are latents only (no video): an "
+            "hf folder holds videos or latents, not both; export them apart (--where video / --where 'not "
+            "video') or as webdataset"
+        )
     target = _Target(absolute_url(url), storage_options, {})
     previous = _previous_manifest(target, fmt)
     target.sizes = _listing(target)
@@ -306,7 +317,7 @@ def export_dataset(
     shards = fmt == "webdataset"
     parts = _plan_shards(selected.samples, shard_size) if shards else _plan_files(selected.samples)
     doc = _Manifest(fmt, selection.describe(selected.runs), shard_size if shards else None, parts, previous,
-                    redact(catalog.url))  # fmt: skip
+                    redact(catalog.url), latents_only=latents_only == len(selected.samples))  # fmt: skip
     summary = ExportSummary(redact(target.url), fmt, duplicates_dropped=selected.duplicates)
     _remove_stale(target, doc, summary)
     _write_parts(target, doc, summary, source_options or (lambda _: None), progress)
@@ -335,9 +346,10 @@ class _Manifest:
 
     def __init__(
         self, fmt: str, selection: dict[str, Any], shard_size: int | None, parts: list[Part],
-        previous: dict[str, Any] | None, catalog_url: str,
+        previous: dict[str, Any] | None, catalog_url: str, *, latents_only: bool = False,
     ) -> None:  # fmt: skip
         self.fmt, self.selection, self.shard_size, self.plan = fmt, selection, shard_size, parts
+        self.latents_only = latents_only  # every sample is latents only (no video)
         self.catalog_url = catalog_url
         self.previous = previous or {}
         fingerprints = {p.name: p.fingerprint() for p in parts}
@@ -474,18 +486,23 @@ class _Checked:
     reason: str | None = None
 
 
-def _check(sample: Sample, options_for: OptionsFor) -> _Checked:
-    """Read the sample's video (and latents, thumbnail) and check them against the catalog's size/sha256."""
+def _check(sample: Sample, options_for: OptionsFor, *, need_thumbnail: bool = False) -> _Checked:
+    """Read the sample's video (and latents, thumbnail) and check them against the catalog's size/sha256;
+    a latents-only output has no video. `need_thumbnail`: a sample without its thumbnail is skipped."""
     out = sample.output
-    video = _read(out.uri, options_for(out.uri))
-    if (reason := _mismatch("video", video, out.bytes, out.sha256)) is not None:
-        return _Checked(reason=reason)
+    video = None
+    if out.has_video:
+        video = _read(out.uri, options_for(out.uri))
+        if (reason := _mismatch("video", video, out.bytes, out.sha256)) is not None:
+            return _Checked(reason=reason)
     latents = None
     if out.latents_uri:
         latents = _read(out.latents_uri, options_for(out.latents_uri))
         if (reason := _mismatch("latents", latents, out.latents_bytes, out.latents_sha256)) is not None:
             return _Checked(reason=reason)
     thumbnail = _read(out.thumbnail_uri, options_for(out.thumbnail_uri)) if out.thumbnail_uri else None
+    if need_thumbnail and thumbnail is None:
+        return _Checked(reason="thumbnail missing (a latents folder lists its samples by their thumbnails)")
     return _Checked(video, latents, thumbnail)
 
 
@@ -503,7 +520,7 @@ def _state(sample: Sample, options_for: OptionsFor) -> list[int | None]:
     """Sizes of a sample's video and latents as they are now (None: missing): a part that skipped the sample
     is rebuilt when they change."""
     urls = [sample.output.uri] + ([sample.output.latents_uri] if sample.output.latents_uri else [])
-    return [object_info(u, options_for(u)) for u in urls]
+    return [object_info(u, options_for(u)) for u in dict.fromkeys(urls)]  # latents only: uri is the latents
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -610,7 +627,8 @@ def _members(
         else:
             created = sample.output.created_at
             mtime = created.timestamp() if created else 0.0
-            yield f"{sample.key}.mp4", checked.video or b"", mtime
+            if checked.video is not None:  # a latents-only sample has none
+                yield f"{sample.key}.mp4", checked.video, mtime
             yield f"{sample.key}.json", sample.doc_bytes, mtime
             if checked.thumbnail is not None:
                 yield f"{sample.key}.webp", checked.thumbnail, mtime
@@ -648,7 +666,8 @@ def _write_files(target: _Target, part: Part, options_for: OptionsFor, tick: Cal
     """Copy one sample's files into the hf folder (each written atomically); returns its manifest entry."""
     (sample,) = part.samples
     entry: dict[str, Any] = {"fingerprint": part.fingerprint(), "samples": [], "skipped": [], "objects": {}}
-    checked = _check(sample, options_for)
+    # A folder of latents-only samples lists them by their thumbnails (`file_name`): each needs one.
+    checked = _check(sample, options_for, need_thumbnail=not sample.output.has_video)
     if checked.reason is not None:
         entry["skipped"].append(_skip(sample, checked.reason, options_for))
     else:
@@ -696,6 +715,13 @@ def _shards(doc: _Manifest) -> list[str]:
 def _tables(doc: _Manifest) -> dict[str, bytes]:
     """The index files of the export: index and shard list (webdataset) or metadata (hf)."""
     packed = _packed(doc)
+    if doc.fmt == "hf" and doc.latents_only:
+        # Listed by the thumbnails (the first frames): an imagefolder whose image feature is `first_frame`
+        # (not `image`: the export row has an `image` column, the image-to-video input).
+        rows = [{"first_frame_file_name": thumbnail, "latents": latents, "key": sample.key, **_row(sample)}
+                for _, sample in packed for _, thumbnail, latents in [_files(sample.key)]]  # fmt: skip
+        head = [("first_frame_file_name", pa.string()), ("latents", pa.string()), ("key", pa.string())]
+        return {METADATA: _table(rows, head)}
     if doc.fmt == "hf":
         rows = []
         for part, sample in packed:
@@ -766,6 +792,14 @@ def _signals(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _loading(doc: _Manifest, url: str) -> list[str]:
+    if doc.fmt == "hf" and doc.latents_only:
+        return [
+            "```python", "from datasets import load_dataset", "from safetensors.torch import load_file", "",
+            f'ds = load_dataset("imagefolder", data_dir="{url}", split="train")',
+            "# `first_frame`: an image; `latents`: the final latents [z, T, h, w] (WanVAE.decode)",
+            f'latents = load_file(f"{url}/{{ds[0][\'latents\']}}")["latents"]', "```",
+            "", "The table alone: `datasets.Dataset.from_parquet(\"<folder>/metadata.parquet\")` or pandas.",
+        ]  # fmt: skip
     if doc.fmt == "hf":
         return [
             "```python", "from datasets import Video, load_dataset", "",
@@ -804,6 +838,8 @@ def dataset_card(doc: _Manifest, samples: list[Sample], summary: ExportSummary, 
         "## Contents", "",
         f"- samples: {len(samples)}" + (f" in {summary.shards} shards" if doc.fmt == "webdataset" else ""),
         f"- bytes: {summary.bytes}",
+        f"- latents stored: {sum(1 for s in samples if s.output.latents_uri)}, of which latents only (no "
+        f"video decoded): {sum(1 for s in samples if not s.output.has_video)}",
         f"- skipped: {len(summary.skipped)}" + (f" ({_counts_text(reasons)})" if reasons else ""),
         f"- near-duplicates dropped: {summary.duplicates_dropped}", "",
         "## Models", "", "| model | fingerprint | videos |", "|---|---|---|",

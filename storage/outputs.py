@@ -9,14 +9,17 @@ job is retried (`Catalog.mark_failed(..., retry=...)`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from storage.catalog import Catalog, JobRecord, OutputRecord
+import numpy as np
+
+from storage.catalog import LATENTS_CODEC, Catalog, JobRecord, OutputRecord
 from storage.faults import abort_open_uploads, filesystem
-from storage.layout import OutputLayout, sidecar_bytes
+from storage.layout import ObjectKeys, OutputLayout, sidecar_bytes
 from storage.signals import VideoSignals
 from storage.urls import redact, redact_options
 from storage.video import VideoWriter, contact_sheet, verify_object, write_bytes, write_image
@@ -49,6 +52,7 @@ def store_job_output(
     seconds: float | None = None,
     sampling: Callable[[], Mapping[str, Any] | None] | None = None,
     latents: Callable[[], tuple[Any, Mapping[str, str]] | None] | None = None,
+    video: bool = True,
 ) -> OutputRecord:
     """Stream `frames` (uint8 chunks [n, H, W, 3]) into the job's objects and record the output.
 
@@ -61,8 +65,11 @@ def store_job_output(
     output row's columns of those names. The quality signals measured on the frames as they were encoded
     (`storage.signals`) go into the sidecar (`signals`) and the row. `latents`, read then too, gives the
     video's final latents (a tensor) and text metadata for their file (shape, normalisation), or None: they
-    are stored as safetensors beside the video, before the sidecar, and recorded in both. Only the worker
-    holding the job's claim (`job.worker_id`) can record it. Returns the catalog's output record.
+    are stored as safetensors beside the video, before the sidecar, and recorded in both. With `video`
+    False (a latents-only job: no VAE decode but the first frame's) `frames` holds the first frame alone,
+    which becomes the thumbnail; the output's `uri`, `sha256` and `bytes` are the latents file's and its
+    `codec` is `LATENTS_CODEC` (no poster, no signals). Only the worker holding the job's claim
+    (`job.worker_id`) can record it. Returns the catalog's output record.
     """
     keys = layout.keys(run_name, job.item_id, job.seed)
     written: list[str] = []
@@ -71,26 +78,11 @@ def store_job_output(
     # worker holds the job's claim, so any upload under the job's own keys is such a leftover.
     abort_open_uploads(keys.video.removesuffix(".mp4") + ".", storage_options, folder=False)
     try:
-        with VideoWriter(
-            keys.video, width=width, height=height, fps=fps, storage_options=storage_options,
-            keep_frames=POSTER_FRAMES,
-        ) as video:  # fmt: skip
-            for chunk in frames:
-                video.write(chunk)
-        written.append(keys.video)
-        write_image(keys.thumbnail, video.first_frame, format="webp", storage_options=storage_options,
-                    max_width=THUMBNAIL_WIDTH)  # fmt: skip
-        written.append(keys.thumbnail)
-        write_image(
-            keys.poster,
-            contact_sheet(video.kept_frames, tile_width=min(POSTER_TILE_WIDTH, width)),
-            format="webp",
-            storage_options=storage_options,
-        )
-        written.append(keys.poster)
+        if video:
+            facts, signals = _store_video(keys, frames, width, height, fps, storage_options, written)
+        else:
+            facts, signals = _store_first_frame(keys, frames, storage_options, written), None
         counted = dict(sampling() or {}) if sampling is not None else {}
-        assert video.signals is not None
-        signals = video.signals.result()
         kept = latents() if latents is not None else None
         stored_latents: dict[str, Any] = {}
         if kept is not None:
@@ -99,19 +91,21 @@ def store_job_output(
             sha, size = write_bytes(keys.latents, data, storage_options=storage_options)
             written.append(keys.latents)
             stored_latents = {"latents_uri": keys.latents, "latents_sha256": sha, "latents_bytes": size}
-        facts = dict(
-            uri=keys.video, sha256=video.sha256, bytes=video.nbytes, width=width, height=height,
-            frames=video.frames, fps=fps, codec=video.codec,
-        )  # fmt: skip
+            if not video:  # the output is the latents file, standing for the video it decodes to
+                frame_count = _video_frames(tensor, metadata)
+                facts.update(uri=keys.latents, sha256=sha, bytes=size, width=width, height=height,
+                             frames=frame_count, fps=fps, codec=LATENTS_CODEC)  # fmt: skip
+        elif not video:
+            raise ValueError("a latents-only output needs the latents: `latents` gave none")
         sidecar = {
             **redact_options(provenance),
             "job": {
                 key: getattr(job, key)
                 for key in ("id", "key", "item_id", "seed", "model_id", "model_fingerprint", "params")
             },
-            "output": {**facts, "thumbnail_uri": keys.thumbnail, "poster_uri": keys.poster},
+            "output": dict(facts),
             **({"sampling": counted} if counted else {}),
-            "signals": signals.as_dict(),
+            **({"signals": signals.as_dict()} if signals is not None else {}),
             **({"latents": {**stored_latents, **dict(kept[1])}} if kept is not None else {}),
             "store_seconds": round(time.perf_counter() - start, 3),
         }  # fmt: skip
@@ -124,13 +118,66 @@ def store_job_output(
     # another worker whose row points at these very keys. Unrecorded objects are simply overwritten
     # when the job is redone.
     peak = peak_memory_bytes() if callable(peak_memory_bytes) else peak_memory_bytes
+    measured = {name: getattr(signals, name) for name in SIGNAL_COLUMNS} if signals is not None else {}
     record = OutputRecord(
-        **facts, thumbnail_uri=keys.thumbnail, sidecar_uri=keys.sidecar, poster_uri=keys.poster,
-        device=device, peak_memory_bytes=peak, dit_forwards=counted.get("dit_forwards"),
-        dit_forwards_skipped=counted.get("dit_forwards_skipped"),
-        **{name: getattr(signals, name) for name in SIGNAL_COLUMNS}, **stored_latents,
+        **facts, sidecar_uri=keys.sidecar, device=device, peak_memory_bytes=peak,
+        dit_forwards=counted.get("dit_forwards"), dit_forwards_skipped=counted.get("dit_forwards_skipped"),
+        **measured, **stored_latents,
     )  # fmt: skip
     return catalog.mark_succeeded(job.id, record, seconds=seconds, worker=job.worker_id)
+
+
+def _store_video(
+    keys: ObjectKeys, frames: Iterable[Any], width: int, height: int, fps: int,
+    storage_options: dict | None, written: list[str],
+) -> tuple[dict[str, Any], Any]:  # fmt: skip
+    """Encode the frames into the video, then its thumbnail and poster; (the output's facts, the signals)."""
+    with VideoWriter(
+        keys.video, width=width, height=height, fps=fps, storage_options=storage_options,
+        keep_frames=POSTER_FRAMES,
+    ) as video:  # fmt: skip
+        for chunk in frames:
+            video.write(chunk)
+    written.append(keys.video)
+    write_image(keys.thumbnail, video.first_frame, format="webp", storage_options=storage_options,
+                max_width=THUMBNAIL_WIDTH)  # fmt: skip
+    written.append(keys.thumbnail)
+    write_image(
+        keys.poster,
+        contact_sheet(video.kept_frames, tile_width=min(POSTER_TILE_WIDTH, width)),
+        format="webp",
+        storage_options=storage_options,
+    )
+    written.append(keys.poster)
+    assert video.signals is not None
+    facts = dict(
+        uri=keys.video, sha256=video.sha256, bytes=video.nbytes, width=width, height=height,
+        frames=video.frames, fps=fps, codec=video.codec, thumbnail_uri=keys.thumbnail, poster_uri=keys.poster,
+    )  # fmt: skip
+    return facts, video.signals.result()
+
+
+def _store_first_frame(
+    keys: ObjectKeys, frames: Iterable[Any], storage_options: dict | None, written: list[str]
+) -> dict[str, Any]:
+    """A latents-only output: the frames hold the first frame alone (uint8 [1, H, W, 3]), its thumbnail;
+    nothing else is decoded, so there is no video, poster or signal. Returns the facts known so far."""
+    first = None
+    for chunk in frames:  # drained: the producer may still be finishing (a worker group's Done)
+        if first is None and len(chunk):
+            first = np.asarray(chunk[0])
+    if first is None:
+        raise ValueError("a latents-only output needs its first frame for the thumbnail: none came")
+    write_image(keys.thumbnail, first, format="webp", storage_options=storage_options,
+                max_width=THUMBNAIL_WIDTH)  # fmt: skip
+    written.append(keys.thumbnail)
+    return {"thumbnail_uri": keys.thumbnail, "poster_uri": None}
+
+
+def _video_frames(latents: Any, metadata: Mapping[str, str]) -> int:
+    """Frames the latents [z, T, h, w] decode to: 1 + stride_t * (T - 1) (`vae_stride` in the metadata)."""
+    stride = json.loads(metadata.get("vae_stride", "[4, 8, 8]"))[0]
+    return 1 + int(stride) * (int(latents.shape[1]) - 1)
 
 
 def _remove(urls: list[str], storage_options: dict | None) -> None:

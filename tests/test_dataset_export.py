@@ -339,3 +339,56 @@ def test_a_webdataset_export_to_s3_is_whole_and_written_once(made, s3_target, mo
     assert again.written == [] and again.kept == first.parts
     assert s3_target.listing() == [*objects, "upload:videos/datasets/all/notes.bin"]
     assert json.loads(s3_target.read("datasets/all/export.json"))["complete"] is True
+
+
+def test_latents_only_outputs_export_without_videos(tmp_path, monkeypatch):
+    """A latents-only run exports as samples without an mp4 (webdataset), or as an hf imagefolder listed by
+    the thumbnails with the latents beside; an hf folder mixing them with videos is refused."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from datasets import load_dataset
+    from safetensors.torch import load_file
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    catalog.upgrade()
+    source = model_source("tiny-t2v")
+    pipe = flows.shard.load_pipeline(source)
+    only = {"save_latents": "only"}
+    specs = [JobSpec(item, seed, "tiny-t2v", source.fingerprint, {"prompt": item, **FAST, **extra})
+             for item, seed, extra in (("cat", 1, only), ("dog", 2, only), ("eel", 3, {}))]  # fmt: skip
+    _generate(catalog, "lat", specs, source, pipe, tmp_path)
+    outputs = {o.uri.rpartition("/")[2]: o for o in catalog.outputs()}
+    assert sorted(outputs) == ["cat-s1.latents.safetensors", "dog-s2.latents.safetensors", "eel-s3.mp4"]
+
+    shards = tmp_path / "wds"
+    summary = export_dataset(catalog, str(shards))
+    assert summary.samples == 3 and summary.skipped == []
+    samples = {s["__key__"]: s for s in _read_webdataset(shards)}
+    assert {k: sorted(m for m in s if not m.startswith("__")) for k, s in samples.items()} == {
+        "lat/cat-s1": ["json", "safetensors", "webp"], "lat/dog-s2": ["json", "safetensors", "webp"],
+        "lat/eel-s3": ["json", "mp4", "webp"],
+    }  # fmt: skip
+    for key, name in (("lat/cat-s1", "cat-s1.latents.safetensors"), ("lat/eel-s3", "eel-s3.mp4")):
+        member = samples[key]["safetensors" if "latents" in name else "mp4"]
+        assert hashlib.sha256(member).hexdigest() == outputs[name].sha256
+        assert json.loads(samples[key]["json"])["codec"] == outputs[name].codec
+    assert "latents only (no video decoded): 2" in (shards / "README.md").read_text()
+
+    with pytest.raises(ValueError, match="2 of the 3 selected outputs are latents only"):
+        export_dataset(catalog, str(tmp_path / "mixed"), fmt="hf")
+    folder = tmp_path / "hf"
+    summary = export_dataset(catalog, str(folder), fmt="hf", selection=Selection(where="not video"))
+    assert summary.samples == 2 and not (folder / "videos").exists()
+    ds = load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds.num_rows == 2 and {"first_frame", "latents", "key", "sha256"} <= set(ds.column_names)
+    for row in ds:
+        assert row["first_frame"].size == (64, 48)
+        latents = load_file(folder / row["latents"])["latents"]
+        assert tuple(latents.shape) == (16, 2, 6, 8)
+        assert hashlib.sha256((folder / row["latents"]).read_bytes()).hexdigest() == row["sha256"]
+        assert row["sha256"] == outputs[Path(row["uri"]).name].sha256
+    assert 'load_dataset("imagefolder"' in (folder / "README.md").read_text()
+    before = _files(folder)
+    again = export_dataset(catalog, str(folder), fmt="hf", selection=Selection(where="not video"))
+    assert again.written == [] and _files(folder) == before
+    catalog.close()

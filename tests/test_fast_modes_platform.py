@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import save_file
 
@@ -306,6 +307,12 @@ def test_a_worker_group_takes_loras_and_caches(harness, tmp_path, monkeypatch):
         # Latents kept by the group come back from rank 0 with their file's metadata.
         assert tuple(pipe.last_latents.shape) == (16, 2, 6, 8)
         assert pipe.latents_metadata()["layout"] == "[z, T, h, w] float32"
+        # Latents only: rank 0 decodes the first latent frame alone, the video's first frame.
+        kept = pipe.last_latents
+        first = list(pipe.generate_stream("again", seed=1, **{k: FAST[k] for k in ("frame_num", "steps")},
+                                          size="64*48", keep_latents=True, decode_video=False))  # fmt: skip
+        assert len(first) == 1 and torch.equal(first[0], frames[0][:1])
+        assert torch.equal(pipe.last_latents, kept)
     finally:
         clear_pipelines()
 

@@ -118,22 +118,25 @@ def test_filters_parse_and_say_what_is_wrong():
 def test_outputs_are_filtered_by_their_signals_in_sql(catalog_url):
     from catalog_helpers import claim
 
-    from storage.catalog import Catalog, JobSpec, OutputRecord
+    from storage.catalog import LATENTS_CODEC, Catalog, JobSpec, OutputRecord
     from storage.catalog.filters import parse_filter
 
     catalog = Catalog(catalog_url)
     catalog.upgrade()
     run = catalog.create_run("signals", "/m.jsonl", "ab" * 32, {})
-    catalog.plan_jobs(run.id, [JobSpec(f"v{i}", i, "tiny-t2v", "fp", {"prompt": "p"}) for i in range(4)])
+    catalog.plan_jobs(run.id, [JobSpec(f"v{i}", i, "tiny-t2v", "fp", {"prompt": "p"}) for i in range(5)])
     signals = [
         dict(motion=0.0, black=True, flat=True, frozen=True, black_frames=9),
         dict(motion=0.01, black=False, flat=False, frozen=True, black_frames=0),
         dict(motion=0.05, black=False, flat=False, frozen=False, black_frames=0),
         {},  # stored before signals were measured: every condition on them is false
+        # Latents only: nothing decoded, nothing measured.
+        dict(uri=(z := "/out/v4.latents.safetensors"), codec=LATENTS_CODEC, latents_uri=z, latents_bytes=10),
     ]
-    for job, values in zip(claim(catalog, 4, run_id=run.id, worker="w"), signals, strict=True):
-        record = OutputRecord(uri=f"/out/{job.item_id}.mp4", sha256="cd" * 32, bytes=10, width=64, height=48,
-                              frames=9, fps=16.0, codec="h264", **values)  # fmt: skip
+    for job, values in zip(claim(catalog, 5, run_id=run.id, worker="w"), signals, strict=True):
+        facts = {"uri": f"/out/{job.item_id}.mp4", "sha256": "cd" * 32, "bytes": 10, "width": 64,
+                 "height": 48, "frames": 9, "fps": 16.0, "codec": "h264"}  # fmt: skip
+        record = OutputRecord(**{**facts, **values})
         catalog.mark_succeeded(job.id, record, worker="w")
 
     def items(text: str) -> list[str]:
@@ -144,7 +147,10 @@ def test_outputs_are_filtered_by_their_signals_in_sql(catalog_url):
     assert items("motion >= 0.01 and frozen") == ["v1"]
     assert items("not frozen") == ["v2"]
     assert items("black_frames = 0") == ["v1", "v2"]
-    assert items("width = 64") == ["v0", "v1", "v2", "v3"]
+    assert items("width = 64") == ["v0", "v1", "v2", "v3", "v4"]
+    assert items("video") == ["v0", "v1", "v2", "v3"] and items("not video") == ["v4"]
+    assert items("latents") == ["v4"] and items("video and not latents and not black") == ["v1", "v2"]
+    assert [o.has_video for o in catalog.outputs(run.id, where=parse_filter("latents"))] == [False]
     stored = catalog.outputs(run.id, where=parse_filter("black"))
     assert len(stored) == 1 and stored[0].black_frames == 9 and stored[0].motion == 0.0
     catalog.close()

@@ -709,12 +709,15 @@ class WanPipeline:
         batch_cfg: bool = True,
         progress: bool = True,
         keep_latents: bool = False,
+        decode_video: bool = True,
         **settings: Unpack[SettingsArgs],
     ) -> Iterator[torch.Tensor]:
         """Like `generate`, but yields uint8 frame chunks [n, H, W, 3] as the VAE decodes them
         (1 frame, then 4 per latent frame); no whole-video tensor is held. With `keep_latents`, the final
         latents the VAE decodes are kept in `last_latents` ([z, T, h, w] float32, CPU, normalised as the
-        DiT sees them: `WanVAE.decode` takes them back).
+        DiT sees them: `WanVAE.decode` takes them back). `decode_video=False` (for latents-only outputs,
+        with `keep_latents`) decodes the first latent frame alone and yields its one frame [1, H, W, 3]:
+        the VAE is causal, so it is the video's first frame exactly, for a fraction of the decode.
 
         A parallel pipeline's ranks other than 0 (`is_writer` False) take part in the sampling and yield
         nothing: rank 0 decodes."""
@@ -730,8 +733,9 @@ class WanPipeline:
             self.last_latents = latents[0].detach().to("cpu", torch.float32, copy=True)
         if not self.is_writer:
             return
+        decoded = latents if decode_video else latents[:, :, :1]
         with self.resident(self.vae):
-            for chunk in self.vae.decode_stream(latents, self.memory.vae_tiling):
+            for chunk in self.vae.decode_stream(decoded, self.memory.vae_tiling):
                 yield to_uint8_frames(chunk[0])
 
     # ------------------------------------------------------------------------ diffusers' convention

@@ -15,7 +15,7 @@ import re
 import reprlib
 import unicodedata
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import fsspec
 import fsspec.utils
@@ -400,7 +400,9 @@ class RunDefaults(_SharedChecks):
     loras: tuple[LoraEntry, ...] = ()
     cache: str | None = None
     recipe: str | None = None
-    save_latents: bool = False  # keep each video's final latents beside it (a job parameter when on)
+    # Keep each video's final latents beside it (True), or instead of it ("only": no VAE decode but the
+    # first frame's, for the thumbnail); a job parameter when on.
+    save_latents: bool | Literal["only"] = False
 
     @field_validator("negative_prompt")
     @classmethod
@@ -446,7 +448,7 @@ class ResolvedRequest:
     solver: str
     loras: tuple[tuple[str, float], ...] = ()  # (uri as written, strength) in stacking order
     cache: str | None = None  # 'kind:threshold' (`wan.fast_modes.CacheSetting`); None: no step cache
-    save_latents: bool = False  # the run keeps the final latents beside the video
+    save_latents: bool | Literal["only"] = False  # the run keeps the final latents beside the video / only
 
     def params(self) -> dict[str, Any]:
         """JSON-ready generation parameters that identify a job, less item id, model, seed and line."""
@@ -471,7 +473,7 @@ class ResolvedRequest:
         if self.cache is not None:
             out["cache"] = CacheSetting.parse(self.cache).describe()  # type: ignore[union-attr]
         if self.save_latents:  # a job that kept its latents is not the job that did not
-            out["save_latents"] = True
+            out["save_latents"] = self.save_latents
         return out
 
     def group(self) -> tuple[str, tuple[int, int], int]:
@@ -510,7 +512,7 @@ class ResolvedRequest:
             solver=str(record["solver"]),
             loras=tuple((str(uri), float(strength)) for uri, strength in record["loras"]),
             cache=None if record["cache"] is None else str(record["cache"]),
-            save_latents=bool(record["save_latents"]),
+            save_latents="only" if record["save_latents"] == "only" else bool(record["save_latents"]),
         )
 
 

@@ -12,6 +12,7 @@ facade     `Catalog`, one short transaction per method over the session function
 from storage.catalog.engine import MIGRATIONS_DIR, alembic_config, make_engine
 from storage.catalog.facade import Catalog
 from storage.catalog.records import (
+    LATENTS_CODEC,
     MAX_ERROR_CHARS,
     MAX_ID,
     CatalogError,
@@ -31,8 +32,8 @@ from storage.catalog.records import (
 from storage.catalog.tables import Base, Job, Model, Output, Rejection, Run, RunJob
 
 __all__ = [
-    "MAX_ERROR_CHARS", "MAX_ID", "MIGRATIONS_DIR", "Base", "Catalog", "CatalogError", "Job", "JobGroupRow",
-    "JobRecord", "JobSpec", "JobStatus", "Model", "Output", "OutputRecord", "PlanOutcome", "PlanSummary",
-    "Rejection", "RejectionRecord", "Run", "RunJob", "RunRecord", "RunStatus", "alembic_config", "job_key",
-    "make_engine", "spec_key",
+    "LATENTS_CODEC", "MAX_ERROR_CHARS", "MAX_ID", "MIGRATIONS_DIR", "Base", "Catalog", "CatalogError", "Job",
+    "JobGroupRow", "JobRecord", "JobSpec", "JobStatus", "Model", "Output", "OutputRecord", "PlanOutcome",
+    "PlanSummary", "Rejection", "RejectionRecord", "Run", "RunJob", "RunRecord", "RunStatus",
+    "alembic_config", "job_key", "make_engine", "spec_key",
 ]  # fmt: skip

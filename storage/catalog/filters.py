@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from storage.catalog.records import LATENTS_CODEC
 from storage.catalog.tables import Output
 
 __all__ = ["FILTER_FIELDS", "Condition", "parse_filter"]
@@ -37,6 +38,13 @@ FILTER_FIELDS: dict[str, tuple[type, str]] = {
     "bytes": (int, "stored size"),
     "dit_forwards": (int, "DiT forwards of the sampling loop"),
     "dit_forwards_skipped": (int, "DiT forwards a step cache skipped"),
+    "video": (bool, "a decoded video (false: a latents-only output)"),
+    "latents": (bool, "the final latents are stored"),
+}
+# Fields that are not a column of their own: the SQL expression each stands for (never NULL).
+_DERIVED: dict[str, Callable[[], sa.ColumnElement[Any]]] = {
+    "video": lambda: Output.codec != LATENTS_CODEC,
+    "latents": lambda: Output.latents_uri.is_not(None),
 }
 _OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     "<=": operator.le, ">=": operator.ge, "!=": operator.ne, "==": operator.eq, "=": operator.eq,
@@ -57,6 +65,8 @@ class Condition:
 
     def clause(self) -> sa.ColumnElement[bool]:
         """The SQL condition (a NULL column makes it false)."""
+        if self.field in _DERIVED:
+            return _OPERATORS[self.op](_DERIVED[self.field](), self.value)
         column = getattr(Output, self.field)
         return sa.and_(column.is_not(None), _OPERATORS[self.op](column, self.value))
 

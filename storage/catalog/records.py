@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from storage.urls import redact, redact_options
 
 MAX_ERROR_CHARS = 4000
+LATENTS_CODEC = "latents"  # `outputs.codec` of a latents-only output (no video decoded)
 MAX_ID = 2**31 - 1  # ids are INTEGER columns: larger numbers name nothing
 _PLAN_CHUNK = 500
 
@@ -118,7 +119,10 @@ class JobRecord(_Record):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OutputRecord(_Record):
-    """A committed video object. Build one without `id`, `job_id`, `created_at` for `mark_succeeded`."""
+    """A committed output: a video, or for a latents-only job (`codec` `LATENTS_CODEC`) its latents file,
+    `uri` then naming the latents (as `latents_uri` does), `sha256`/`bytes` theirs, and `width`, `height`,
+    `frames`, `fps` those of the video they decode to. Build one without `id`, `job_id`, `created_at` for
+    `mark_succeeded`."""
 
     uri: str
     sha256: str
@@ -149,6 +153,11 @@ class OutputRecord(_Record):
     job_id: int | None = None
     id: int | None = None
     created_at: datetime | None = None
+
+    @property
+    def has_video(self) -> bool:
+        """False for a latents-only output: no video was decoded, `uri` is the latents file."""
+        return self.codec != LATENTS_CODEC
 
 
 @dataclasses.dataclass(frozen=True)
