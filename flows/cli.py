@@ -190,7 +190,8 @@ Where = Annotated[
     str | None,
     typer.Option("--where", help="only videos that meet every condition, e.g. 'motion > 0.02 and not "
                  "frozen' (fields: motion, black, flat, frozen, black_frames, flat_frames, frozen_frames, "
-                 "width, height, frames, fps, bytes, dit_forwards, dit_forwards_skipped, video, latents)"),
+                 "width, height, frames, fps, bytes, dit_forwards, dit_forwards_skipped, clip_score, video, "
+                 "latents)"),
 ]  # fmt: skip
 
 
@@ -209,7 +210,10 @@ def outputs(
     rows = [o.to_dict() for o in catalog.outputs(run_id=_run_id(catalog, run), where=conditions)]
     flags = ("black", "flat", "frozen")  # one column of the table
     shown = [{**row, "flags": ",".join(flag for flag in flags if row.get(flag))} for row in rows]
-    _emit(rows if as_json else shown, as_json, ["job_id", "uri", "frames", "motion", "flags"], "outputs")
+    columns = ["job_id", "uri", "frames", "motion", "flags"]
+    if any(row.get("clip_score") is not None for row in rows):
+        columns.append("clip_score")
+    _emit(rows if as_json else shown, as_json, columns, "outputs")
 
 
 @catalog_app.command()

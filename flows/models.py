@@ -197,6 +197,32 @@ def load_pipeline(
         return _pipelines[key]
 
 
+_scorers: dict[tuple[str, str], Any] = {}
+
+
+def load_clip_scorer(path: str, device: str | None = None, gpus_per_job: int = 1) -> Any:
+    """The `wan.clip_score.ClipScorer` of the CLIP file at `path` (or in the folder `path`), loaded once per
+    process: on `device` (default: "cuda" on a worker with one GPU per job, else the CPU; a worker group's
+    GPUs belong to its processes), fp16 on a GPU, fp32 on the CPU. CheckpointError names what is wrong."""
+    import torch
+
+    from wan.checkpoints import CLIP_FILE
+    from wan.clip_score import ClipScorer
+
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / CLIP_FILE
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and gpus_per_job == 1 else "cpu"
+    key = (str(file.resolve()), device)
+    with _lock:
+        if key not in _scorers:
+            _scorers.clear()  # one at a time
+            dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+            _scorers[key] = ClipScorer.from_official(file, dtype=dtype, device=device)
+        return _scorers[key]
+
+
 def check_group_layout(
     source: ModelSource, gpus_per_job: int, layout: dict[str, Any], memory: dict[str, Any]
 ) -> None:

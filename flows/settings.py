@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     offload_model: bool = False
     t5_cpu: bool = False
     vae_tiling: str | None = None
+    # Text-video similarity of each video (`outputs.clip_score`): the official CLIP file, or a folder holding
+    # it (an image-to-video checkpoint), with its `xlm-roberta-large/` tokenizer folder beside it.
+    clip_score: str | None = None
+    clip_score_device: str | None = None  # default: WANFLOW_DEVICE (or the GPU) on one-GPU workers, else CPU
 
     @field_validator("storage_root")
     @classmethod

@@ -33,13 +33,13 @@ from flows.backend import GenerationBackend
 from flows.events import add_progress_listener, notify
 from flows.images import read_image
 from flows.loras import lora_entries, process_lora_files
-from flows.models import ModelSource, load_pipeline, model_source
+from flows.models import ModelSource, load_clip_scorer, load_pipeline, model_source
 from flows.recovery import queued_shard_end, worker_id
 from flows.settings import Settings, check_secret_free, get_settings
 from storage.catalog import Catalog, JobRecord, JobStatus
 from storage.faults import PermanentStorageError, is_permanent_storage_error, probe_storage_root
 from storage.layout import OutputLayout
-from storage.outputs import store_job_output
+from storage.outputs import POSTER_FRAMES, store_job_output
 from storage.urls import redact
 
 __all__ = [
@@ -82,6 +82,7 @@ class JobContext:
     provenance: dict[str, Any] = field(default_factory=dict)
     settings: Settings | None = None  # for the storage options of input images
     run_names: dict[int, str] = field(default_factory=dict)  # first runs of jobs redone here
+    scorer: Any | None = None  # `wan.clip_score.ClipScorer` where WANFLOW_CLIP_SCORE names a CLIP file
 
     def storage_options_for(self, url: str) -> dict[str, Any]:
         return self.settings.storage_options_for(url) if self.settings else {}
@@ -203,7 +204,10 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         "worker": ctx.worker,
         **({"parallel": parallel} if (parallel := pipe.describe()) else {}),
         "memory": pipe.memory.describe(),
+        **({"clip_score": _scorer_facts(ctx)} if ctx.scorer is not None and video else {}),
     }  # fmt: skip
+    prompt = params["prompt"]
+    score = (lambda kept: ctx.scorer.score(kept, prompt)) if ctx.scorer is not None and video else None
     return store_job_output(
         ctx.catalog, job, frames, layout=ctx.layout, run_name=_objects_run_name(ctx, job), width=width,
         height=height,
@@ -211,7 +215,17 @@ def _generate_and_store(ctx: JobContext, job: JobRecord) -> Any:
         peak_memory_bytes=lambda: pipe.peak_memory_bytes,  # read once the last frames are in
         sampling=lambda: _sampling_counts(pipe),
         latents=(lambda: (pipe.last_latents, pipe.latents_metadata())) if keep else None, video=video,
+        score=score,
     )  # fmt: skip
+
+
+def _scorer_facts(ctx: JobContext) -> dict[str, Any]:
+    """What the sidecar says of the text-video similarity's model: its file and where it ran."""
+    scorer = ctx.scorer
+    assert scorer is not None
+    return {"model": "open-clip xlm-roberta-large-vit-huge-14", "file": redact(str(scorer.source)),
+            "device": str(scorer.device), "dtype": str(scorer.dtype).removeprefix("torch."),
+            "frames": f"up to {POSTER_FRAMES}, evenly spaced, full size"}  # fmt: skip
 
 
 def _sampling_counts(pipe: GenerationBackend) -> dict[str, int] | None:
@@ -346,7 +360,18 @@ def generate_shard(
             results = _fail_shard(catalog, run_id, jobs, f"model {model} could not load: {_one_line(exc)}")
             logger.error("shard %s: %s", label or run_id, results[0]["error"] if results else exc)
             return _shard_end(run_id, results)
-        ctx = _context(settings, catalog, run_id, run.name, source, pipeline)
+        scorer = None
+        if pipeline is not None and settings.clip_score:
+            try:
+                one_gpu = settings.gpus_per_job == 1
+                device = settings.clip_score_device or (settings.device if one_gpu else None)
+                scorer = load_clip_scorer(settings.clip_score, device, settings.gpus_per_job)
+            except Exception as exc:  # a configured score that cannot be made: no job runs without it
+                reason = f"the CLIP file for scores (WANFLOW_CLIP_SCORE) could not load: {_one_line(exc)}"
+                results = _fail_shard(catalog, run_id, jobs, reason)
+                logger.error("shard %s: %s", label or run_id, reason)
+                return _shard_end(run_id, results)
+        ctx = _context(settings, catalog, run_id, run.name, source, pipeline, scorer)
         results = _run_jobs(ctx, job_ids, jobs, settings, progress_artifact_id)
     finally:
         catalog.close()
@@ -437,11 +462,12 @@ def _run_jobs(
 
 
 def _context(
-    settings: Settings, catalog: Catalog, run_id: int, run_name: str, source: ModelSource, pipeline: Any
-) -> JobContext:
+    settings: Settings, catalog: Catalog, run_id: int, run_name: str, source: ModelSource, pipeline: Any,
+    scorer: Any = None,
+) -> JobContext:  # fmt: skip
     return JobContext(
         catalog=catalog, run_id=run_id, run_name=run_name, source=source, pipeline=pipeline,
         layout=OutputLayout(settings.storage_root), storage_options=settings.resolved_storage_options(),
         worker=worker_id(), max_attempts=settings.job_retries + 1,
-        provenance={"flow_run_id": flow_run.get_id()}, settings=settings,
+        provenance={"flow_run_id": flow_run.get_id()}, settings=settings, scorer=scorer,
     )  # fmt: skip

@@ -72,7 +72,7 @@ from storage.export import EXPORT_SCHEMA as ROW_SCHEMA  # the export's columns a
 from storage.export import dataset_rows
 from storage.faults import abort_open_uploads, filesystem, storage_errors
 from storage.layout import safe_name, software_versions
-from storage.signals import is_duplicate
+from storage.signals import DuplicateIndex
 from storage.urls import absolute_url, join_url, redact
 from storage.video import abort_quietly, object_info, open_sink, write_bytes
 
@@ -198,14 +198,14 @@ def _drop_duplicates(
     picked: list[tuple[dict[str, Any], OutputRecord]],
 ) -> list[tuple[dict[str, Any], OutputRecord]]:
     """The first of each group of near-duplicates, in the given (job) order; videos without a phash stay.
-    Each video is compared with those kept before it (quadratic; fine for tens of thousands)."""
-    kept, hashes = [], []
+    Each video is compared with all those kept before it at once (`storage.signals.DuplicateIndex`)."""
+    kept, index = [], DuplicateIndex()
     for row, output in picked:
         phash = output.phash
         if phash:
-            if any(is_duplicate(phash, other) for other in hashes):
+            if index.near(phash):
                 continue
-            hashes.append(phash)
+            index.add(phash)
         kept.append((row, output))
     return kept
 
@@ -788,6 +788,10 @@ def _signals(rows: list[dict[str, Any]]) -> list[str]:
                      f"max {max(motion):.4f}")  # fmt: skip
     for flag in ("black", "flat", "frozen"):
         lines.append(f"- {flag}: {sum(1 for r in rows if r[flag])} videos")
+    clip = [r["clip_score"] for r in rows if r["clip_score"] is not None]
+    if clip:
+        lines.append(f"- clip_score (text-video similarity, {len(clip)} videos): min {min(clip):.4f}, median "
+                     f"{statistics.median(clip):.4f}, max {max(clip):.4f}")  # fmt: skip
     return lines
 
 

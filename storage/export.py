@@ -51,7 +51,8 @@ EXPORT_SCHEMA = pa.schema(
         ("loras", pa.string()), ("cache", pa.string()), ("dit_forwards", pa.int64()),
         ("dit_forwards_skipped", pa.int64()), ("motion", pa.float64()), ("black_frames", pa.int64()),
         ("flat_frames", pa.int64()), ("frozen_frames", pa.int64()), ("black", pa.bool_()),
-        ("flat", pa.bool_()), ("frozen", pa.bool_()), ("phash", pa.string()), ("params", pa.string()),
+        ("flat", pa.bool_()), ("frozen", pa.bool_()), ("phash", pa.string()), ("clip_score", pa.float64()),
+        ("params", pa.string()),
     ]
 )  # fmt: skip
 
@@ -84,7 +85,7 @@ def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
             loras=json.dumps(params.get("loras") or [], ensure_ascii=False),
             cache=cache_label(params.get("cache")),
             dit_forwards=output.dit_forwards, dit_forwards_skipped=output.dit_forwards_skipped,
-            **{name: getattr(output, name) for name in SIGNAL_COLUMNS},
+            **{name: getattr(output, name) for name in SIGNAL_COLUMNS}, clip_score=output.clip_score,
             params=json.dumps(params, sort_keys=True, ensure_ascii=False),
         )  # fmt: skip
         rows.append(row)

@@ -24,7 +24,7 @@ from storage.signals import VideoSignals
 from storage.urls import redact, redact_options
 from storage.video import VideoWriter, contact_sheet, verify_object, write_bytes, write_image
 
-__all__ = ["LATENTS_KEY", "SIGNAL_COLUMNS", "latents_file", "store_job_output", "verifier"]
+__all__ = ["LATENTS_KEY", "POSTER_FRAMES", "SIGNAL_COLUMNS", "latents_file", "store_job_output", "verifier"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def store_job_output(
     sampling: Callable[[], Mapping[str, Any] | None] | None = None,
     latents: Callable[[], tuple[Any, Mapping[str, str]] | None] | None = None,
     video: bool = True,
+    score: Callable[[list[Any]], float] | None = None,
 ) -> OutputRecord:
     """Stream `frames` (uint8 chunks [n, H, W, 3]) into the job's objects and record the output.
 
@@ -68,7 +69,9 @@ def store_job_output(
     are stored as safetensors beside the video, before the sidecar, and recorded in both. With `video`
     False (a latents-only job: no VAE decode but the first frame's) `frames` holds the first frame alone,
     which becomes the thumbnail; the output's `uri`, `sha256` and `bytes` are the latents file's and its
-    `codec` is `LATENTS_CODEC` (no poster, no signals). Only the worker holding the job's claim
+    `codec` is `LATENTS_CODEC` (no poster, no signals). `score`, given the video's poster frames (up to
+    `POSTER_FRAMES` evenly spaced, full size, uint8 [H, W, 3]), returns its text-video similarity: the
+    `clip_score` of the row and the sidecar's signals. Only the worker holding the job's claim
     (`job.worker_id`) can record it. Returns the catalog's output record.
     """
     keys = layout.keys(run_name, job.item_id, job.seed)
@@ -78,8 +81,13 @@ def store_job_output(
     # worker holds the job's claim, so any upload under the job's own keys is such a leftover.
     abort_open_uploads(keys.video.removesuffix(".mp4") + ".", storage_options, folder=False)
     try:
+        clip: dict[str, Any] = {}
         if video:
-            facts, signals = _store_video(keys, frames, width, height, fps, storage_options, written)
+            facts, signals, kept_frames = _store_video(
+                keys, frames, width, height, fps, storage_options, written, full_frames=score is not None
+            )
+            if score is not None:
+                clip = {"clip_score": float(score(kept_frames)), "clip_score_frames": len(kept_frames)}
         else:
             facts, signals = _store_first_frame(keys, frames, storage_options, written), None
         counted = dict(sampling() or {}) if sampling is not None else {}
@@ -105,7 +113,7 @@ def store_job_output(
             },
             "output": dict(facts),
             **({"sampling": counted} if counted else {}),
-            **({"signals": signals.as_dict()} if signals is not None else {}),
+            **({"signals": {**signals.as_dict(), **clip}} if signals is not None else {}),
             **({"latents": {**stored_latents, **dict(kept[1])}} if kept is not None else {}),
             "store_seconds": round(time.perf_counter() - start, 3),
         }  # fmt: skip
@@ -122,19 +130,20 @@ def store_job_output(
     record = OutputRecord(
         **facts, sidecar_uri=keys.sidecar, device=device, peak_memory_bytes=peak,
         dit_forwards=counted.get("dit_forwards"), dit_forwards_skipped=counted.get("dit_forwards_skipped"),
-        **measured, **stored_latents,
+        **measured, **stored_latents, clip_score=clip.get("clip_score"),
     )  # fmt: skip
     return catalog.mark_succeeded(job.id, record, seconds=seconds, worker=job.worker_id)
 
 
 def _store_video(
     keys: ObjectKeys, frames: Iterable[Any], width: int, height: int, fps: int,
-    storage_options: dict | None, written: list[str],
-) -> tuple[dict[str, Any], Any]:  # fmt: skip
-    """Encode the frames into the video, then its thumbnail and poster; (the output's facts, the signals)."""
+    storage_options: dict | None, written: list[str], *, full_frames: bool = False,
+) -> tuple[dict[str, Any], Any, list[np.ndarray]]:  # fmt: skip
+    """Encode the frames into the video, then its thumbnail and poster; (the output's facts, the signals, the
+    poster's frames: full size with `full_frames`, else shrunk)."""
     with VideoWriter(
         keys.video, width=width, height=height, fps=fps, storage_options=storage_options,
-        keep_frames=POSTER_FRAMES,
+        keep_frames=POSTER_FRAMES, **({"kept_width": None} if full_frames else {}),
     ) as video:  # fmt: skip
         for chunk in frames:
             video.write(chunk)
@@ -154,7 +163,7 @@ def _store_video(
         uri=keys.video, sha256=video.sha256, bytes=video.nbytes, width=width, height=height,
         frames=video.frames, fps=fps, codec=video.codec, thumbnail_uri=keys.thumbnail, poster_uri=keys.poster,
     )  # fmt: skip
-    return facts, video.signals.result()
+    return facts, video.signals.result(), video.kept_frames
 
 
 def _store_first_frame(

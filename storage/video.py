@@ -525,7 +525,8 @@ class VideoWriter:
     After commit: `sha256` (hex) and `nbytes` of the stored object, `frames`, `seconds` (wall time since
     opening). After abort, `sha256` and `nbytes` are None. `first_frame` is frame 0 at full size
     [H, W, 3]; with `keep_frames=k`, `kept_frames` holds up to k evenly spaced frames (indices in
-    `kept_indices`), shrunk to at most 256 px wide, for a poster. `signals` measures the frames' quality
+    `kept_indices`), shrunk to at most `kept_width` px wide (default 256, for a poster; None: full size,
+    for a model that scores them). `signals` measures the frames' quality
     signals as they go to the encoder (`storage.signals`; `signals.result()` once every frame is in; None
     with `measure=False`).
     """
@@ -545,6 +546,7 @@ class VideoWriter:
         preset: str = "medium",
         keep_frames: int = 0,
         measure: bool = True,
+        kept_width: int | None = POSTER_WIDTH,
     ) -> None:
         if width < 2 or height < 2 or width % 2 or height % 2:
             raise ValueError(f"video size {width}x{height}: H.264 in yuv420p needs even width and height")
@@ -553,7 +555,7 @@ class VideoWriter:
                 f"fps={fps}, crf={crf}, keep_frames={keep_frames}: need fps >= 1, 0 <= crf <= 51"
             )
         self.url, self.width, self.height, self.fps = url, width, height, fps
-        self.keep_frames = keep_frames
+        self.keep_frames, self.kept_width = keep_frames, kept_width
         self.frames = 0
         self.sha256: str | None = None
         self.nbytes: int | None = None
@@ -682,7 +684,9 @@ class VideoWriter:
             if index % self._stride:
                 continue
             self.kept_indices.append(index)
-            self.kept_frames.append(_shrink(frames[index - self.frames], POSTER_WIDTH))
+            frame = frames[index - self.frames]
+            width = self.kept_width
+            self.kept_frames.append(frame.copy() if width is None else _shrink(frame, width))
             if len(self.kept_indices) > self.keep_frames:
                 self._stride *= 2
                 keep = [i for i, kept in enumerate(self.kept_indices) if kept % self._stride == 0]

@@ -76,16 +76,16 @@ def test_migrations_upgrade_and_downgrade(catalog_url):
     cat = Catalog(catalog_url)
     assert table_names(cat) == set()
     assert cat.current_revision() is None
-    assert cat.upgrade() == "0006"
+    assert cat.upgrade() == "0007"
     assert table_names(cat) == TABLES | {"alembic_version"}
-    assert cat.upgrade() == "0006"  # at head already: nothing to do
+    assert cat.upgrade() == "0007"  # at head already: nothing to do
     with cat.engine.begin() as conn:
         command.downgrade(alembic_config(conn), "0002")
     assert "owner" not in {c["name"] for c in sa.inspect(cat.engine).get_columns("runs")}
     with cat.engine.begin() as conn:
         command.downgrade(alembic_config(conn), "0001")
     assert table_names(cat) == TABLES - {"rejections", "snapshots", "snapshot_samples"} | {"alembic_version"}
-    assert cat.upgrade() == "0006"
+    assert cat.upgrade() == "0007"
     with cat.engine.begin() as conn:
         command.downgrade(alembic_config(conn), "base")
     assert table_names(cat) - {"alembic_version"} == set()
@@ -106,7 +106,7 @@ def test_migration_0003_keeps_old_rows_and_adds_crashed(catalog_url):
             "INSERT INTO runs (name, manifest_uri, manifest_sha256, settings, status, created_at)"
             " VALUES ('old', 'm.jsonl', :sha, '{}', 'running', :now)"
         ), {"sha": "ab" * 32, "now": now})  # fmt: skip
-    assert cat.upgrade() == "0006"
+    assert cat.upgrade() == "0007"
     run = cat.get_run("old")
     assert run is not None and run.status == RunStatus.running and run.owner is None
     assert cat.mark_crashed(run.id)

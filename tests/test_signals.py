@@ -154,3 +154,30 @@ def test_outputs_are_filtered_by_their_signals_in_sql(catalog_url):
     stored = catalog.outputs(run.id, where=parse_filter("black"))
     assert len(stored) == 1 and stored[0].black_frames == 9 and stored[0].motion == 0.0
     catalog.close()
+
+
+def test_the_duplicate_index_decides_as_pairwise_comparison():
+    """`DuplicateIndex` (all kept hashes at once) keeps exactly what one-by-one `is_duplicate` keeps: near
+    copies of earlier hashes, mixed frame counts (shorter against longer at spread positions), empties."""
+    from storage.signals import DuplicateIndex
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(300, 64), dtype=np.uint8)
+    hashes = [""]
+    for i, row in enumerate(base):
+        if i % 4 == 1:  # a near copy of an earlier video: 3 to 14 bits flipped per frame on average
+            bits = np.unpackbits(base[i // 2])
+            bits[rng.integers(0, 512, size=int(rng.integers(24, 112)))] ^= 1
+            row = np.packbits(bits)
+        frames = 8 if i % 6 else int(rng.integers(1, 9))
+        hashes.append(row[: frames * 8].tobytes().hex())
+    pairwise: list[str] = []
+    index, kept = DuplicateIndex(), []
+    for phash in hashes:
+        if phash and not any(is_duplicate(phash, other) for other in pairwise):
+            pairwise.append(phash)
+        if not index.near(phash):
+            index.add(phash)
+            kept.append(phash)
+    assert [h for h in kept if h] == pairwise and len(index) == len(pairwise)
+    assert 200 < len(pairwise) < 280  # some near copies were found, not all

@@ -38,6 +38,7 @@ FILTER_FIELDS: dict[str, tuple[type, str]] = {
     "bytes": (int, "stored size"),
     "dit_forwards": (int, "DiT forwards of the sampling loop"),
     "dit_forwards_skipped": (int, "DiT forwards a step cache skipped"),
+    "clip_score": (float, "text-video similarity (CLIP), -1 to 1, where a CLIP file was configured"),
     "video": (bool, "a decoded video (false: a latents-only output)"),
     "latents": (bool, "the final latents are stored"),
 }

@@ -147,6 +147,7 @@ class OutputRecord(_Record):
     flat: bool | None = None
     frozen: bool | None = None
     phash: str | None = None
+    clip_score: float | None = None  # text-video similarity (wan.clip_score), where a CLIP file is configured
     latents_uri: str | None = None  # the final latents (safetensors), when the run kept them
     latents_sha256: str | None = None
     latents_bytes: int | None = None

@@ -174,6 +174,7 @@ class Output(Base):
     flat: Mapped[bool | None]
     frozen: Mapped[bool | None]
     phash: Mapped[str | None] = mapped_column(sa.String(256))
+    clip_score: Mapped[float | None]  # text-video similarity of some frames and the prompt (CLIP), -1 to 1
     # The final latents kept beside the video (safetensors), for runs that keep them.
     latents_uri: Mapped[str | None] = mapped_column(sa.Text)
     latents_sha256: Mapped[str | None] = mapped_column(sa.String(64))
