@@ -361,7 +361,10 @@ def generate_shard(
             logger.error("shard %s: %s", label or run_id, results[0]["error"] if results else exc)
             return _shard_end(run_id, results)
         scorer = None
-        if pipeline is not None and settings.clip_score:
+        # Scored: the videos (latents-only outputs have none), where a CLIP file is configured.
+        if pipeline is not None and settings.clip_score and any(
+            j.params.get("save_latents") != "only" for j in jobs.values()
+        ):
             try:
                 one_gpu = settings.gpus_per_job == 1
                 device = settings.clip_score_device or (settings.device if one_gpu else None)

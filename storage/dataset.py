@@ -517,9 +517,13 @@ def _mismatch(what: str, data: bytes | None, nbytes: int | None, sha256: str | N
 
 
 def _state(sample: Sample, options_for: OptionsFor) -> list[int | None]:
-    """Sizes of a sample's video and latents as they are now (None: missing): a part that skipped the sample
-    is rebuilt when they change."""
-    urls = [sample.output.uri] + ([sample.output.latents_uri] if sample.output.latents_uri else [])
+    """Sizes of a sample's video and latents as they are now (None: missing), and of a latents-only sample's
+    thumbnail (it lists the sample in an hf folder): a part that skipped the sample is rebuilt when they
+    change."""
+    out = sample.output
+    urls = [out.uri] + ([out.latents_uri] if out.latents_uri else [])
+    if not out.has_video and out.thumbnail_uri:
+        urls.append(out.thumbnail_uri)
     return [object_info(u, options_for(u)) for u in dict.fromkeys(urls)]  # latents only: uri is the latents
 
 
@@ -822,7 +826,8 @@ def _loading(doc: _Manifest, url: str) -> list[str]:
     return [
         "```python", "import json", "import webdataset as wds", *listing, "",
         "for sample in wds.WebDataset(shards, shardshuffle=False):",
-        '    key, video, meta = sample["__key__"], sample["mp4"], json.loads(sample["json"])',
+        '    key, video, meta = sample["__key__"], sample.get("mp4"), json.loads(sample["json"])',
+        '    # video is None for a latents-only sample (no video was decoded)',
         '    # sample.get("webp"): thumbnail; sample.get("safetensors"): latents', "```",
         "", "On S3, name the shards as `pipe:aws s3 cp s3://.../shard-000000.tar -`. `index.parquet` lists",
         "every sample with its shard and settings; `shards.parquet` every shard with its size and sha256.",

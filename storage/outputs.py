@@ -86,10 +86,12 @@ def store_job_output(
             facts, signals, kept_frames = _store_video(
                 keys, frames, width, height, fps, storage_options, written, full_frames=score is not None
             )
+            peak = peak_memory_bytes() if callable(peak_memory_bytes) else peak_memory_bytes  # before scoring
             if score is not None:
                 clip = {"clip_score": float(score(kept_frames)), "clip_score_frames": len(kept_frames)}
         else:
             facts, signals = _store_first_frame(keys, frames, storage_options, written), None
+            peak = peak_memory_bytes() if callable(peak_memory_bytes) else peak_memory_bytes
         counted = dict(sampling() or {}) if sampling is not None else {}
         kept = latents() if latents is not None else None
         stored_latents: dict[str, Any] = {}
@@ -125,7 +127,6 @@ def store_job_output(
     # Past this point the objects stay even if recording fails: the job may have been claimed again by
     # another worker whose row points at these very keys. Unrecorded objects are simply overwritten
     # when the job is redone.
-    peak = peak_memory_bytes() if callable(peak_memory_bytes) else peak_memory_bytes
     measured = {name: getattr(signals, name) for name in SIGNAL_COLUMNS} if signals is not None else {}
     record = OutputRecord(
         **facts, sidecar_uri=keys.sidecar, device=device, peak_memory_bytes=peak,
@@ -206,7 +207,7 @@ def verifier(storage_options: dict | None = None):
     def verify(output: OutputRecord) -> bool:
         if not verify_object(output.uri, output.sha256, output.bytes, storage_options):
             return False
-        if output.latents_uri is None:
+        if output.latents_uri in (None, output.uri):  # none, or a latents-only output's own object
             return True
         assert output.latents_sha256 is not None and output.latents_bytes is not None
         return verify_object(output.latents_uri, output.latents_sha256, output.latents_bytes, storage_options)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stream_helpers import record_stream
 
 from wan.clip_score import (
     CLIP_TOKENIZER_DIR,
@@ -232,15 +233,7 @@ def test_a_worker_with_a_clip_file_scores_each_video(tmp_path, monkeypatch):
     run = catalog.create_run("scored", "m.jsonl", "0" * 64, {})
     catalog.plan_jobs(run.id, specs)
     pipe = flows.shard.load_pipeline(source)
-    encoded: list[np.ndarray] = []
-    original = pipe.generate_stream
-
-    def recording(*args, **kwargs):
-        for chunk in original(*args, **kwargs):
-            encoded.append(np.asarray(chunk).copy())
-            yield chunk
-
-    monkeypatch.setattr(pipe, "generate_stream", recording)
+    encoded = record_stream(monkeypatch, pipe)  # the frames handed to the encoder, as they went
     ctx = JobContext(
         catalog=catalog, run_id=run.id, run_name=run.name, source=source, pipeline=pipe,
         layout=OutputLayout(str(tmp_path / "out")), storage_options={}, worker="w", scorer=scorer,

@@ -391,4 +391,14 @@ def test_latents_only_outputs_export_without_videos(tmp_path, monkeypatch):
     before = _files(folder)
     again = export_dataset(catalog, str(folder), fmt="hf", selection=Selection(where="not video"))
     assert again.written == [] and _files(folder) == before
+    # Such a folder lists its samples by their thumbnails: one missing skips its sample until it is back.
+    thumbnail = Path(outputs["cat-s1.latents.safetensors"].thumbnail_uri)
+    kept = thumbnail.read_bytes()
+    thumbnail.unlink()
+    gap = export_dataset(catalog, str(tmp_path / "gap"), fmt="hf", selection=Selection(where="not video"))
+    assert gap.samples == 1 and [s["reason"] for s in gap.skipped] == [
+        "thumbnail missing (a latents folder lists its samples by their thumbnails)"]
+    thumbnail.write_bytes(kept)
+    mended = export_dataset(catalog, str(tmp_path / "gap"), fmt="hf", selection=Selection(where="not video"))
+    assert mended.samples == 2 and mended.skipped == []
     catalog.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from stream_helpers import record_stream
 
 import flows.shard
 from flows.models import model_source
@@ -33,15 +34,7 @@ def test_saved_latents_decode_to_the_frames_the_video_was_made_of(tmp_path, monk
     catalog.plan_jobs(run.id, [spec])
     (job,) = catalog.jobs(run.id)
     pipe = flows.shard.load_pipeline(source)
-    encoded: list[np.ndarray] = []  # the frames handed to the encoder, as they went
-    original = pipe.generate_stream
-
-    def recording(*args, **kwargs):
-        for chunk in original(*args, **kwargs):
-            encoded.append(np.asarray(chunk).copy())
-            yield chunk
-
-    monkeypatch.setattr(pipe, "generate_stream", recording)
+    encoded = record_stream(monkeypatch, pipe)  # the frames handed to the encoder, as they went
     ctx = JobContext(
         catalog=catalog, run_id=run.id, run_name=run.name, source=source, pipeline=pipe,
         layout=OutputLayout(str(tmp_path / "out")), storage_options={}, worker="w",

@@ -20,6 +20,7 @@ Shapes: frames [n, H, W, 3] uint8; pixel values [n, 3, S, S] (S = 224); tokens [
 from __future__ import annotations
 
 import copy
+import functools
 import html
 import json
 import re
@@ -42,7 +43,7 @@ from wan.image_encoder import (
     clip_state_dict_to_official,
 )
 from wan.text_encoder import load_tokenizer
-from wan.weights import CheckpointError, check_state_dict, load_strict, read_state_dict
+from wan.weights import CheckpointError, check_state_dict, load_strict, read_state_dict, tensor_shape
 
 __all__ = [
     "CLIP_TOKENIZER_DIR",
@@ -132,13 +133,7 @@ def textual_config_from_official(
     E from `head.2` [E, M]. `num_heads=None`: D / 64 (XLM-RoBERTa-large: 16). `CheckpointError` names
     `source` and the key when one is missing or has the wrong number of dimensions."""
 
-    def shape(key: str, ndim: int) -> tuple[int, ...]:
-        if key not in sd:
-            raise CheckpointError(f"{source}: missing key {key!r} (needed to read the CLIP text tower)")
-        dims = tuple(sd[key].shape)
-        if len(dims) != ndim:
-            raise CheckpointError(f"{source}: {key!r} should have {ndim} dims, found shape {dims}")
-        return dims
+    shape = functools.partial(tensor_shape, sd, source=source, needed_for="to read the CLIP text tower")
 
     vocab, width = shape("textual.token_embedding.weight", 2)
     positions = shape("textual.pos_embedding.weight", 2)[0]

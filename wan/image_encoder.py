@@ -19,6 +19,7 @@ Shapes: `B` images, `S = image_size` (224), `p = patch_size` (14), `D = hidden_s
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
-from wan.weights import CheckpointError, check_state_dict, load_strict, read_state_dict
+from wan.weights import CheckpointError, check_state_dict, load_strict, read_state_dict, tensor_shape
 
 __all__ = [
     "CLIP_MEAN",
@@ -227,13 +228,7 @@ def clip_config_from_official(
     Raises `CheckpointError` naming `source` and the key when one of these is missing or inconsistent.
     """
 
-    def shape(key: str, ndim: int) -> tuple[int, ...]:
-        if key not in sd:
-            raise CheckpointError(f"{source}: missing key {key!r} (needed to infer the CLIP vision config)")
-        dims = tuple(sd[key].shape)
-        if len(dims) != ndim:
-            raise CheckpointError(f"{source}: {key!r} should have {ndim} dims, found shape {dims}")
-        return dims
+    shape = functools.partial(tensor_shape, sd, source=source, needed_for="to infer the CLIP vision config")
 
     hidden, channels, patch, patch_w = shape("visual.patch_embedding.weight", 4)
     if channels != 3 or patch != patch_w:

@@ -12,6 +12,7 @@ Shapes: `B` prompts, `L = text_len` (512), `D = d_model` (4096 for umT5-XXL), `L
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,7 @@ from transformers import (
 )
 
 from wan.configs import TextEncoderConfig
-from wan.weights import CheckpointError, check_state_dict, load_strict, read_state_dict
+from wan.weights import CheckpointError, check_state_dict, load_strict, read_state_dict, tensor_shape
 
 __all__ = [
     "WanTextEncoder",
@@ -156,13 +157,7 @@ def t5_config_from_official(sd: Mapping[str, torch.Tensor], source: str = "state
     Raises `CheckpointError` naming `source` and the key when one of these is missing or inconsistent.
     """
 
-    def shape(key: str, ndim: int) -> tuple[int, ...]:
-        if key not in sd:
-            raise CheckpointError(f"{source}: missing key {key!r} (needed to infer the umT5 config)")
-        dims = tuple(sd[key].shape)
-        if len(dims) != ndim:
-            raise CheckpointError(f"{source}: {key!r} should have {ndim} dims, found shape {dims}")
-        return dims
+    shape = functools.partial(tensor_shape, sd, source=source, needed_for="to infer the umT5 config")
 
     vocab_size, d_model = shape("token_embedding.weight", 2)
     layers = {int(m.group(1)) for k in sd if (m := _OFFICIAL_BLOCK.fullmatch(k))}

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-__all__ = ["CheckpointError", "check_state_dict", "load_strict", "read_state_dict"]
+__all__ = ["CheckpointError", "check_state_dict", "load_strict", "read_state_dict", "tensor_shape"]
 
 _MAX_LISTED = 20
 
@@ -76,6 +76,19 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
 def _clip(items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def tensor_shape(
+    sd: Mapping[str, torch.Tensor], key: str, ndim: int, *, source: str, needed_for: str
+) -> tuple[int, ...]:
+    """The shape of `sd[key]`, which must have `ndim` dimensions; a `CheckpointError` naming `source`, the key
+    and what it is `needed_for` (e.g. "to infer the umT5 config") when it is missing or has another rank."""
+    if key not in sd:
+        raise CheckpointError(f"{source}: missing key {key!r} (needed {needed_for})")
+    dims = tuple(sd[key].shape)
+    if len(dims) != ndim:
+        raise CheckpointError(f"{source}: {key!r} should have {ndim} dims, found shape {dims}")
+    return dims
 
 
 def check_state_dict(
