@@ -13,10 +13,10 @@ ones (checked). Prints a summary, then one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
+from common import emit
 
 from storage.signals import DuplicateIndex, is_duplicate
 
@@ -79,7 +79,7 @@ def main() -> None:
     print(f"{args.pairwise} videos: pairwise {pairwise_s:.2f} s, indexed {indexed_small_s:.3f} s "
           f"(x{result['speedup_same_videos']}), same {len(kept_pairwise)} kept")  # fmt: skip
     print(f"{args.indexed} videos indexed: {indexed_s:.2f} s, {len(kept_large)} kept")
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

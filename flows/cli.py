@@ -43,6 +43,7 @@ from rich.table import Table
 from flows.settings import SettingsProblem, get_settings
 from flows.terminal import quiet_prefect
 from storage.catalog import MAX_ID, Catalog, CatalogError
+from storage.catalog.filters import FILTER_FIELDS, Condition, parse_filter
 from storage.export import EXPORT_FORMATS, export_run
 from storage.urls import redact
 
@@ -189,10 +190,16 @@ def jobs(
 Where = Annotated[
     str | None,
     typer.Option("--where", help="only videos that meet every condition, e.g. 'motion > 0.02 and not "
-                 "frozen' (fields: motion, black, flat, frozen, black_frames, flat_frames, frozen_frames, "
-                 "width, height, frames, fps, bytes, dit_forwards, dit_forwards_skipped, clip_score, video, "
-                 "latents)"),
+                 f"frozen' (fields: {', '.join(FILTER_FIELDS)})"),
 ]  # fmt: skip
+
+
+def _conditions(where: str | None) -> list[Condition]:
+    """`--where` parsed (`storage.catalog.filters`); a bad filter ends the command with its message."""
+    try:
+        return parse_filter(where)
+    except ValueError as exc:
+        raise _fail(f"--where: {exc}") from exc
 
 
 @catalog_app.command()
@@ -200,12 +207,7 @@ def outputs(
     run: RunRef = None, where: Where = None, catalog_url: CatalogUrl = None, as_json: AsJson = False
 ) -> None:
     """Videos in the catalog, optionally of one run, with their quality signals."""
-    from storage.catalog.filters import parse_filter
-
-    try:
-        conditions = parse_filter(where)
-    except ValueError as exc:
-        raise _fail(f"--where: {exc}") from exc
+    conditions = _conditions(where)
     catalog = _open(catalog_url)
     rows = [o.to_dict() for o in catalog.outputs(run_id=_run_id(catalog, run), where=conditions)]
     flags = ("black", "flat", "frozen")  # one column of the table
@@ -384,15 +386,11 @@ def dataset_export(
     folder) with an index and a dataset card. Running it again writes only what changed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from storage.catalog.filters import parse_filter
     from storage.dataset import DATASET_FORMATS, Selection, export_dataset
 
     if fmt not in DATASET_FORMATS:
         raise _fail(f"--format {fmt!r}: expected one of {', '.join(DATASET_FORMATS)}")
-    try:
-        parse_filter(where)
-    except ValueError as exc:
-        raise _fail(f"--where: {exc}") from exc
+    _conditions(where)  # checked before the catalog opens
     settings = _settings(catalog_url=catalog_url)
     catalog = _open(catalog_url)
     selection = Selection(tuple(run or ()), where, model, lora, drop_duplicates)

@@ -71,6 +71,7 @@ def make_snapshot(
     summary = export_dataset(
         catalog, url, fmt=fmt, selection=selection, shard_size=shard_size,
         storage_options=settings.storage_options_for(url), source_options=settings.storage_options_for,
+        selected=selected,
     )  # fmt: skip
     skipped = {entry["key"] for entry in summary.skipped}
     samples = [sample for sample in picked if sample[0] not in skipped]

@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 from storage.catalog import Catalog, OutputRecord, RunRecord
 from storage.catalog.filters import parse_filter
 from storage.export import EXPORT_SCHEMA as ROW_SCHEMA  # the export's columns and their types
-from storage.export import dataset_rows
+from storage.export import output_rows
 from storage.faults import abort_open_uploads, filesystem, storage_errors
 from storage.layout import safe_name, software_versions
 from storage.signals import DuplicateIndex
@@ -166,10 +166,8 @@ def select_samples(catalog: Catalog, selection: Selection) -> Selected:
     conditions = parse_filter(selection.where)
     rows: dict[int, tuple[dict[str, Any], OutputRecord]] = {}
     for run_id in [r.id for r in runs] or [None]:
-        outputs = {o.job_id: o for o in catalog.outputs(run_id=run_id, where=conditions)}
-        for row in dataset_rows(catalog, run_id):
-            if row["job_id"] in outputs:
-                rows.setdefault(row["job_id"], (row, outputs[row["job_id"]]))
+        for row, output in output_rows(catalog, run_id, conditions):
+            rows.setdefault(row["job_id"], (row, output))
     picked = [
         (row, output) for _, (row, output) in sorted(rows.items())
         if (selection.model is None or row["model_id"] == selection.model)
@@ -288,19 +286,22 @@ def export_dataset(
     storage_options: dict | None = None,
     source_options: OptionsFor | None = None,
     progress: Progress | None = None,
+    selected: Selected | None = None,
 ) -> ExportSummary:
     """Export the videos `selection` picks to `url` as `fmt` (see the module docstring).
 
-    `storage_options` are those of `url`; `source_options(uri)` gives those of each video's own URL (default:
-    none). `progress(done, total)` is called as samples are handled. ValueError for bad arguments (format,
-    shard size, unknown run, bad filter, nothing selected, a URL holding an export of another format);
-    StorageError when storage fails (running the export again resumes it).
+    `selected`: what `select_samples(catalog, selection)` gave already (a caller that looked first), so the
+    catalog is not read again. `storage_options` are those of `url`; `source_options(uri)` gives those of
+    each video's own URL (default: none). `progress(done, total)` is called as samples are handled.
+    ValueError for bad arguments (format, shard size, unknown run, bad filter, nothing selected, a URL
+    holding an export of another format); StorageError when storage fails (running the export again
+    resumes it).
     """
     if fmt not in DATASET_FORMATS:
         raise ValueError(f"format {fmt!r}: expected one of {', '.join(DATASET_FORMATS)}")
     if shard_size < 1:
         raise ValueError(f"shard size {shard_size}: expected a positive number of bytes")
-    selected = select_samples(catalog, selection)
+    selected = selected or select_samples(catalog, selection)
     if not selected.samples:
         raise ValueError("no video in the catalog matches the selection: nothing to export")
     latents_only = sum(1 for s in selected.samples if not s.output.has_video)
@@ -353,7 +354,6 @@ class _Manifest:
         self.catalog_url = catalog_url
         self.previous = previous or {}
         fingerprints = {p.name: p.fingerprint() for p in parts}
-        self.fingerprints = fingerprints
         old = self.previous.get("parts", {})
         # Entries of the previous export still meant for this one; each is checked again before it is kept.
         self.parts: dict[str, dict[str, Any]] = {

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.catalog import Catalog
+from storage.catalog import Catalog, OutputRecord
 from storage.outputs import SIGNAL_COLUMNS
 from storage.video import write_bytes
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_SCHEMA", "cache_label", "dataset_rows", "export_run"]
+__all__ = ["EXPORT_FORMATS", "EXPORT_SCHEMA", "cache_label", "dataset_rows", "export_run", "output_rows"]
 
 EXPORT_FORMATS = ("parquet", "jsonl")
 
@@ -60,6 +61,14 @@ EXPORT_SCHEMA = pa.schema(
 def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
     """The rows of the dataset manifest for a run (all runs when None), in job order. `run` names the run
     whose worker made the video."""
+    return [row for row, _ in output_rows(catalog, run_id)]
+
+
+def output_rows(
+    catalog: Catalog, run_id: int | None, where: Iterable[Any] = ()
+) -> list[tuple[dict[str, Any], OutputRecord]]:
+    """(the dataset manifest's row, the output) of each output of a run (all runs when None) that meets
+    `where` (`storage.catalog.filters` conditions), in job order."""
     jobs = {job.id: job for job in catalog.jobs(run_id=run_id)}
     run_names: dict[int, str | None] = {}
 
@@ -70,7 +79,7 @@ def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
         return run_names.get(made_by) if made_by is not None else None
 
     rows = []
-    for output in catalog.outputs(run_id=run_id):
+    for output in catalog.outputs(run_id=run_id, where=where):
         job = jobs[output.job_id]
         params = dict(job.params)
         row = {name: params.get(name, params.get(_OLD_NAMES.get(name, name))) for name, _ in _SETTINGS}
@@ -88,8 +97,8 @@ def dataset_rows(catalog: Catalog, run_id: int | None) -> list[dict[str, Any]]:
             **{name: getattr(output, name) for name in SIGNAL_COLUMNS}, clip_score=output.clip_score,
             params=json.dumps(params, sort_keys=True, ensure_ascii=False),
         )  # fmt: skip
-        rows.append(row)
-    rows.sort(key=lambda r: r["job_id"])
+        rows.append((row, output))
+    rows.sort(key=lambda pair: pair[0]["job_id"])
     return rows
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 __all__ = [
     "BLACK_LUMA", "DUPLICATE_BITS", "FLAT_STD", "FROZEN_CHANGE", "HASH_FRAMES", "STRETCH_S", "DuplicateIndex",
-    "SignalMeter", "VideoSignals", "is_duplicate", "phash_distance",
+    "SignalMeter", "Spread", "VideoSignals", "is_duplicate", "phash_distance",
 ]  # fmt: skip
 
 SIGNAL_WIDTH = 128  # frames are subsampled (by a stride) to at most this many pixels wide
@@ -72,6 +72,25 @@ class VideoSignals:
         return dataclasses.asdict(self)
 
 
+class Spread:
+    """Up to `limit` items of a stream, spread evenly over it without knowing its length: item 0, then every
+    `stride`-th, the stride doubling (and every other kept item dropped) whenever more than `limit` would be
+    kept. `wants(index)` says whether item `index` would be kept, so it is made only then (`add`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.stride = limit, 1
+        self.items: list[tuple[int, Any]] = []  # (index in the stream, value), in order
+
+    def wants(self, index: int) -> bool:
+        return self.limit > 0 and index % self.stride == 0
+
+    def add(self, index: int, value: Any) -> None:
+        self.items.append((index, value))
+        if len(self.items) > self.limit:
+            self.stride *= 2
+            self.items = [(i, v) for i, v in self.items if i % self.stride == 0]
+
+
 class _Run:
     """The longest run of consecutive flagged frames, and the flagged count."""
 
@@ -96,8 +115,7 @@ class SignalMeter:
         self._previous: np.ndarray | None = None  # the last frame's subsampled luma [h, w]
         self._change_sum = 0.0
         self._black, self._flat, self._frozen = _Run(), _Run(), _Run()
-        self._stride = 1  # hashed frames are the multiples of this
-        self._hashes: list[tuple[int, np.ndarray]] = []  # (frame index, 64 bits)
+        self._hashes = Spread(HASH_FRAMES)  # (frame index, its 64 bits)
 
     def update(self, frames: np.ndarray) -> None:
         """frames: uint8 [n, H, W, 3] (the chunk the encoder gets)."""
@@ -115,23 +133,16 @@ class SignalMeter:
                 self._change_sum += change
                 self._frozen.add(change < FROZEN_CHANGE)
             self._previous = luma[i]
-            self._hash(self.frames, luma[i])
+            if self._hashes.wants(self.frames):
+                self._hashes.add(self.frames, frame_hash(luma[i]))
             self.frames += 1
-
-    def _hash(self, index: int, luma: np.ndarray) -> None:
-        """Keep frame `index`'s hash when it is a multiple of the stride (doubling it past HASH_FRAMES)."""
-        if index % self._stride:
-            return
-        self._hashes.append((index, frame_hash(luma)))
-        if len(self._hashes) > HASH_FRAMES:
-            self._stride *= 2
-            self._hashes = [(i, h) for i, h in self._hashes if i % self._stride == 0]
 
     def result(self) -> VideoSignals:
         """The signals of every frame fed so far."""
         stretch = max(1, min(self.frames, math.ceil(STRETCH_S * self.fps)))
         pairs = max(self.frames - 1, 0)
-        bits = np.concatenate([h for _, h in self._hashes]) if self._hashes else np.zeros(0, dtype=bool)
+        hashes = [h for _, h in self._hashes.items]
+        bits = np.concatenate(hashes) if hashes else np.zeros(0, dtype=bool)
         return VideoSignals(
             frames=self.frames,
             motion=round(self._change_sum / pairs, 6) if pairs else 0.0,

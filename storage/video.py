@@ -67,7 +67,7 @@ from storage.faults import (
     storage_error,
     storage_errors,
 )
-from storage.signals import SignalMeter
+from storage.signals import SignalMeter, Spread
 from storage.urls import redact
 
 __all__ = [
@@ -555,16 +555,14 @@ class VideoWriter:
                 f"fps={fps}, crf={crf}, keep_frames={keep_frames}: need fps >= 1, 0 <= crf <= 51"
             )
         self.url, self.width, self.height, self.fps = url, width, height, fps
-        self.keep_frames, self.kept_width = keep_frames, kept_width
+        self.kept_width = kept_width
         self.frames = 0
         self.sha256: str | None = None
         self.nbytes: int | None = None
         self.seconds: float | None = None
         self.first_frame: np.ndarray | None = None
-        self.kept_frames: list[np.ndarray] = []
-        self.kept_indices: list[int] = []
+        self._kept = Spread(keep_frames)  # (frame index, the frame as kept)
         self.signals = SignalMeter(fps) if measure else None
-        self._stride = 1  # kept frames are the multiples of this
         self._digest, self._count, self._sent = hashlib.sha256(), 0, 0
         self._stderr = bytearray()
         self._upload_error: BaseException | None = None
@@ -674,24 +672,23 @@ class VideoWriter:
             self.signals.update(frames)
         self.frames += len(frames)
 
+    @property
+    def kept_frames(self) -> list[np.ndarray]:
+        return [frame for _, frame in self._kept.items]
+
+    @property
+    def kept_indices(self) -> list[int]:
+        return [index for index, _ in self._kept.items]
+
     def _keep(self, frames: np.ndarray) -> None:
-        """Remember frame 0 and every `_stride`-th frame; double the stride when more than k are kept."""
+        """Remember frame 0, and up to `keep_frames` frames spread evenly over the video (`Spread`)."""
         if self.first_frame is None:
             self.first_frame = frames[0].copy()
-        if not self.keep_frames:
-            return
+        width = self.kept_width
         for index in range(self.frames, self.frames + len(frames)):
-            if index % self._stride:
-                continue
-            self.kept_indices.append(index)
-            frame = frames[index - self.frames]
-            width = self.kept_width
-            self.kept_frames.append(frame.copy() if width is None else _shrink(frame, width))
-            if len(self.kept_indices) > self.keep_frames:
-                self._stride *= 2
-                keep = [i for i, kept in enumerate(self.kept_indices) if kept % self._stride == 0]
-                self.kept_indices = [self.kept_indices[i] for i in keep]
-                self.kept_frames = [self.kept_frames[i] for i in keep]
+            if self._kept.wants(index):
+                frame = frames[index - self.frames]
+                self._kept.add(index, frame.copy() if width is None else _shrink(frame, width))
 
     # -- the end: commit or abort
 

@@ -43,7 +43,14 @@ from wan.image_encoder import (
     clip_state_dict_to_official,
 )
 from wan.text_encoder import load_tokenizer
-from wan.weights import CheckpointError, check_state_dict, load_strict, read_state_dict, tensor_shape
+from wan.weights import (
+    CheckpointError,
+    check_state_dict,
+    load_strict,
+    read_state_dict,
+    restore_meta_buffers,
+    tensor_shape,
+)
 
 __all__ = [
     "CLIP_TOKENIZER_DIR",
@@ -89,39 +96,34 @@ _OFFICIAL_TEXT_BLOCK = re.compile(r"textual\.blocks\.(\d+)\.(.+)\.(weight|bias)"
 _OURS_TEXT_BLOCK = re.compile(r"text\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
 
 
+def _renamed(
+    key: str, top: Mapping[str, str], block: re.Pattern[str], modules: Mapping[str, str], prefix: str
+) -> str:
+    """`key` under the other naming: a whole-tensor rename from `top`, or a block key (`block` matching
+    layer, module, kind) with its module renamed by `modules` under `prefix`.{layer}; else `key` itself."""
+    if key in top:
+        return top[key]
+    if (m := block.fullmatch(key)) and m.group(2) in modules:
+        layer, module, kind = m.groups()
+        return f"{prefix}.{layer}.{modules[module]}.{kind}"
+    return key
+
+
 def textual_state_dict_from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official `textual.*` keys -> `ClipScorer` text keys (`text.*`: an `XLMRobertaModel`; `head.*`).
 
     Whole-tensor renames; keys of neither tower's text part (`visual.*`, `log_scale`) are dropped, any other
     `textual.*` key passes through unchanged, so a strict load reports it.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if not key.startswith("textual."):
-            continue
-        if key in _TEXT_TOP:
-            out[_TEXT_TOP[key]] = value
-        elif (m := _OFFICIAL_TEXT_BLOCK.fullmatch(key)) and m.group(2) in _TEXT_BLOCK:
-            layer, module, kind = m.groups()
-            out[f"text.encoder.layer.{layer}.{_TEXT_BLOCK[module]}.{kind}"] = value
-        else:
-            out[key] = value
-    return out
+    return {_renamed(key, _TEXT_TOP, _OFFICIAL_TEXT_BLOCK, _TEXT_BLOCK, "text.encoder.layer"): value
+            for key, value in sd.items() if key.startswith("textual.")}  # fmt: skip
 
 
 def textual_state_dict_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`ClipScorer` text keys (`text.*`, `head.*`) -> official `textual.*` keys (the inverse of the above);
     other keys pass through unchanged."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key in _TEXT_TOP_INV:
-            out[_TEXT_TOP_INV[key]] = value
-        elif (m := _OURS_TEXT_BLOCK.fullmatch(key)) and m.group(2) in _TEXT_BLOCK_INV:
-            layer, module, kind = m.groups()
-            out[f"textual.blocks.{layer}.{_TEXT_BLOCK_INV[module]}.{kind}"] = value
-        else:
-            out[key] = value
-    return out
+    return {_renamed(key, _TEXT_TOP_INV, _OURS_TEXT_BLOCK, _TEXT_BLOCK_INV, "textual.blocks"): value
+            for key, value in sd.items()}  # fmt: skip
 
 
 def textual_config_from_official(
@@ -323,7 +325,7 @@ class ClipScorer(nn.Module):
         for name, module in (("text", scorer.text), ("head", scorer.head)):
             part = {k.removeprefix(f"{name}."): v for k, v in theirs.items() if k.startswith(f"{name}.")}
             load_strict(module, part, source)
-        _restore_buffers(scorer)
+        restore_meta_buffers(scorer)
         if tokenizer is None:
             tokenizer = Path(path).parent / CLIP_TOKENIZER_DIR
         scorer.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str | Path) else tokenizer
@@ -357,16 +359,3 @@ class ClipScorer(nn.Module):
     def _text_state(self) -> dict[str, torch.Tensor]:
         return {**{f"text.{k}": v for k, v in self.text.state_dict().items()},
                 **{f"head.{k}": v for k, v in self.head.state_dict().items()}}  # fmt: skip
-
-
-def _restore_buffers(scorer: ClipScorer) -> None:
-    """Buffers that are not in a state dict (position / token-type ids) lose their values when a model built
-    on the meta device is loaded with `assign`: make them again on the CPU."""
-    for module in scorer.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta:
-                if name in ("position_ids",):
-                    value = torch.arange(buffer.shape[-1]).expand(buffer.shape)
-                else:  # token_type_ids: zeros
-                    value = torch.zeros(buffer.shape, dtype=buffer.dtype)
-                module.register_buffer(name, value.to(buffer.dtype), persistent=False)

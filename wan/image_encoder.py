@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
-from wan.weights import CheckpointError, check_state_dict, load_strict, read_state_dict, tensor_shape
+from wan.weights import (
+    CheckpointError,
+    check_state_dict,
+    load_strict,
+    read_state_dict,
+    restore_meta_buffers,
+    tensor_shape,
+)
 
 __all__ = [
     "CLIP_MEAN",
@@ -431,7 +438,7 @@ class WanImageEncoder(nn.Module):
         check_state_dict(expected, sd, source)
         load_strict(full, clip_state_dict_from_official(sd), source)
         model = full.vision_model
-        _restore_position_ids(model)
+        restore_meta_buffers(model)
         return cls(model).to(device)
 
     @classmethod
@@ -516,12 +523,3 @@ def _as_image_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.
             raise ValueError(f"image {i}: expected a [3, H, W] tensor, got {got}")
         out.append(x.unsqueeze(0))
     return out
-
-
-def _restore_position_ids(model: CLIPVisionModel) -> None:
-    """Re-create the non-persistent `position_ids` buffer [1, N] left on the meta device by a meta build."""
-    emb = model.embeddings
-    emb.position_ids = torch.arange(emb.num_positions).expand((1, -1))
-    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if meta:
-        raise RuntimeError(f"tensors left on the meta device after loading: {', '.join(meta)}")

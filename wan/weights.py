@@ -16,7 +16,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-__all__ = ["CheckpointError", "check_state_dict", "load_strict", "read_state_dict", "tensor_shape"]
+__all__ = [
+    "CheckpointError", "check_state_dict", "load_strict", "read_state_dict", "restore_meta_buffers",
+    "tensor_shape",
+]  # fmt: skip
 
 _MAX_LISTED = 20
 
@@ -89,6 +92,23 @@ def tensor_shape(
     if len(dims) != ndim:
         raise CheckpointError(f"{source}: {key!r} should have {ndim} dims, found shape {dims}")
     return dims
+
+
+def restore_meta_buffers(module: nn.Module) -> None:
+    """Make again, on the CPU, the buffers no state dict holds (transformers' non-persistent `position_ids`:
+    0..N-1; `token_type_ids`: zeros), which a model built on the meta device and loaded with `assign` leaves
+    on the meta device; then RuntimeError if any parameter or buffer is still there."""
+    for owner in module.modules():
+        for name, buffer in list(owner.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                if name == "position_ids":
+                    value = torch.arange(buffer.shape[-1]).expand(buffer.shape)
+                else:
+                    value = torch.zeros(buffer.shape)
+                owner.register_buffer(name, value.to(buffer.dtype), persistent=False)
+    meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"tensors left on the meta device after loading: {', '.join(meta)}")
 
 
 def check_state_dict(
